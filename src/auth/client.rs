@@ -1,0 +1,145 @@
+//! Authentication of local clients: none, or PasswordAuthenticator against configured users.
+//!
+//! Passwords are kept only as SHA-256 digests and compared in constant time, so neither a memory
+//! dump nor response timing gives them away.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserFileError {
+    #[error("cannot read client credentials file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("client credentials line {line}: expected user:password or user:sha256:<hex>")]
+    Syntax { line: usize },
+}
+
+/// Configured users, by name, with their password digests.
+#[derive(Clone, Default)]
+pub struct UserStore {
+    users: HashMap<String, [u8; 32]>,
+}
+
+impl std::fmt::Debug for UserStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserStore")
+            .field("users", &self.users.len())
+            .finish()
+    }
+}
+
+fn digest(password: &[u8]) -> [u8; 32] {
+    Sha256::digest(password).into()
+}
+
+impl UserStore {
+    /// Parses `user:password` or `user:sha256:<64 hex>` entries, one per line (`#` comments).
+    pub fn parse(text: &str) -> Result<UserStore, UserFileError> {
+        let mut store = UserStore::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            store
+                .add_entry(line)
+                .map_err(|_| UserFileError::Syntax { line: i + 1 })?;
+        }
+        Ok(store)
+    }
+
+    pub fn load(path: &Path) -> Result<UserStore, UserFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| UserFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        UserStore::parse(&text)
+    }
+
+    /// Adds one `user:password` or `user:sha256:<hex>` entry.
+    pub fn add_entry(&mut self, entry: &str) -> Result<(), UserFileError> {
+        let (user, secret) = entry
+            .split_once(':')
+            .filter(|(u, _)| !u.is_empty())
+            .ok_or(UserFileError::Syntax { line: 0 })?;
+        let d = match secret.strip_prefix("sha256:") {
+            Some(h) => {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(h, &mut d).map_err(|_| UserFileError::Syntax { line: 0 })?;
+                d
+            }
+            None => digest(secret.as_bytes()),
+        };
+        self.users.insert(user.to_owned(), d);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// True when `user` exists and `password` matches. An unknown user costs the same work.
+    pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        let given = digest(password);
+        match self.users.get(user) {
+            Some(stored) => bool::from(stored.ct_eq(&given)),
+            None => {
+                let _ = [0u8; 32].ct_eq(&given);
+                false
+            }
+        }
+    }
+}
+
+/// How the proxy authenticates its own clients.
+#[derive(Debug, Clone, Default)]
+pub enum ClientAuth {
+    /// Answer STARTUP with READY: the sidecar trusts whoever can reach its (loopback) port.
+    #[default]
+    None,
+    /// Present PasswordAuthenticator and check PLAIN credentials.
+    Password(UserStore),
+}
+
+/// The message Cassandra sends for bad credentials; drivers show it to users verbatim.
+pub fn bad_credentials_message(user: &str) -> String {
+    format!("Provided username {user} and/or password are incorrect")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_hashed_entries() {
+        let hashed = hex::encode(digest(b"hunter2"));
+        let store = UserStore::parse(&format!(
+            "# users\nalice:wonder:land\nbob:sha256:{hashed}\n"
+        ))
+        .unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(store.verify("alice", b"wonder:land"));
+        assert!(store.verify("bob", b"hunter2"));
+        assert!(!store.verify("bob", b"hunter3"));
+        assert!(!store.verify("carol", b"hunter2"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        assert!(matches!(
+            UserStore::parse("ok:pw\nnocolon\n"),
+            Err(UserFileError::Syntax { line: 2 })
+        ));
+        assert!(UserStore::parse("u:sha256:zz").is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! AWS credentials from the standard chain, cached and refreshed ahead of expiry.
+//!
+//! `SdkConfig::credentials_provider()` does not cache: every call may reach IMDS, STS or SSO.
+//! Upstream handshakes must never wait on that, so one cache serves them all, refreshes in the
+//! background before expiry, and collapses concurrent refreshes into one call (single-flight).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::Credentials;
+use aws_smithy_types::error::display::DisplayErrorContext;
+
+/// Refresh this long before credentials expire.
+pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
+/// Credentials without an expiry (keys in env or files) are re-read this often, so rotated keys
+/// are picked up without a restart.
+pub const STATIC_REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60);
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error, Clone)]
+#[error("could not load AWS credentials: {0}")]
+pub struct CredentialsError(pub String);
+
+pub struct CredentialCache {
+    provider: SharedCredentialsProvider,
+    current: ArcSwapOption<Credentials>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCache").finish_non_exhaustive()
+    }
+}
+
+fn is_fresh(c: &Credentials, now: SystemTime) -> bool {
+    match c.expiry() {
+        None => true,
+        Some(exp) => exp
+            .duration_since(now)
+            .is_ok_and(|left| left > REFRESH_AHEAD),
+    }
+}
+
+impl CredentialCache {
+    pub fn new(provider: SharedCredentialsProvider) -> Arc<CredentialCache> {
+        Arc::new(CredentialCache {
+            provider,
+            current: ArcSwapOption::empty(),
+            refreshing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Fixed credentials, for tests and tools.
+    pub fn fixed(credentials: Credentials) -> Arc<CredentialCache> {
+        let cache = CredentialCache::new(SharedCredentialsProvider::new(credentials.clone()));
+        cache.current.store(Some(Arc::new(credentials)));
+        cache
+    }
+
+    /// Current credentials; loads them only if none are cached or they are about to expire.
+    pub async fn get(&self) -> Result<Arc<Credentials>, CredentialsError> {
+        if let Some(c) = self.current.load_full() {
+            if is_fresh(&c, SystemTime::now()) {
+                return Ok(c);
+            }
+        }
+        self.refresh(false).await
+    }
+
+    /// Seconds until the cached credentials expire, if they expire at all.
+    pub fn expires_in(&self) -> Option<Duration> {
+        let c = self.current.load_full()?;
+        c.expiry()?.duration_since(SystemTime::now()).ok()
+    }
+
+    /// Loads credentials from the provider; with `force` even when the cached ones are fresh.
+    /// Callers that arrive while a load is under way share its result.
+    pub async fn refresh(&self, force: bool) -> Result<Arc<Credentials>, CredentialsError> {
+        let before = self.current.load_full();
+        let _guard = self.refreshing.lock().await;
+        let now_cached = self.current.load_full();
+        let someone_else_refreshed = match (&before, &now_cached) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if let Some(c) = now_cached {
+            if (someone_else_refreshed || !force) && is_fresh(&c, SystemTime::now()) {
+                return Ok(c);
+            }
+        }
+        let loaded = self
+            .provider
+            .provide_credentials()
+            .await
+            .map_err(|e| CredentialsError(DisplayErrorContext(&e).to_string()))?;
+        let loaded = Arc::new(loaded);
+        self.current.store(Some(loaded.clone()));
+        tracing::debug!(
+            access_key_id = loaded.access_key_id(),
+            expires = ?loaded.expiry(),
+            "loaded AWS credentials"
+        );
+        Ok(loaded)
+    }
+
+    /// When the background task should next refresh.
+    fn next_refresh(&self) -> Duration {
+        match self.current.load_full() {
+            None => Duration::ZERO,
+            Some(c) => match c.expiry() {
+                None => STATIC_REFRESH_INTERVAL,
+                Some(exp) => exp
+                    .checked_sub(REFRESH_AHEAD)
+                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::ZERO)
+                    .min(STATIC_REFRESH_INTERVAL),
+            },
+        }
+    }
+
+    /// Keeps the cache warm until the returned task is aborted.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(cache.next_refresh()).await;
+                if let Err(e) = cache.refresh(true).await {
+                    tracing::warn!(error = %e, "credential refresh failed; retrying");
+                    tokio::time::sleep(RETRY_AFTER_FAILURE).await;
+                }
+            }
+        })
+    }
+}
+
+/// Builds the provider: the default chain, optionally for a named profile, optionally assuming a
+/// role on top.
+pub async fn provider_from_chain(
+    profile: Option<&str>,
+    role_arn: Option<&str>,
+    region: Option<&str>,
+) -> Result<(SharedCredentialsProvider, Option<String>), CredentialsError> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(p) = profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_owned()));
+    }
+    let sdk = loader.load().await;
+    let region = sdk.region().map(|r| r.as_ref().to_owned());
+    let base = sdk
+        .credentials_provider()
+        .ok_or_else(|| CredentialsError("no credentials provider in the AWS chain".into()))?;
+    let provider = match role_arn {
+        None => base,
+        Some(arn) => {
+            let role = aws_config::sts::AssumeRoleProvider::builder(arn)
+                .session_name("keyspaces-proxy")
+                .configure(&sdk)
+                .build_from_provider(base)
+                .await;
+            SharedCredentialsProvider::new(role)
+        }
+    };
+    Ok((provider, region))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use aws_credential_types::provider::future;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Counting {
+        calls: Arc<AtomicUsize>,
+        ttl: Option<Duration>,
+    }
+
+    impl ProvideCredentials for Counting {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let expiry = self.ttl.map(|t| SystemTime::now() + t);
+            future::ProvideCredentials::ready(Ok(Credentials::new(
+                format!("AKID{n}"),
+                "secret",
+                None,
+                expiry,
+                "test",
+            )))
+        }
+    }
+
+    fn cache(ttl: Option<Duration>) -> (Arc<CredentialCache>, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let p = Counting {
+            calls: calls.clone(),
+            ttl,
+        };
+        (
+            CredentialCache::new(SharedCredentialsProvider::new(p)),
+            calls,
+        )
+    }
+
+    #[tokio::test]
+    async fn caches_between_calls() {
+        let (c, calls) = cache(Some(Duration::from_secs(3600)));
+        assert_eq!(c.get().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(c.get().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(c.expires_in().unwrap() > Duration::from_secs(3500));
+    }
+
+    #[tokio::test]
+    async fn reloads_when_about_to_expire() {
+        let (c, calls) = cache(Some(Duration::from_secs(60)));
+        assert_eq!(c.get().await.unwrap().access_key_id(), "AKID0");
+        assert_eq!(c.get().await.unwrap().access_key_id(), "AKID1");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_loads_are_single_flight() {
+        let (c, calls) = cache(None);
+        let (a, b) = tokio::join!(c.get(), c.get());
+        assert_eq!(a.unwrap().access_key_id(), b.unwrap().access_key_id());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        c.refresh(true).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1,0 +1,351 @@
+//! Command line and environment → one resolved configuration.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::auth::client::{ClientAuth, UserFileError, UserStore};
+use crate::auth::credentials::{provider_from_chain, CredentialCache, CredentialsError};
+use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
+use crate::session::ProxyContext;
+use crate::upstream::tls::{client_config, server_name, TlsConfigError};
+use crate::upstream::{UpstreamAuth, UpstreamTarget};
+
+pub const KEYSPACES_PORT: u16 = 9142;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthMode {
+    /// Answer STARTUP with READY: any local client is trusted.
+    None,
+    /// Require a PasswordAuthenticator user from --client-credentials-file / --client-user.
+    Password,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamAuthMode {
+    /// SigV4 with credentials from the AWS chain (the default).
+    Sigv4,
+    /// Service-specific credentials or a Cassandra user (--upstream-username/--upstream-password).
+    Plain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// keyspaces-proxy: unmodified Cassandra drivers on localhost, Amazon Keyspaces with SigV4 upstream.
+#[derive(Debug, Parser)]
+#[command(name = "keyspaces-proxy", version, about)]
+pub struct Cli {
+    /// Address to accept CQL clients on (plaintext; keep it on loopback).
+    #[arg(long, env = "KEYSPACES_PROXY_LISTEN", default_value = "127.0.0.1:9042")]
+    pub listen: SocketAddr,
+
+    /// AWS region of the Keyspaces endpoint and of the SigV4 signature (else the AWS region chain).
+    #[arg(long, env = "KEYSPACES_PROXY_REGION")]
+    pub region: Option<String>,
+
+    /// Keyspaces endpoint HOST[:PORT] (default cassandra.<region>.amazonaws.com:9142).
+    #[arg(long, env = "KEYSPACES_PROXY_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Use the FIPS endpoint cassandra-fips.<region>.amazonaws.com.
+    #[arg(long, env = "KEYSPACES_PROXY_FIPS")]
+    pub fips: bool,
+
+    /// Name sent as SNI and verified in the certificate (default: the endpoint's host).
+    #[arg(long, env = "KEYSPACES_PROXY_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Trust the roots in this PEM file instead of the built-in Amazon Root CA 1.
+    #[arg(long, env = "KEYSPACES_PROXY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// How local clients authenticate to the proxy.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_CLIENT_AUTH",
+        value_enum,
+        default_value = "none"
+    )]
+    pub client_auth: ClientAuthMode,
+
+    /// File of `user:password` or `user:sha256:<hex>` lines for --client-auth password.
+    #[arg(long, env = "KEYSPACES_PROXY_CLIENT_CREDENTIALS_FILE")]
+    pub client_credentials_file: Option<PathBuf>,
+
+    /// A `user:password` entry for --client-auth password (repeatable; prefer the file).
+    #[arg(
+        long = "client-user",
+        env = "KEYSPACES_PROXY_CLIENT_USERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub client_users: Vec<String>,
+
+    /// How the proxy authenticates to Keyspaces.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_UPSTREAM_AUTH",
+        value_enum,
+        default_value = "sigv4"
+    )]
+    pub upstream_auth: UpstreamAuthMode,
+
+    /// User name for --upstream-auth plain.
+    #[arg(long, env = "KEYSPACES_PROXY_UPSTREAM_USERNAME")]
+    pub upstream_username: Option<String>,
+
+    /// Password for --upstream-auth plain (prefer the environment variable).
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_UPSTREAM_PASSWORD",
+        hide_env_values = true
+    )]
+    pub upstream_password: Option<String>,
+
+    /// AWS profile for credentials and region (AWS_PROFILE also works).
+    #[arg(long, env = "KEYSPACES_PROXY_PROFILE")]
+    pub profile: Option<String>,
+
+    /// IAM role to assume, through the standard chain, for signing.
+    #[arg(long, env = "KEYSPACES_PROXY_ROLE_ARN")]
+    pub role_arn: Option<String>,
+
+    /// Address to advertise in system.local (default: the address each client dialled).
+    #[arg(long, env = "KEYSPACES_PROXY_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<IpAddr>,
+
+    /// Largest frame body accepted from either side, in bytes.
+    #[arg(long, env = "KEYSPACES_PROXY_MAX_FRAME_LEN", default_value_t = DEFAULT_MAX_FRAME_LEN)]
+    pub max_frame_len: usize,
+
+    /// Seconds allowed for connecting and authenticating to Keyspaces.
+    #[arg(long, env = "KEYSPACES_PROXY_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub connect_timeout: u64,
+
+    /// Seconds a client may take to finish its handshake.
+    #[arg(long, env = "KEYSPACES_PROXY_HANDSHAKE_TIMEOUT", default_value_t = 30)]
+    pub handshake_timeout: u64,
+
+    /// Most client connections served at once; more are closed on accept.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+
+    /// Log output format (filter with RUST_LOG, e.g. RUST_LOG=keyspaces_proxy=debug).
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no AWS region: pass --region or set AWS_REGION (or a region in the AWS profile)")]
+    NoRegion,
+    #[error("invalid endpoint {0:?}: expected HOST[:PORT]")]
+    Endpoint(String),
+    #[error("--client-auth password needs users: --client-credentials-file or --client-user")]
+    NoClientUsers,
+    #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
+    NoUpstreamCredentials,
+    #[error(transparent)]
+    Users(#[from] UserFileError),
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+/// Splits `HOST[:PORT]` (IPv6 hosts in brackets).
+pub fn parse_endpoint(s: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || ConfigError::Endpoint(s.to_owned());
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if tail.is_empty() => KEYSPACES_PORT,
+            None => return Err(bad()),
+        };
+        return Ok((host.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Ok((h.to_owned(), p.parse().map_err(|_| bad())?)),
+        Some(_) => Err(bad()),
+        None if s.is_empty() => Err(bad()),
+        None => Ok((s.to_owned(), KEYSPACES_PORT)),
+    }
+}
+
+/// The regional endpoint name; China regions live under amazonaws.com.cn.
+pub fn default_endpoint_host(region: &str, fips: bool) -> String {
+    let service = if fips { "cassandra-fips" } else { "cassandra" };
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    format!("{service}.{region}.{suffix}")
+}
+
+/// A context ready to serve, and the credential cache to keep warm (SigV4 only).
+pub struct Resolved {
+    pub context: ProxyContext,
+    pub credentials: Option<Arc<CredentialCache>>,
+    pub region: Option<String>,
+}
+
+impl Cli {
+    fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
+        match self.client_auth {
+            ClientAuthMode::None => Ok(ClientAuth::None),
+            ClientAuthMode::Password => {
+                let mut users = match &self.client_credentials_file {
+                    Some(p) => UserStore::load(p)?,
+                    None => UserStore::default(),
+                };
+                for entry in &self.client_users {
+                    users.add_entry(entry)?;
+                }
+                if users.is_empty() {
+                    return Err(ConfigError::NoClientUsers);
+                }
+                Ok(ClientAuth::Password(users))
+            }
+        }
+    }
+
+    /// Resolves region, credentials, endpoint and TLS. Reaches the AWS chain only for SigV4.
+    pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let client_auth = self.client_auth()?;
+        let mut region = self.region.as_deref().map(str::to_ascii_lowercase);
+        let (auth, credentials) = match self.upstream_auth {
+            UpstreamAuthMode::Sigv4 => {
+                let (provider, chain_region) = provider_from_chain(
+                    self.profile.as_deref(),
+                    self.role_arn.as_deref(),
+                    region.as_deref(),
+                )
+                .await?;
+                region = region.or(chain_region.map(|r| r.to_ascii_lowercase()));
+                let region = region.clone().ok_or(ConfigError::NoRegion)?;
+                let cache = CredentialCache::new(provider);
+                (
+                    UpstreamAuth::SigV4 {
+                        credentials: cache.clone(),
+                        region,
+                    },
+                    Some(cache),
+                )
+            }
+            UpstreamAuthMode::Plain => match (&self.upstream_username, &self.upstream_password) {
+                (Some(u), Some(p)) => (
+                    UpstreamAuth::Plain {
+                        username: u.clone(),
+                        password: p.clone(),
+                    },
+                    None,
+                ),
+                _ => return Err(ConfigError::NoUpstreamCredentials),
+            },
+        };
+        let (host, port) = match &self.endpoint {
+            Some(e) => parse_endpoint(e)?,
+            None => {
+                let r = region.as_deref().ok_or(ConfigError::NoRegion)?;
+                (default_endpoint_host(r, self.fips), KEYSPACES_PORT)
+            }
+        };
+        let name = self.tls_server_name.clone().unwrap_or_else(|| host.clone());
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let upstream = UpstreamTarget {
+            address,
+            server_name: server_name(&name)?,
+            tls: client_config(self.ca_file.as_deref())?,
+            auth,
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            max_frame_len: self.max_frame_len,
+        };
+        Ok(Resolved {
+            context: ProxyContext {
+                upstream,
+                client_auth: Arc::new(client_auth),
+                advertise_address: self.advertise_address,
+                max_frame_len: self.max_frame_len,
+                handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+            },
+            credentials,
+            region,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("cassandra.us-east-1.amazonaws.com").unwrap(),
+            ("cassandra.us-east-1.amazonaws.com".into(), 9142)
+        );
+        assert_eq!(
+            parse_endpoint("127.0.0.1:19142").unwrap(),
+            ("127.0.0.1".into(), 19142)
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:19142").unwrap(),
+            ("::1".into(), 19142)
+        );
+        assert_eq!(parse_endpoint("[::1]").unwrap(), ("::1".into(), 9142));
+        assert!(parse_endpoint("host:notaport").is_err());
+        assert!(parse_endpoint("::1").is_err());
+    }
+
+    #[test]
+    fn default_endpoints() {
+        assert_eq!(
+            default_endpoint_host("us-east-1", false),
+            "cassandra.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            default_endpoint_host("us-west-2", true),
+            "cassandra-fips.us-west-2.amazonaws.com"
+        );
+        assert_eq!(
+            default_endpoint_host("cn-north-1", false),
+            "cassandra.cn-north-1.amazonaws.com.cn"
+        );
+    }
+
+    #[test]
+    fn password_mode_needs_users() {
+        let cli = Cli::parse_from(["keyspaces-proxy", "--client-auth", "password"]);
+        assert!(matches!(cli.client_auth(), Err(ConfigError::NoClientUsers)));
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--client-auth",
+            "password",
+            "--client-user",
+            "a:b",
+        ]);
+        assert!(matches!(cli.client_auth(), Ok(ClientAuth::Password(_))));
+    }
+}

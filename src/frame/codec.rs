@@ -1,0 +1,224 @@
+//! Envelope codec: splits a byte stream into frames without copying bodies.
+//!
+//! The decoder reads the nine header bytes and hands the body on as a `Bytes` view of the read
+//! buffer (`split_to(..).freeze()`), so a 1 MiB result crosses the proxy without a body copy.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::header::{Header, HEADER_LEN};
+
+/// The protocol's own ceiling on a body (256 MiB).
+pub const DEFAULT_MAX_FRAME_LEN: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: Header,
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// Builds a frame whose header length matches `body`.
+    pub fn new(mut header: Header, body: Bytes) -> Frame {
+        header.length = body.len() as u32;
+        Frame { header, body }
+    }
+
+    pub fn stream(&self) -> i16 {
+        self.header.stream
+    }
+
+    pub fn opcode(&self) -> u8 {
+        self.header.opcode
+    }
+
+    /// The wire bytes of the whole frame (tests, small control frames).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN + self.body.len());
+        self.header.write(&mut out);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame body of {length} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        header: Header,
+        length: u64,
+        max: usize,
+    },
+    #[error("protocol version {version} uses a header format this proxy does not speak")]
+    LegacyVersion { version: u8 },
+}
+
+/// Decodes and encodes protocol envelopes. One instance per connection direction.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_body: usize,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+impl FrameCodec {
+    pub fn new(max_body: usize) -> Self {
+        FrameCodec { max_body }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameDecodeError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameDecodeError> {
+        let Some(&first) = src.first() else {
+            return Ok(None);
+        };
+        // v1/v2 envelopes are 8 bytes long with a one-byte stream id: refuse before misreading them.
+        let version = first & 0x7f;
+        if version < 3 {
+            return Err(FrameError::LegacyVersion { version }.into());
+        }
+        let Some(header) = Header::parse(src) else {
+            src.reserve(HEADER_LEN - src.len());
+            return Ok(None);
+        };
+        let length = header.length as usize;
+        if length > self.max_body {
+            return Err(FrameError::TooLarge {
+                header,
+                length: u64::from(header.length),
+                max: self.max_body,
+            }
+            .into());
+        }
+        let total = HEADER_LEN + length;
+        if src.len() < total {
+            // Reserve for the whole frame at once, but never more than a bounded step: a peer
+            // that announces 256 MiB and sends nothing must not make us allocate 256 MiB.
+            src.reserve((total - src.len()).min(1 << 20));
+            return Ok(None);
+        }
+        let mut frame = src.split_to(total);
+        let body = frame.split_off(HEADER_LEN).freeze();
+        Ok(Some(Frame { header, body }))
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        encode_into(&frame, dst);
+        Ok(())
+    }
+}
+
+/// Appends a frame's wire form to `dst`, fixing the length field from the body.
+pub fn encode_into(frame: &Frame, dst: &mut BytesMut) {
+    dst.reserve(HEADER_LEN + frame.body.len());
+    let mut header = frame.header;
+    header.length = frame.body.len() as u32;
+    header.write(dst);
+    dst.put_slice(&frame.body);
+}
+
+/// The decoder's error: either a protocol violation the session answers, or an I/O error.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameDecodeError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::header::opcode;
+    use super::*;
+
+    fn decode_hex(hex_frame: &str) -> Result<Option<Frame>, FrameDecodeError> {
+        let mut buf = BytesMut::from(&hex::decode(hex_frame).unwrap()[..]);
+        FrameCodec::default().decode(&mut buf)
+    }
+
+    #[test]
+    fn decodes_v4_options_request() {
+        let f = decode_hex("040000010500000000").unwrap().unwrap();
+        assert_eq!(f.header.protocol_version(), 4);
+        assert_eq!(f.stream(), 1);
+        assert_eq!(f.opcode(), opcode::OPTIONS);
+        assert!(f.body.is_empty());
+    }
+
+    #[test]
+    fn decodes_v3_startup_and_round_trips() {
+        // STARTUP {CQL_VERSION: 3.0.0}
+        let hex_frame = "0300000001000000160001000b43514c5f56455253494f4e0005332e302e30";
+        let f = decode_hex(hex_frame).unwrap().unwrap();
+        assert_eq!(f.header.protocol_version(), 3);
+        assert_eq!(f.opcode(), opcode::STARTUP);
+        assert_eq!(hex::encode(f.to_bytes()), hex_frame);
+    }
+
+    #[test]
+    fn waits_for_whole_frame_and_leaves_rest() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&hex::decode("8400000708000000040000000184").unwrap()[..]);
+        let f = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(&f.body[..], &[0, 0, 0, 1]);
+        assert_eq!(&buf[..], &[0x84]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn compressed_flag_is_carried_not_interpreted() {
+        let f = decode_hex("84010002080000000100").unwrap().unwrap();
+        assert!(f.header.has_flag(crate::frame::header::flags::COMPRESSION));
+        assert_eq!(f.body.len(), 1);
+    }
+
+    #[test]
+    fn rejects_oversized_and_negative_lengths() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&hex::decode("040000010700000401").unwrap()[..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameDecodeError::Frame(FrameError::TooLarge {
+                length: 1025,
+                ..
+            }))
+        ));
+        // A length with the top bit set is a negative [int] on the wire.
+        let mut buf = BytesMut::from(&hex::decode("0400000107ffffffff").unwrap()[..]);
+        assert!(matches!(
+            FrameCodec::default().decode(&mut buf),
+            Err(FrameDecodeError::Frame(FrameError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn rejects_legacy_versions() {
+        assert!(matches!(
+            decode_hex("0200010500000000"),
+            Err(FrameDecodeError::Frame(FrameError::LegacyVersion {
+                version: 2
+            }))
+        ));
+    }
+
+    #[test]
+    fn body_is_a_view_not_a_copy() {
+        let mut buf = BytesMut::with_capacity(9 + 4096);
+        buf.put_slice(&[0x84, 0, 0, 1, 8, 0, 0, 0x10, 0]);
+        buf.put_bytes(7, 4096);
+        let base = buf.as_ptr() as usize;
+        let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(f.body.as_ptr() as usize, base + HEADER_LEN);
+    }
+}

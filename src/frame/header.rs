@@ -1,0 +1,174 @@
+//! The 9-byte envelope header shared by protocol v3, v4 and the pre-authentication part of v5.
+//!
+//! The proxy routes on the header alone; bodies stay opaque `Bytes` unless a handler asks for them.
+
+use bytes::{Buf, BufMut};
+
+pub const HEADER_LEN: usize = 9;
+
+/// The bit that marks a frame as travelling server → client.
+pub const RESPONSE_BIT: u8 = 0x80;
+
+/// Frame flags (spec §2.2).
+pub mod flags {
+    pub const COMPRESSION: u8 = 0x01;
+    pub const TRACING: u8 = 0x02;
+    pub const CUSTOM_PAYLOAD: u8 = 0x04;
+    pub const WARNING: u8 = 0x08;
+}
+
+/// Opcodes (spec §2.4). Kept as plain `u8` constants: unknown opcodes must pass through untouched.
+pub mod opcode {
+    pub const ERROR: u8 = 0x00;
+    pub const STARTUP: u8 = 0x01;
+    pub const READY: u8 = 0x02;
+    pub const AUTHENTICATE: u8 = 0x03;
+    pub const OPTIONS: u8 = 0x05;
+    pub const SUPPORTED: u8 = 0x06;
+    pub const QUERY: u8 = 0x07;
+    pub const RESULT: u8 = 0x08;
+    pub const PREPARE: u8 = 0x09;
+    pub const EXECUTE: u8 = 0x0A;
+    pub const REGISTER: u8 = 0x0B;
+    pub const EVENT: u8 = 0x0C;
+    pub const BATCH: u8 = 0x0D;
+    pub const AUTH_CHALLENGE: u8 = 0x0E;
+    pub const AUTH_RESPONSE: u8 = 0x0F;
+    pub const AUTH_SUCCESS: u8 = 0x10;
+
+    /// A short name for logs and metric labels (bounded set).
+    pub fn name(op: u8) -> &'static str {
+        match op {
+            ERROR => "ERROR",
+            STARTUP => "STARTUP",
+            READY => "READY",
+            AUTHENTICATE => "AUTHENTICATE",
+            OPTIONS => "OPTIONS",
+            SUPPORTED => "SUPPORTED",
+            QUERY => "QUERY",
+            RESULT => "RESULT",
+            PREPARE => "PREPARE",
+            EXECUTE => "EXECUTE",
+            REGISTER => "REGISTER",
+            EVENT => "EVENT",
+            BATCH => "BATCH",
+            AUTH_CHALLENGE => "AUTH_CHALLENGE",
+            AUTH_RESPONSE => "AUTH_RESPONSE",
+            AUTH_SUCCESS => "AUTH_SUCCESS",
+            _ => "UNKNOWN",
+        }
+    }
+
+    /// Opcodes a client may send; anything else from a client is a protocol violation.
+    pub fn is_request(op: u8) -> bool {
+        matches!(
+            op,
+            STARTUP | OPTIONS | QUERY | PREPARE | EXECUTE | REGISTER | BATCH | AUTH_RESPONSE
+        )
+    }
+}
+
+/// The versions both Keyspaces and the proxy speak.
+pub fn is_supported_version(version: u8) -> bool {
+    matches!(version, 3 | 4)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The raw version byte, direction bit included.
+    pub version: u8,
+    pub flags: u8,
+    pub stream: i16,
+    pub opcode: u8,
+    /// Body length as sent; the codec checks it against the body it delivers.
+    pub length: u32,
+}
+
+impl Header {
+    pub fn request(version: u8, stream: i16, opcode: u8) -> Self {
+        Header {
+            version: version & !RESPONSE_BIT,
+            flags: 0,
+            stream,
+            opcode,
+            length: 0,
+        }
+    }
+
+    pub fn response(version: u8, stream: i16, opcode: u8) -> Self {
+        Header {
+            version: version | RESPONSE_BIT,
+            flags: 0,
+            stream,
+            opcode,
+            length: 0,
+        }
+    }
+
+    /// The protocol version without the direction bit.
+    pub fn protocol_version(&self) -> u8 {
+        self.version & !RESPONSE_BIT
+    }
+
+    pub fn is_response(&self) -> bool {
+        self.version & RESPONSE_BIT != 0
+    }
+
+    pub fn has_flag(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Reads a header from the first nine bytes of `src`; `None` if fewer are there.
+    pub fn parse(mut src: &[u8]) -> Option<Header> {
+        if src.len() < HEADER_LEN {
+            return None;
+        }
+        Some(Header {
+            version: src.get_u8(),
+            flags: src.get_u8(),
+            stream: src.get_i16(),
+            opcode: src.get_u8(),
+            length: src.get_u32(),
+        })
+    }
+
+    pub fn write(&self, dst: &mut impl BufMut) {
+        dst.put_u8(self.version);
+        dst.put_u8(self.flags);
+        dst.put_i16(self.stream);
+        dst.put_u8(self.opcode);
+        dst.put_u32(self.length);
+    }
+
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        self.write(&mut &mut out[..]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let h = Header {
+            version: 0x84,
+            flags: flags::TRACING,
+            stream: -1,
+            opcode: opcode::EVENT,
+            length: 0x0102_0304,
+        };
+        let bytes = h.to_bytes();
+        assert_eq!(bytes, [0x84, 0x02, 0xff, 0xff, 0x0c, 1, 2, 3, 4]);
+        assert_eq!(Header::parse(&bytes), Some(h));
+        assert!(h.is_response());
+        assert_eq!(h.protocol_version(), 4);
+    }
+
+    #[test]
+    fn short_input_is_none() {
+        assert_eq!(Header::parse(&[4, 0, 0, 1, 1, 0, 0, 0]), None);
+    }
+}

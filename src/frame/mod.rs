@@ -1,0 +1,14 @@
+//! CQL native protocol v3/v4 framing: headers, the envelope codec, compression and the few
+//! bodies the proxy reads or writes itself.
+
+pub mod codec;
+pub mod compression;
+pub mod header;
+pub mod messages;
+pub mod request;
+pub mod result;
+pub mod types;
+
+pub use codec::{Frame, FrameCodec, FrameDecodeError, FrameError};
+pub use compression::Compression;
+pub use header::{flags, opcode, Header};

@@ -1,0 +1,301 @@
+//! The client side of the connection handshake, as a pure state machine.
+//!
+//! The proxy terminates the client's handshake itself: it answers OPTIONS, refuses versions it
+//! does not speak (keeping the socket open so drivers downgrade), and either trusts the client or
+//! checks PLAIN credentials. It never does I/O: the session acts on the steps it returns.
+
+use std::sync::Arc;
+
+use crate::auth::client::{bad_credentials_message, ClientAuth};
+use crate::frame::header::is_supported_version;
+use crate::frame::messages::{self, error_code};
+use crate::frame::{opcode, Compression, Frame};
+
+/// What the session must do with a frame received during the handshake.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send this frame and keep reading.
+    Reply(Frame),
+    /// Send this frame, then close the connection.
+    Close(Frame),
+    /// The client is accepted: open the upstream, then answer with `success` (READY or
+    /// AUTH_SUCCESS) or, if the upstream fails, with an error on the same stream.
+    Connect(Accepted),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub version: u8,
+    pub compression: Compression,
+    pub success: Frame,
+    /// The authenticated local user, if any (for logs; never the password).
+    pub user: Option<String>,
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitStartup,
+    AwaitCredentials {
+        version: u8,
+        compression: Compression,
+    },
+}
+
+#[derive(Debug)]
+pub struct ClientHandshake {
+    auth: Arc<ClientAuth>,
+    state: State,
+}
+
+/// The SUPPORTED answer the proxy gives locally: the versions and algorithms it handles itself.
+pub fn supported(version: u8, stream: i16) -> Frame {
+    messages::supported(
+        version,
+        stream,
+        &[
+            ("CQL_VERSION", &["3.4.4"]),
+            ("COMPRESSION", &["lz4", "snappy"]),
+            ("PROTOCOL_VERSIONS", &["3/v3", "4/v4"]),
+        ],
+    )
+}
+
+fn protocol_error(version: u8, stream: i16, message: &str) -> Frame {
+    messages::error(version, stream, error_code::PROTOCOL_ERROR, message)
+}
+
+impl ClientHandshake {
+    pub fn new(auth: Arc<ClientAuth>) -> Self {
+        ClientHandshake {
+            auth,
+            state: State::AwaitStartup,
+        }
+    }
+
+    pub fn on_frame(&mut self, frame: &Frame) -> Step {
+        let h = &frame.header;
+        let version = h.protocol_version();
+        if !is_supported_version(version) {
+            // Answer in v4, the highest version we speak: drivers parse that and downgrade.
+            return Step::Reply(protocol_error(
+                4,
+                h.stream,
+                &messages::unsupported_version_message(version),
+            ));
+        }
+        if h.is_response() {
+            return Step::Close(protocol_error(
+                version,
+                h.stream,
+                "Unexpected response frame from a client",
+            ));
+        }
+        match (&self.state, h.opcode) {
+            (_, opcode::OPTIONS) => Step::Reply(supported(version, h.stream)),
+            (State::AwaitStartup, opcode::STARTUP) => self.on_startup(frame, version),
+            (
+                State::AwaitCredentials {
+                    version: v,
+                    compression,
+                },
+                opcode::AUTH_RESPONSE,
+            ) => {
+                let (v, compression) = (*v, *compression);
+                self.on_credentials(frame, v, compression)
+            }
+            (State::AwaitStartup, op) => Step::Reply(protocol_error(
+                version,
+                h.stream,
+                &format!(
+                    "Unexpected message {}, expecting STARTUP or OPTIONS",
+                    opcode::name(op)
+                ),
+            )),
+            (State::AwaitCredentials { .. }, op) => Step::Reply(protocol_error(
+                version,
+                h.stream,
+                &format!(
+                    "Unexpected message {}, expecting AUTH_RESPONSE",
+                    opcode::name(op)
+                ),
+            )),
+        }
+    }
+
+    fn on_startup(&mut self, frame: &Frame, version: u8) -> Step {
+        let stream = frame.stream();
+        let options = match messages::parse_startup(&frame.body) {
+            Ok(o) => o,
+            Err(e) => {
+                return Step::Close(protocol_error(
+                    version,
+                    stream,
+                    &format!("Invalid STARTUP message: {e}"),
+                ))
+            }
+        };
+        if !options.contains_key("CQL_VERSION") {
+            return Step::Reply(protocol_error(
+                version,
+                stream,
+                "CQL_VERSION is a mandatory STARTUP option",
+            ));
+        }
+        let compression = match Compression::from_option(options.get("COMPRESSION").copied()) {
+            Ok(c) => c,
+            Err(e) => return Step::Reply(protocol_error(version, stream, &e.to_string())),
+        };
+        match self.auth.as_ref() {
+            ClientAuth::None => Step::Connect(Accepted {
+                version,
+                compression,
+                success: messages::ready(version, stream),
+                user: None,
+            }),
+            ClientAuth::Password(_) => {
+                self.state = State::AwaitCredentials {
+                    version,
+                    compression,
+                };
+                Step::Reply(messages::authenticate(
+                    version,
+                    stream,
+                    messages::PASSWORD_AUTHENTICATOR,
+                ))
+            }
+        }
+    }
+
+    fn on_credentials(&mut self, frame: &Frame, version: u8, compression: Compression) -> Step {
+        let stream = frame.stream();
+        let ClientAuth::Password(users) = self.auth.as_ref() else {
+            return Step::Close(protocol_error(version, stream, "Unexpected AUTH_RESPONSE"));
+        };
+        let token = messages::parse_auth_token(&frame.body).unwrap_or_default();
+        let Ok((user, password)) = messages::parse_plain_token(token) else {
+            return Step::Reply(messages::error(
+                version,
+                stream,
+                error_code::BAD_CREDENTIALS,
+                "Authentication failure: malformed PLAIN credentials",
+            ));
+        };
+        if users.verify(user, password) {
+            Step::Connect(Accepted {
+                version,
+                compression,
+                success: messages::auth_success(version, stream, None),
+                user: Some(user.to_owned()),
+            })
+        } else {
+            Step::Reply(messages::error(
+                version,
+                stream,
+                error_code::BAD_CREDENTIALS,
+                &bad_credentials_message(user),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::auth::client::UserStore;
+    use crate::frame::messages::ErrorInfo;
+    use crate::frame::Header;
+
+    fn startup(version: u8) -> Frame {
+        messages::startup(version, 1, &[("CQL_VERSION", "3.0.0")])
+    }
+
+    fn error_of(step: &Step) -> ErrorInfo {
+        match step {
+            Step::Reply(f) | Step::Close(f) => ErrorInfo::parse(&f.body).unwrap(),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v5_is_refused_with_keyspaces_text_and_socket_kept() {
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let step = hs.on_frame(&messages::options(5, 0));
+        assert!(matches!(step, Step::Reply(_)));
+        let e = error_of(&step);
+        assert_eq!(e.code, error_code::PROTOCOL_ERROR);
+        assert!(e.message.contains(
+            "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+        ));
+        // Then the driver retries with v4 on the same socket.
+        assert!(matches!(hs.on_frame(&startup(4)), Step::Connect(_)));
+    }
+
+    #[test]
+    fn no_auth_accepts_startup_with_ready() {
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let Step::Connect(a) = hs.on_frame(&messages::startup(
+            3,
+            9,
+            &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", "lz4")],
+        )) else {
+            panic!()
+        };
+        assert_eq!(a.version, 3);
+        assert_eq!(a.compression, Compression::Lz4);
+        assert_eq!(a.success.opcode(), opcode::READY);
+        assert_eq!(a.success.stream(), 9);
+        assert_eq!(a.success.header.version, 0x83);
+    }
+
+    #[test]
+    fn password_mode_checks_credentials() {
+        let users = UserStore::parse("app:pw").unwrap();
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+        let Step::Reply(f) = hs.on_frame(&startup(4)) else {
+            panic!()
+        };
+        assert_eq!(f.opcode(), opcode::AUTHENTICATE);
+        assert_eq!(
+            messages::parse_authenticate(&f.body).unwrap(),
+            messages::PASSWORD_AUTHENTICATOR
+        );
+
+        let wrong = messages::auth_response(4, 2, &messages::plain_token("app", "nope"));
+        let e = error_of(&hs.on_frame(&wrong));
+        assert_eq!(e.code, error_code::BAD_CREDENTIALS);
+        assert_eq!(
+            e.message,
+            "Provided username app and/or password are incorrect"
+        );
+
+        let right = messages::auth_response(4, 3, &messages::plain_token("app", "pw"));
+        let Step::Connect(a) = hs.on_frame(&right) else {
+            panic!()
+        };
+        assert_eq!(a.success.opcode(), opcode::AUTH_SUCCESS);
+        assert_eq!(a.user.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn requests_before_startup_get_errors() {
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let e = error_of(&hs.on_frame(&messages::query(4, 1, "SELECT 1", 1)));
+        assert!(e.message.contains("expecting STARTUP"));
+        let garbage = Frame::new(
+            Header::request(4, 1, opcode::STARTUP),
+            Bytes::from_static(&[0xff]),
+        );
+        assert!(matches!(hs.on_frame(&garbage), Step::Close(_)));
+    }
+
+    #[test]
+    fn response_frames_from_clients_close() {
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        assert!(matches!(
+            hs.on_frame(&messages::ready(4, 1)),
+            Step::Close(_)
+        ));
+    }
+}

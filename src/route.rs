@@ -1,0 +1,388 @@
+//! Per-connection routing decisions once the handshake is done, free of I/O.
+//!
+//! Most frames are forwarded by header alone. Only system-table statements (to keep drivers on
+//! the proxy), OPTIONS and REGISTER (answered locally) and compressed frames that must change
+//! algorithm have their bodies touched.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+
+use crate::frame::compression::{compressed, decompressed, transcode, CompressionError};
+use crate::frame::header::{flags, opcode};
+use crate::frame::messages::{self, error_code, message_body};
+use crate::frame::request::{parse_execute, parse_prepare, parse_query};
+use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
+use crate::frame::{Compression, Frame};
+use crate::handshake;
+use crate::topology::{classify, rewrite_result, SystemTable};
+
+/// At most this many system-table prepared statements are remembered per connection.
+const MAX_SYSTEM_PREPARED: usize = 256;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Upstream(Frame),
+    Client(Frame),
+    /// Tell the client why, then close this connection only.
+    Close(Frame),
+}
+
+#[derive(Debug)]
+enum Pending {
+    Rewrite(SystemTable, Option<Vec<ColumnSpec>>),
+    Prepare(SystemTable),
+}
+
+#[derive(Debug)]
+pub struct Router {
+    version: u8,
+    client_compression: Compression,
+    upstream_compression: Compression,
+    proxy_address: IpAddr,
+    max_frame_len: usize,
+    pending: HashMap<i16, Pending>,
+    system_prepared: HashMap<Bytes, (SystemTable, Option<Vec<ColumnSpec>>)>,
+}
+
+impl Router {
+    pub fn new(
+        version: u8,
+        client_compression: Compression,
+        upstream_compression: Compression,
+        proxy_address: IpAddr,
+        max_frame_len: usize,
+    ) -> Self {
+        Router {
+            version,
+            client_compression,
+            upstream_compression,
+            proxy_address,
+            max_frame_len,
+            pending: HashMap::new(),
+            system_prepared: HashMap::new(),
+        }
+    }
+
+    fn protocol_error(&self, stream: i16, message: &str) -> Frame {
+        messages::error(self.version, stream, error_code::PROTOCOL_ERROR, message)
+    }
+
+    pub fn on_client_frame(&mut self, frame: Frame) -> Route {
+        let h = frame.header;
+        if h.is_response() || h.protocol_version() != self.version {
+            return Route::Close(self.protocol_error(
+                h.stream,
+                &format!(
+                    "Invalid message: version {} {} on a v{} connection",
+                    h.protocol_version(),
+                    if h.is_response() {
+                        "response"
+                    } else {
+                        "request"
+                    },
+                    self.version
+                ),
+            ));
+        }
+        match h.opcode {
+            opcode::OPTIONS => Route::Client(handshake::supported(self.version, h.stream)),
+            // Events from Keyspaces are never relayed (the topology they describe is not the
+            // client's), so registering is acknowledged and ends there.
+            opcode::REGISTER => Route::Client(messages::ready(self.version, h.stream)),
+            opcode::STARTUP | opcode::AUTH_RESPONSE => Route::Client(self.protocol_error(
+                h.stream,
+                &format!(
+                    "Unexpected message {}, the connection is already started",
+                    opcode::name(h.opcode)
+                ),
+            )),
+            opcode::QUERY | opcode::PREPARE | opcode::EXECUTE => self.inspect_request(frame),
+            op if !opcode::is_request(op) => Route::Close(self.protocol_error(
+                h.stream,
+                &format!("Unknown or unexpected opcode 0x{op:02x}"),
+            )),
+            _ => self.to_upstream(frame),
+        }
+    }
+
+    fn to_upstream(&self, frame: Frame) -> Route {
+        let stream = frame.stream();
+        match transcode(
+            frame,
+            self.client_compression,
+            self.upstream_compression,
+            self.max_frame_len,
+        ) {
+            Ok(f) => Route::Upstream(f),
+            Err(e) => Route::Close(self.compression_error(stream, &e)),
+        }
+    }
+
+    fn compression_error(&self, stream: i16, e: &CompressionError) -> Frame {
+        self.protocol_error(stream, &format!("Invalid compressed frame: {e}"))
+    }
+
+    fn inspect_request(&mut self, frame: Frame) -> Route {
+        let stream = frame.stream();
+        let plain = match decompressed(frame, self.client_compression, self.max_frame_len) {
+            Ok(f) => f,
+            Err(e) => return Route::Close(self.compression_error(stream, &e)),
+        };
+        let pending = match message_body(&plain.header, &plain.body) {
+            Ok(body) => match plain.opcode() {
+                opcode::QUERY => parse_query(body)
+                    .ok()
+                    .and_then(|q| classify(q.text))
+                    .map(|t| Pending::Rewrite(t, None)),
+                opcode::PREPARE => parse_prepare(body)
+                    .ok()
+                    .and_then(classify)
+                    .map(Pending::Prepare),
+                _ => parse_execute(body)
+                    .ok()
+                    .and_then(|e| self.system_prepared.get(e.id))
+                    .map(|(t, cols)| Pending::Rewrite(*t, cols.clone())),
+            },
+            // Malformed bodies go upstream untouched: Keyspaces answers them with its own error.
+            Err(_) => None,
+        };
+        match pending {
+            Some(p) => {
+                self.pending.insert(stream, p);
+            }
+            None => {
+                self.pending.remove(&stream);
+            }
+        }
+        Route::Upstream(compressed(plain, self.upstream_compression))
+    }
+
+    /// A frame from the upstream, translated for the client; `None` to drop it.
+    pub fn on_upstream_frame(&mut self, frame: Frame) -> Result<Option<Frame>, CompressionError> {
+        if frame.stream() < 0 {
+            return Ok(None);
+        }
+        let Some(pending) = self.pending.remove(&frame.stream()) else {
+            return transcode(
+                frame,
+                self.upstream_compression,
+                self.client_compression,
+                self.max_frame_len,
+            )
+            .map(Some);
+        };
+        let plain = decompressed(frame, self.upstream_compression, self.max_frame_len)?;
+        if plain.opcode() != opcode::RESULT {
+            return Ok(Some(compressed(plain, self.client_compression)));
+        }
+        let out = match pending {
+            Pending::Rewrite(table, cols) => {
+                match rewrite_result(
+                    &plain.header,
+                    &plain.body,
+                    table,
+                    cols.as_deref(),
+                    self.proxy_address,
+                ) {
+                    Ok(body) => Frame::new(plain.header, body),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not rewrite a system table result; passing it on");
+                        plain
+                    }
+                }
+            }
+            Pending::Prepare(table) => {
+                self.remember_prepared(&plain, table);
+                plain
+            }
+        };
+        Ok(Some(compressed(out, self.client_compression)))
+    }
+
+    fn remember_prepared(&mut self, frame: &Frame, table: SystemTable) {
+        let Ok(body) = message_body(&frame.header, &frame.body) else {
+            return;
+        };
+        if result_kind(body).ok() != Some(kind::PREPARED) {
+            return;
+        }
+        if let Ok(p) = Prepared::parse(body, self.version) {
+            if self.system_prepared.len() >= MAX_SYSTEM_PREPARED {
+                self.system_prepared.clear();
+            }
+            self.system_prepared.insert(p.id, (table, p.result_columns));
+        }
+    }
+}
+
+/// True when a frame carries the compression flag (for callers deciding whether to inspect).
+pub fn is_compressed(frame: &Frame) -> bool {
+    frame.header.has_flag(flags::COMPRESSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+
+    use super::*;
+    use crate::frame::result::test_bodies::rows_body;
+    use crate::frame::result::{metadata_flags, Rows, TYPE_INET};
+    use crate::frame::types::WriteExt;
+    use crate::frame::Header;
+
+    fn router(c: Compression) -> Router {
+        Router::new(
+            4,
+            c,
+            Compression::None,
+            "127.0.0.7".parse().unwrap(),
+            1 << 20,
+        )
+    }
+
+    fn local_result(stream: i16) -> Frame {
+        let body = rows_body(
+            "local",
+            &[("rpc_address", TYPE_INET)],
+            &[vec![Some(&[127, 0, 0, 1])]],
+            None,
+        );
+        Frame::new(Header::response(4, stream, opcode::RESULT), body)
+    }
+
+    fn rpc_of(f: &Frame) -> Vec<u8> {
+        Rows::parse(&f.body).unwrap().cells().unwrap()[0][0]
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn ordinary_queries_pass_untouched() {
+        let mut r = router(Compression::None);
+        let q = messages::query(4, 5, "SELECT * FROM ks.t", 6);
+        assert_eq!(r.on_client_frame(q.clone()), Route::Upstream(q));
+        let res = local_result(5);
+        assert_eq!(r.on_upstream_frame(res.clone()).unwrap(), Some(res));
+    }
+
+    #[test]
+    fn system_local_query_is_rewritten() {
+        let mut r = router(Compression::None);
+        r.on_client_frame(messages::query(4, 5, "SELECT * FROM system.local", 1));
+        let out = r.on_upstream_frame(local_result(5)).unwrap().unwrap();
+        assert_eq!(rpc_of(&out), vec![127, 0, 0, 7]);
+    }
+
+    #[test]
+    fn prepared_system_local_with_skip_metadata_is_rewritten() {
+        let mut r = router(Compression::None);
+        let mut prep = BytesMut::new();
+        prep.put_long_string("SELECT rpc_address FROM system.local");
+        let prep = Frame::new(Header::request(4, 2, opcode::PREPARE), prep.freeze());
+        assert!(matches!(r.on_client_frame(prep), Route::Upstream(_)));
+        let mut b = BytesMut::new();
+        b.put_i32(kind::PREPARED);
+        b.put_short_bytes(b"id1");
+        b.put_i32(0);
+        b.put_i32(0);
+        b.put_i32(0);
+        b.put_i32(metadata_flags::GLOBAL_TABLES_SPEC);
+        b.put_i32(1);
+        b.put_string("system");
+        b.put_string("local");
+        b.put_string("rpc_address");
+        b.put_u16(TYPE_INET);
+        r.on_upstream_frame(Frame::new(
+            Header::response(4, 2, opcode::RESULT),
+            b.freeze(),
+        ))
+        .unwrap();
+
+        let mut ex = BytesMut::new();
+        ex.put_short_bytes(b"id1");
+        ex.put_u16(1);
+        ex.put_u8(0x02);
+        r.on_client_frame(Frame::new(
+            Header::request(4, 3, opcode::EXECUTE),
+            ex.freeze(),
+        ));
+        let mut rows = BytesMut::new();
+        rows.put_i32(kind::ROWS);
+        rows.put_i32(metadata_flags::NO_METADATA);
+        rows.put_i32(1);
+        rows.put_i32(1);
+        rows.put_bytes_value(Some(&[10, 9, 9, 9]));
+        let out = r
+            .on_upstream_frame(Frame::new(
+                Header::response(4, 3, opcode::RESULT),
+                rows.freeze(),
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            Rows::parse(&out.body).unwrap().cells().unwrap()[0][0],
+            Some(&[127u8, 0, 0, 7][..])
+        );
+    }
+
+    #[test]
+    fn register_and_options_are_answered_locally() {
+        let mut r = router(Compression::None);
+        let reg = Frame::new(
+            Header::request(4, 1, opcode::REGISTER),
+            Bytes::from_static(&[0, 0]),
+        );
+        let Route::Client(f) = r.on_client_frame(reg) else {
+            panic!()
+        };
+        assert_eq!(f.opcode(), opcode::READY);
+        let Route::Client(f) = r.on_client_frame(messages::options(4, 2)) else {
+            panic!()
+        };
+        assert_eq!(f.opcode(), opcode::SUPPORTED);
+    }
+
+    #[test]
+    fn events_from_upstream_are_dropped() {
+        let mut r = router(Compression::None);
+        let ev = Frame::new(
+            Header::response(4, -1, opcode::EVENT),
+            Bytes::from_static(b"x"),
+        );
+        assert_eq!(r.on_upstream_frame(ev).unwrap(), None);
+    }
+
+    #[test]
+    fn client_compression_is_handled_by_the_proxy() {
+        let mut r = router(Compression::Lz4);
+        let q = compressed(
+            messages::query(4, 5, "SELECT * FROM system.local", 1),
+            Compression::Lz4,
+        );
+        let Route::Upstream(up) = r.on_client_frame(q) else {
+            panic!()
+        };
+        assert!(!is_compressed(&up));
+        let out = r.on_upstream_frame(local_result(5)).unwrap().unwrap();
+        assert!(is_compressed(&out));
+        let plain = decompressed(out, Compression::Lz4, 1 << 20).unwrap();
+        assert_eq!(rpc_of(&plain), vec![127, 0, 0, 7]);
+    }
+
+    #[test]
+    fn wrong_version_or_direction_closes() {
+        let mut r = router(Compression::None);
+        assert!(matches!(
+            r.on_client_frame(messages::query(3, 1, "x", 1)),
+            Route::Close(_)
+        ));
+        assert!(matches!(
+            r.on_client_frame(messages::ready(4, 1)),
+            Route::Close(_)
+        ));
+        let unknown = Frame::new(Header::request(4, 1, 0x42), Bytes::new());
+        assert!(matches!(r.on_client_frame(unknown), Route::Close(_)));
+    }
+}

@@ -1,0 +1,281 @@
+//! Keeps drivers on the proxy: `system.local` names the proxy's address and `system.peers` is
+//! empty, so a driver's load balancer has exactly one host to use: us. Results are rewritten
+//! from what the upstream returned (partitioner, tokens, versions stay Keyspaces' own).
+
+use std::net::IpAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::header::Header;
+use crate::frame::messages::message_body;
+use crate::frame::result::{kind, metadata_flags, result_kind, ColumnSpec, Rows, TYPE_INET};
+use crate::frame::types::{ip_to_bytes, BodyError, WriteExt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemTable {
+    Local,
+    Peers,
+}
+
+/// Which rewritten system table a statement reads, if any. `system.peers_v2` is left alone:
+/// Keyspaces has none, and drivers fall back to `system.peers` on its error.
+pub fn classify(cql: &str) -> Option<SystemTable> {
+    // Cheap exit for the hot path: ordinary statements never mention "system".
+    if !cql
+        .as_bytes()
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"system"))
+    {
+        return None;
+    }
+    let normalized: String = cql
+        .chars()
+        .filter(|c| *c != '"')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let mut tokens = normalized
+        .split(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '(' || c == ')')
+        .filter(|t| !t.is_empty());
+    while let Some(t) = tokens.by_ref().next() {
+        if t == "from" {
+            return match tokens.next() {
+                Some("system.local") => Some(SystemTable::Local),
+                Some("system.peers") => Some(SystemTable::Peers),
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
+const ADDRESS_COLUMNS: [&str; 4] = [
+    "rpc_address",
+    "broadcast_address",
+    "listen_address",
+    "preferred_ip",
+];
+
+/// Rewrites a RESULT frame body for `table`. Non-ROWS results (errors never get here) pass
+/// through unchanged. `columns` is the prepared result metadata, for EXECUTEs that skipped it.
+pub fn rewrite_result(
+    header: &Header,
+    body: &Bytes,
+    table: SystemTable,
+    columns: Option<&[ColumnSpec]>,
+    proxy_address: IpAddr,
+) -> Result<Bytes, BodyError> {
+    let message = message_body(header, body)?;
+    if result_kind(message)? != kind::ROWS {
+        return Ok(body.clone());
+    }
+    let prefix = &body[..body.len() - message.len()];
+    let rows = Rows::parse(message)?;
+    let mut out = BytesMut::with_capacity(body.len());
+    out.put_slice(prefix);
+    match table {
+        SystemTable::Local => rewrite_local(&rows, columns, proxy_address, &mut out)?,
+        SystemTable::Peers => empty_rows(&rows, &mut out),
+    }
+    Ok(out.freeze())
+}
+
+fn put_metadata(rows: &Rows<'_>, flags: i32, paging: Option<&[u8]>, out: &mut BytesMut) {
+    out.put_i32(kind::ROWS);
+    out.put_i32(flags);
+    out.put_i32(rows.columns_count);
+    if let Some(p) = paging {
+        out.put_bytes_value(Some(p));
+    }
+    out.put_slice(rows.raw_specs);
+}
+
+fn rewrite_local(
+    rows: &Rows<'_>,
+    hint: Option<&[ColumnSpec]>,
+    proxy_address: IpAddr,
+    out: &mut BytesMut,
+) -> Result<(), BodyError> {
+    put_metadata(rows, rows.flags, rows.paging_state, out);
+    let columns = rows.columns.as_deref().or(hint);
+    let replace: Vec<bool> = match columns {
+        Some(cols) => cols
+            .iter()
+            .map(|c| c.type_id == TYPE_INET && ADDRESS_COLUMNS.contains(&c.name.as_str()))
+            .collect(),
+        // No metadata at all: nothing can be identified, so nothing is changed.
+        None => vec![false; rows.columns_count.max(0) as usize],
+    };
+    let address = ip_to_bytes(proxy_address);
+    out.put_i32(rows.rows_count);
+    for row in rows.cells()? {
+        for (i, cell) in row.iter().enumerate() {
+            if replace.get(i).copied().unwrap_or(false) && cell.is_some() {
+                out.put_bytes_value(Some(&address));
+            } else {
+                out.put_bytes_value(*cell);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn empty_rows(rows: &Rows<'_>, out: &mut BytesMut) {
+    put_metadata(
+        rows,
+        rows.flags & !metadata_flags::HAS_MORE_PAGES,
+        None,
+        out,
+    );
+    out.put_i32(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::header::opcode;
+    use crate::frame::result::test_bodies::rows_body;
+
+    #[test]
+    fn classifies_system_queries() {
+        use SystemTable::*;
+        for (q, want) in [
+            ("SELECT * FROM system.local WHERE key='local'", Some(Local)),
+            ("select peer, rpc_address from system.peers", Some(Peers)),
+            ("SELECT * FROM \"system\".\"local\";", Some(Local)),
+            ("SELECT *\nFROM\tsystem.peers;", Some(Peers)),
+            ("SELECT * FROM system.peers_v2", None),
+            ("SELECT * FROM system_schema.tables", None),
+            ("INSERT INTO ks.t (a) VALUES ('from system.local')", None),
+            ("SELECT * FROM ks.tbl", None),
+        ] {
+            assert_eq!(classify(q), want, "{q}");
+        }
+    }
+
+    fn local_body() -> Bytes {
+        rows_body(
+            "local",
+            &[
+                ("key", 0x000d),
+                ("rpc_address", TYPE_INET),
+                ("broadcast_address", TYPE_INET),
+                ("partitioner", 0x000d),
+            ],
+            &[vec![
+                Some(b"local"),
+                Some(&[10, 1, 2, 3]),
+                Some(&[10, 1, 2, 3]),
+                Some(b"org.apache.cassandra.dht.Murmur3Partitioner"),
+            ]],
+            None,
+        )
+    }
+
+    #[test]
+    fn local_gets_proxy_address_and_keeps_the_rest() {
+        let h = Header::response(4, 1, opcode::RESULT);
+        let out = rewrite_result(
+            &h,
+            &local_body(),
+            SystemTable::Local,
+            None,
+            "127.0.0.42".parse().unwrap(),
+        )
+        .unwrap();
+        let rows = Rows::parse(&out).unwrap();
+        let cells = rows.cells().unwrap();
+        assert_eq!(cells[0][1], Some(&[127u8, 0, 0, 42][..]));
+        assert_eq!(cells[0][2], Some(&[127u8, 0, 0, 42][..]));
+        assert_eq!(
+            cells[0][3],
+            Some(&b"org.apache.cassandra.dht.Murmur3Partitioner"[..])
+        );
+    }
+
+    #[test]
+    fn local_with_ipv6_proxy_address() {
+        let h = Header::response(4, 1, opcode::RESULT);
+        let out = rewrite_result(
+            &h,
+            &local_body(),
+            SystemTable::Local,
+            None,
+            "::1".parse().unwrap(),
+        )
+        .unwrap();
+        let cells = Rows::parse(&out)
+            .unwrap()
+            .cells()
+            .unwrap()
+            .into_iter()
+            .next()
+            .unwrap();
+        assert_eq!(cells[1].unwrap().len(), 16);
+    }
+
+    #[test]
+    fn peers_become_empty_and_lose_paging() {
+        let body = rows_body(
+            "peers",
+            &[("peer", TYPE_INET), ("rpc_address", TYPE_INET)],
+            &vec![vec![Some(&[127u8, 0, 1, 1][..]), Some(&[127u8, 0, 1, 1][..])]; 9],
+            Some(b"more"),
+        );
+        let h = Header::response(4, 1, opcode::RESULT);
+        let out = rewrite_result(
+            &h,
+            &body,
+            SystemTable::Peers,
+            None,
+            "127.0.0.1".parse().unwrap(),
+        )
+        .unwrap();
+        let rows = Rows::parse(&out).unwrap();
+        assert_eq!(rows.rows_count, 0);
+        assert_eq!(rows.paging_state, None);
+        assert_eq!(rows.columns.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn non_rows_results_pass_through() {
+        let h = Header::response(4, 1, opcode::RESULT);
+        let body = Bytes::from_static(&[0, 0, 0, 1]);
+        assert_eq!(
+            rewrite_result(
+                &h,
+                &body,
+                SystemTable::Local,
+                None,
+                "127.0.0.1".parse().unwrap()
+            )
+            .unwrap(),
+            body
+        );
+    }
+
+    #[test]
+    fn skip_metadata_uses_prepared_columns() {
+        // NO_METADATA: flags=4, one column, one row.
+        let mut b = BytesMut::new();
+        b.put_i32(kind::ROWS);
+        b.put_i32(metadata_flags::NO_METADATA);
+        b.put_i32(1);
+        b.put_i32(1);
+        b.put_bytes_value(Some(&[10, 0, 0, 1]));
+        let hint = [ColumnSpec {
+            name: "rpc_address".into(),
+            type_id: TYPE_INET,
+        }];
+        let h = Header::response(4, 1, opcode::RESULT);
+        let out = rewrite_result(
+            &h,
+            &b.freeze(),
+            SystemTable::Local,
+            Some(&hint),
+            "127.0.0.9".parse().unwrap(),
+        )
+        .unwrap();
+        let cells = Rows::parse(&out).unwrap().cells().unwrap();
+        assert_eq!(cells[0][0], Some(&[127u8, 0, 0, 9][..]));
+    }
+}

@@ -1,0 +1,261 @@
+//! One authenticated connection to Keyspaces: TCP, TLS, STARTUP and the SigV4 (or PLAIN)
+//! exchange. Every connection is signed anew: the server's nonce makes handshakes unreplayable.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::Framed;
+
+use crate::auth::credentials::{CredentialCache, CredentialsError};
+use crate::auth::sigv4;
+use crate::frame::messages::{self, ErrorInfo};
+use crate::frame::{opcode, Compression, Frame, FrameCodec, FrameDecodeError};
+
+/// How the proxy proves itself to the upstream.
+#[derive(Clone)]
+pub enum UpstreamAuth {
+    SigV4 {
+        credentials: Arc<CredentialCache>,
+        region: String,
+    },
+    /// Keyspaces service-specific credentials or a Cassandra PasswordAuthenticator user.
+    Plain { username: String, password: String },
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAuth::SigV4 { region, .. } => write!(f, "SigV4({region})"),
+            UpstreamAuth::Plain { username, .. } => write!(f, "Plain({username})"),
+        }
+    }
+}
+
+/// Where and how to connect; shared by every upstream connection.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    /// `host:port` to dial.
+    pub address: String,
+    /// The name sent as SNI and verified in the certificate.
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<ClientConfig>,
+    pub auth: UpstreamAuth,
+    pub connect_timeout: Duration,
+    pub max_frame_len: usize,
+}
+
+pub type UpstreamFramed = Framed<TlsStream<TcpStream>, FrameCodec>;
+
+/// An authenticated upstream connection, ready for requests.
+pub struct UpstreamConnection {
+    pub framed: UpstreamFramed,
+    pub version: u8,
+    pub compression: Compression,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {address} failed: {source}")]
+    Tls {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("upstream handshake timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("upstream rejected authentication: {}", .0.message)]
+    AuthRejected(ErrorInfo),
+    #[error("upstream refused STARTUP: {}", .0.message)]
+    Refused(ErrorInfo),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    #[error("upstream closed the connection during the handshake")]
+    Closed,
+}
+
+impl From<FrameDecodeError> for UpstreamError {
+    fn from(e: FrameDecodeError) -> Self {
+        UpstreamError::Protocol(e.to_string())
+    }
+}
+
+const HANDSHAKE_STREAM: i16 = 0;
+
+async fn roundtrip(framed: &mut UpstreamFramed, frame: Frame) -> Result<Frame, UpstreamError> {
+    framed
+        .send(frame)
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    loop {
+        match framed.next().await {
+            None => return Err(UpstreamError::Closed),
+            Some(Err(e)) => return Err(e.into()),
+            // Events may arrive unsolicited; only the handshake stream answers us.
+            Some(Ok(f)) if f.stream() != HANDSHAKE_STREAM => continue,
+            Some(Ok(f)) => return Ok(f),
+        }
+    }
+}
+
+fn unexpected(f: &Frame, during: &str) -> UpstreamError {
+    if f.opcode() == opcode::ERROR {
+        if let Ok(info) = ErrorInfo::parse(&f.body) {
+            return UpstreamError::Refused(info);
+        }
+    }
+    UpstreamError::Protocol(format!(
+        "unexpected {} during {during}",
+        opcode::name(f.opcode())
+    ))
+}
+
+impl UpstreamTarget {
+    /// Opens and authenticates one connection speaking `version`, with `compression` if the
+    /// upstream offers it (else none: the caller then compresses for its client itself).
+    pub async fn connect(
+        &self,
+        version: u8,
+        compression: Compression,
+    ) -> Result<UpstreamConnection, UpstreamError> {
+        let limit = self.connect_timeout;
+        tokio::time::timeout(limit, self.connect_inner(version, compression))
+            .await
+            .map_err(|_| UpstreamError::Timeout(limit))?
+    }
+
+    async fn connect_inner(
+        &self,
+        version: u8,
+        compression: Compression,
+    ) -> Result<UpstreamConnection, UpstreamError> {
+        let tcp =
+            TcpStream::connect(&self.address)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| UpstreamError::Tls {
+                address: self.address.clone(),
+                source,
+            })?;
+        let mut framed = Framed::new(tls, FrameCodec::new(self.max_frame_len));
+
+        let supported =
+            roundtrip(&mut framed, messages::options(version, HANDSHAKE_STREAM)).await?;
+        if supported.opcode() != opcode::SUPPORTED {
+            return Err(unexpected(&supported, "OPTIONS"));
+        }
+        let offered = messages::parse_supported(&supported.body)
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let compression = match compression.name() {
+            Some(name)
+                if offered
+                    .get("COMPRESSION")
+                    .is_some_and(|algos| algos.iter().any(|a| a.eq_ignore_ascii_case(name))) =>
+            {
+                compression
+            }
+            _ => Compression::None,
+        };
+
+        let mut options = vec![("CQL_VERSION", "3.0.0"), ("DRIVER_NAME", "keyspaces-proxy")];
+        if let Some(name) = compression.name() {
+            options.push(("COMPRESSION", name));
+        }
+        let reply = roundtrip(
+            &mut framed,
+            messages::startup(version, HANDSHAKE_STREAM, &options),
+        )
+        .await?;
+        match reply.opcode() {
+            opcode::READY => {}
+            opcode::AUTHENTICATE => self.authenticate(&mut framed, version).await?,
+            _ => return Err(unexpected(&reply, "STARTUP")),
+        }
+        Ok(UpstreamConnection {
+            framed,
+            version,
+            compression,
+        })
+    }
+
+    async fn authenticate(
+        &self,
+        framed: &mut UpstreamFramed,
+        version: u8,
+    ) -> Result<(), UpstreamError> {
+        let reply = match &self.auth {
+            UpstreamAuth::Plain { username, password } => {
+                let token = messages::plain_token(username, password);
+                roundtrip(
+                    framed,
+                    messages::auth_response(version, HANDSHAKE_STREAM, &token),
+                )
+                .await?
+            }
+            UpstreamAuth::SigV4 {
+                credentials,
+                region,
+            } => {
+                // Load credentials first so a provider failure never leaves a half-done exchange.
+                let creds = credentials.get().await?;
+                let challenge = roundtrip(
+                    framed,
+                    messages::auth_response(version, HANDSHAKE_STREAM, sigv4::INITIAL_RESPONSE),
+                )
+                .await?;
+                if challenge.opcode() != opcode::AUTH_CHALLENGE {
+                    return Err(auth_failure(&challenge));
+                }
+                let token = messages::parse_auth_token(&challenge.body)
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let nonce = sigv4::parse_challenge(token)
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let response = sigv4::signed_response(&sigv4::SigningParams {
+                    access_key_id: creds.access_key_id(),
+                    secret_access_key: creds.secret_access_key(),
+                    session_token: creds.session_token(),
+                    region,
+                    nonce,
+                    time: SystemTime::now(),
+                });
+                roundtrip(
+                    framed,
+                    messages::auth_response(version, HANDSHAKE_STREAM, response.as_bytes()),
+                )
+                .await?
+            }
+        };
+        match reply.opcode() {
+            opcode::AUTH_SUCCESS => Ok(()),
+            _ => Err(auth_failure(&reply)),
+        }
+    }
+}
+
+fn auth_failure(f: &Frame) -> UpstreamError {
+    match (f.opcode(), ErrorInfo::parse(&f.body)) {
+        (opcode::ERROR, Ok(info)) => UpstreamError::AuthRejected(info),
+        _ => UpstreamError::Protocol(format!(
+            "unexpected {} during authentication",
+            opcode::name(f.opcode())
+        )),
+    }
+}
