@@ -1,1 +1,208 @@
+//! keyspaces-emulator: a local stand-in for Amazon Keyspaces that behaves as it does on the
+//! wire (TLS only, SigV4 or PLAIN auth, v3/v4, its system tables, consistency rules and
+//! per-connection rate cap), with fault injection and an event log for tests.
 
+pub mod auth;
+pub mod connection;
+pub mod engine;
+pub mod events;
+pub mod faults;
+pub mod tls;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use keyspaces_proxy::frame::Compression;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+pub use auth::{PlainUser, SigV4Key};
+pub use engine::Partitioner;
+pub use events::EventLog;
+pub use faults::Faults;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("engine setup failed: {0}")]
+    Engine(String),
+    #[error("event log: {0}")]
+    EventLog(std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub region: String,
+    pub sigv4_keys: Vec<SigV4Key>,
+    pub plain_users: Vec<PlainUser>,
+    /// Rows in system.peers (9 like the public endpoints, 3 like FIPS ones).
+    pub peers: usize,
+    /// Also accept connections on the peer addresses, so a driver that follows system.peers is
+    /// seen (and logged) instead of silently failing to connect.
+    pub listen_on_peers: bool,
+    pub partitioner: Partitioner,
+    /// Enforce Keyspaces' consistency rules.
+    pub keyspaces_rules: bool,
+    /// Requests per second per connection (0 = unlimited).
+    pub rate_limit: u32,
+    /// Compression algorithms offered in SUPPORTED.
+    pub compression: Vec<Compression>,
+    pub record_events: bool,
+    pub event_log: Option<PathBuf>,
+    pub max_frame_len: usize,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 19142)),
+            state_dir: std::env::temp_dir().join("keyspaces-emulator"),
+            region: "us-east-1".into(),
+            sigv4_keys: Vec::new(),
+            plain_users: Vec::new(),
+            peers: 9,
+            listen_on_peers: true,
+            partitioner: Partitioner::Murmur3,
+            keyspaces_rules: true,
+            rate_limit: 3000,
+            compression: Vec::new(),
+            record_events: false,
+            event_log: None,
+            max_frame_len: keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// The loopback addresses standing in for Keyspaces' load balancers: 127.0.1.1, 127.0.1.2, …
+pub fn peer_addresses(n: usize) -> Vec<IpAddr> {
+    (1..=n.min(254))
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8)))
+        .collect()
+}
+
+/// State every connection shares.
+pub struct Shared {
+    pub config: EmulatorConfig,
+    pub engine: engine::Engine,
+    pub acceptor: TlsAcceptor,
+    pub faults: Arc<Faults>,
+    pub events: Arc<EventLog>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// A running emulator; dropping it stops the listeners.
+pub struct Emulator {
+    pub addr: SocketAddr,
+    pub peer_addrs: Vec<SocketAddr>,
+    pub ca_pem: PathBuf,
+    pub faults: Arc<Faults>,
+    pub events: Arc<EventLog>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let local = tcp.local_addr().unwrap_or(peer);
+        tokio::spawn(connection::serve(shared.clone(), tcp, peer, local));
+    }
+}
+
+impl Emulator {
+    pub async fn start(config: EmulatorConfig) -> Result<Emulator, EmulatorError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| EmulatorError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let peers = peer_addresses(config.peers);
+        let mut tls_ips = vec![addr.ip()];
+        tls_ips.extend(peers.iter().copied());
+        let names = tls::subject_alt_names(&config.region, &tls_ips);
+        let material = tls::load_or_create(&config.state_dir, &names)?;
+        let topology = engine::Topology {
+            region: config.region.clone(),
+            partitioner: config.partitioner,
+            local_address: addr.ip(),
+            peers: peers.clone(),
+        };
+        let engine = engine::Engine::new(&topology, config.keyspaces_rules)
+            .map_err(EmulatorError::Engine)?;
+        let events = if config.record_events || config.event_log.is_some() {
+            EventLog::new(config.event_log.as_deref()).map_err(EmulatorError::EventLog)?
+        } else {
+            EventLog::disabled()
+        };
+        let faults = Arc::new(Faults::default());
+        let events = Arc::new(events);
+        let listen_on_peers = config.listen_on_peers;
+        let shared = Arc::new(Shared {
+            config,
+            engine,
+            acceptor: TlsAcceptor::from(material.server_config),
+            faults: faults.clone(),
+            events: events.clone(),
+            next_id: AtomicU64::new(0),
+        });
+        let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
+        let mut peer_addrs = Vec::new();
+        if listen_on_peers {
+            for ip in peers {
+                let peer_addr = SocketAddr::new(ip, addr.port());
+                match TcpListener::bind(peer_addr).await {
+                    Ok(l) => {
+                        peer_addrs.push(peer_addr);
+                        tasks.push(tokio::spawn(accept_loop(l, shared.clone())));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer_addr, error = %e, "cannot listen on peer address")
+                    }
+                }
+            }
+        }
+        Ok(Emulator {
+            addr,
+            peer_addrs,
+            ca_pem: material.ca_pem,
+            faults,
+            events,
+            tasks,
+        })
+    }
+}

@@ -1,1 +1,147 @@
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keyspaces_emulator::{Emulator, EmulatorConfig, Partitioner, PlainUser, SigV4Key};
+use keyspaces_proxy::frame::Compression;
+
+/// A local, Keyspaces-faithful CQL endpoint for tests, benchmarks and trying keyspaces-proxy
+/// without an AWS account.
+#[derive(Debug, Parser)]
+#[command(name = "keyspaces-emulator", version, about)]
+struct Cli {
+    /// TLS listen address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:19142")]
+    listen: SocketAddr,
+    /// Directory for the generated CA (ca.pem) and server certificate; reused across runs.
+    #[arg(long, default_value = "target/keyspaces-emulator")]
+    state_dir: PathBuf,
+    /// Region: signing scope, data_center and rack.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Accepted SigV4 credentials AKID:SECRET[:SESSION_TOKEN] (repeatable).
+    #[arg(long = "credential")]
+    credentials: Vec<SigV4Key>,
+    /// Accepted service-specific credentials USER:PASSWORD (repeatable).
+    #[arg(long = "plain-user")]
+    plain_users: Vec<PlainUser>,
+    /// Rows in system.peers.
+    #[arg(long, default_value_t = 9)]
+    peers: usize,
+    /// Behave like a FIPS endpoint (3 peers).
+    #[arg(long)]
+    fips: bool,
+    /// Do not listen on the peer addresses.
+    #[arg(long)]
+    no_peer_listeners: bool,
+    #[arg(long, value_enum, default_value = "murmur3")]
+    partitioner: Partitioner,
+    /// Accept every consistency level (Keyspaces allows only LOCAL_QUORUM writes).
+    #[arg(long)]
+    no_keyspaces_rules: bool,
+    /// Requests per second per connection; 0 = unlimited.
+    #[arg(long, default_value_t = 3000)]
+    rate_limit: u32,
+    /// Compression algorithms to offer: lz4, snappy (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    compression: Vec<String>,
+    /// Write JSON-lines events (connections, auth attempts, queries) here.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// Fault: milliseconds added to every request.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Fault: close each connection at its Nth request.
+    #[arg(long, default_value_t = 0)]
+    close_after: u64,
+    /// Fault: accept and immediately close every connection.
+    #[arg(long)]
+    refuse_connections: bool,
+    /// Fault: reject every authentication.
+    #[arg(long)]
+    fail_auth: bool,
+    /// Fault: milliseconds before answering STARTUP.
+    #[arg(long, default_value_t = 0)]
+    handshake_delay_ms: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if !cli.listen.ip().is_loopback() {
+        eprintln!(
+            "keyspaces-emulator: refusing to listen on non-loopback address {}",
+            cli.listen
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut compression = Vec::new();
+    for c in &cli.compression {
+        match Compression::from_option(Some(c)) {
+            Ok(Compression::None) => {}
+            Ok(a) => compression.push(a),
+            Err(e) => {
+                eprintln!("keyspaces-emulator: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let config = EmulatorConfig {
+        listen: cli.listen,
+        state_dir: cli.state_dir,
+        region: cli.region.to_ascii_lowercase(),
+        sigv4_keys: cli.credentials,
+        plain_users: cli.plain_users,
+        peers: if cli.fips { 3 } else { cli.peers },
+        listen_on_peers: !cli.no_peer_listeners,
+        partitioner: cli.partitioner,
+        keyspaces_rules: !cli.no_keyspaces_rules,
+        rate_limit: cli.rate_limit,
+        compression,
+        record_events: cli.event_log.is_some(),
+        event_log: cli.event_log,
+        ..EmulatorConfig::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyspaces-emulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let emulator = match Emulator::start(config).await {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("keyspaces-emulator: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let f = &emulator.faults;
+        f.set_latency(std::time::Duration::from_millis(cli.latency_ms));
+        f.set_close_after(cli.close_after);
+        f.set_refuse_connections(cli.refuse_connections);
+        f.set_fail_auth(cli.fail_auth);
+        f.set_handshake_delay(std::time::Duration::from_millis(cli.handshake_delay_ms));
+        // One machine-readable line so scripts know where to connect and what to trust.
+        println!(
+            "{}",
+            serde_json::json!({
+                "listen": emulator.addr.to_string(),
+                "ca": emulator.ca_pem.display().to_string(),
+                "peers": emulator.peer_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            })
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,53 @@
+//! Fault injection, adjustable while the emulator runs (tests hold the `Arc<Faults>`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    latency_ms: AtomicU64,
+    close_after: AtomicU64,
+    refuse_connections: AtomicBool,
+    fail_auth: AtomicBool,
+    handshake_delay_ms: AtomicU64,
+}
+
+impl Faults {
+    /// Added before every request's answer.
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+    pub fn latency(&self) -> Duration {
+        Duration::from_millis(self.latency_ms.load(Ordering::Relaxed))
+    }
+    /// Each connection is closed, unanswered, at its Nth request after authentication (0 = never).
+    pub fn set_close_after(&self, n: u64) {
+        self.close_after.store(n, Ordering::Relaxed);
+    }
+    pub fn close_after(&self) -> u64 {
+        self.close_after.load(Ordering::Relaxed)
+    }
+    /// New connections are accepted and closed at once.
+    pub fn set_refuse_connections(&self, on: bool) {
+        self.refuse_connections.store(on, Ordering::Relaxed);
+    }
+    pub fn refuse_connections(&self) -> bool {
+        self.refuse_connections.load(Ordering::Relaxed)
+    }
+    /// Every authentication attempt fails, whatever the credentials.
+    pub fn set_fail_auth(&self, on: bool) {
+        self.fail_auth.store(on, Ordering::Relaxed);
+    }
+    pub fn fail_auth(&self) -> bool {
+        self.fail_auth.load(Ordering::Relaxed)
+    }
+    /// Delay before answering STARTUP.
+    pub fn set_handshake_delay(&self, d: Duration) {
+        self.handshake_delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+    pub fn handshake_delay(&self) -> Duration {
+        Duration::from_millis(self.handshake_delay_ms.load(Ordering::Relaxed))
+    }
+}

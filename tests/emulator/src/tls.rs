@@ -1,0 +1,113 @@
+//! The emulator's TLS identity: a test CA and a server certificate for the Keyspaces endpoint
+//! name and the loopback addresses, created once in a state directory and reused afterwards.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+use crate::EmulatorError;
+
+pub struct TlsMaterial {
+    /// The CA that signed the server certificate: what clients must trust.
+    pub ca_pem: PathBuf,
+    pub server_config: Arc<ServerConfig>,
+}
+
+fn err(e: impl std::fmt::Display) -> EmulatorError {
+    EmulatorError::Tls(e.to_string())
+}
+
+/// The names the server certificate covers: the regional endpoint, localhost and every address
+/// the emulator answers on.
+pub fn subject_alt_names(region: &str, addresses: &[IpAddr]) -> Vec<String> {
+    let mut names = vec![
+        format!("cassandra.{region}.amazonaws.com"),
+        "localhost".to_owned(),
+    ];
+    names.extend(addresses.iter().map(|a| a.to_string()));
+    names
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), EmulatorError> {
+    std::fs::write(path, contents).map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// The CA's parameters. They are rebuilt rather than parsed back from ca.pem: with the same
+/// name and the stored key, certificates issued later chain to the stored CA certificate.
+fn ca_params() -> Result<CertificateParams, EmulatorError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "keyspaces-emulator test CA");
+    Ok(params)
+}
+
+/// Loads the CA and certificate from `dir`, creating whichever is missing. The server
+/// certificate is re-issued (by the same CA) when the names it must cover change.
+pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, EmulatorError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let (ca_pem_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let (cert_path, key_path, names_path) = (
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+        dir.join("server-names.txt"),
+    );
+    let wanted_names = names.join("\n");
+
+    let ca_key = match (read(&ca_pem_path), read(&ca_key_path)) {
+        (Some(_), Some(k)) => KeyPair::from_pem(&k).map_err(err)?,
+        _ => {
+            let key = KeyPair::generate().map_err(err)?;
+            let cert = ca_params()?.self_signed(&key).map_err(err)?;
+            write(&ca_pem_path, &cert.pem())?;
+            write(&ca_key_path, &key.serialize_pem())?;
+            let _ = std::fs::remove_file(&cert_path);
+            key
+        }
+    };
+
+    let reusable = read(&names_path).as_deref() == Some(wanted_names.as_str());
+    let (cert_pem, key_pem) = match (read(&cert_path), read(&key_path)) {
+        (Some(c), Some(k)) if reusable => (c, k),
+        _ => {
+            let issuer = Issuer::new(ca_params()?, ca_key);
+            let key = KeyPair::generate().map_err(err)?;
+            let mut params = CertificateParams::new(names.to_vec()).map_err(err)?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, names[0].clone());
+            let cert = params.signed_by(&key, &issuer).map_err(err)?;
+            write(&cert_path, &cert.pem())?;
+            write(&key_path, &key.serialize_pem())?;
+            write(&names_path, &wanted_names)?;
+            (cert.pem(), key.serialize_pem())
+        }
+    };
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(err)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(err)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(err)?;
+    Ok(TlsMaterial {
+        ca_pem: ca_pem_path,
+        server_config: Arc::new(config),
+    })
+}
