@@ -1,0 +1,129 @@
+//! Shared harness for the Rust integration tests: an in-process emulator, an in-process proxy,
+//! and a minimal CQL client that speaks frames.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use futures_util::{SinkExt, StreamExt};
+use keyspaces_emulator::{Emulator, EmulatorConfig, PlainUser, SigV4Key};
+use keyspaces_proxy::auth::client::ClientAuth;
+use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::frame::{Frame, FrameCodec};
+use keyspaces_proxy::session::ProxyContext;
+use keyspaces_proxy::upstream::tls::{client_config, server_name};
+use keyspaces_proxy::upstream::{UpstreamAuth, UpstreamTarget};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+pub const AKID: &str = "AKIDEMULATOR";
+pub const SECRET: &str = "emulator-secret";
+pub const REGION: &str = "us-east-1";
+
+pub async fn emulator(dir: &Path, tweak: impl FnOnce(&mut EmulatorConfig)) -> Emulator {
+    let mut cfg = EmulatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: dir.to_path_buf(),
+        sigv4_keys: vec![SigV4Key {
+            access_key_id: AKID.into(),
+            secret_access_key: SECRET.into(),
+            session_token: None,
+        }],
+        plain_users: vec![PlainUser {
+            user: "svc".into(),
+            password: "svc-pw".into(),
+        }],
+        listen_on_peers: false,
+        record_events: true,
+        rate_limit: 0,
+        ..EmulatorConfig::default()
+    };
+    tweak(&mut cfg);
+    Emulator::start(cfg).await.expect("emulator starts")
+}
+
+pub fn sigv4(secret: &str) -> UpstreamAuth {
+    UpstreamAuth::SigV4 {
+        credentials: CredentialCache::fixed(Credentials::new(AKID, secret, None, None, "test")),
+        region: REGION.into(),
+    }
+}
+
+pub struct ProxyOptions {
+    pub auth: UpstreamAuth,
+    pub ca: std::path::PathBuf,
+    pub server_name: String,
+    pub client_auth: ClientAuth,
+}
+
+impl ProxyOptions {
+    pub fn for_emulator(emu: &Emulator) -> Self {
+        ProxyOptions {
+            auth: sigv4(SECRET),
+            ca: emu.ca_pem.clone(),
+            server_name: format!("cassandra.{REGION}.amazonaws.com"),
+            client_auth: ClientAuth::None,
+        }
+    }
+}
+
+/// Starts a proxy in this runtime in front of `emu`; returns its address.
+pub async fn proxy(emu: &Emulator, opts: ProxyOptions) -> SocketAddr {
+    let ctx = ProxyContext {
+        upstream: UpstreamTarget {
+            address: emu.addr.to_string(),
+            server_name: server_name(&opts.server_name).unwrap(),
+            tls: client_config(Some(&opts.ca)).unwrap(),
+            auth: opts.auth,
+            connect_timeout: Duration::from_secs(5),
+            max_frame_len: 1 << 24,
+        },
+        client_auth: Arc::new(opts.client_auth),
+        advertise_address: None,
+        max_frame_len: 1 << 24,
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(keyspaces_proxy::server::serve(
+        listener,
+        Arc::new(ctx),
+        1000,
+        std::future::pending(),
+    ));
+    addr
+}
+
+pub struct Client {
+    framed: Framed<TcpStream, FrameCodec>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Client {
+            framed: Framed::new(tcp, FrameCodec::default()),
+        }
+    }
+
+    pub async fn send(&mut self, f: Frame) {
+        self.framed.send(f).await.unwrap();
+    }
+
+    /// The next frame, or `None` if the connection closed.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        match tokio::time::timeout(Duration::from_secs(10), self.framed.next()).await {
+            Ok(Some(Ok(f))) => Some(f),
+            Ok(_) => None,
+            Err(_) => panic!("no reply within 10 s"),
+        }
+    }
+
+    pub async fn call(&mut self, f: Frame) -> Frame {
+        self.send(f).await;
+        self.recv().await.expect("a reply")
+    }
+}

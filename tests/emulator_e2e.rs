@@ -1,0 +1,220 @@
+//! The emulator on its own, as a direct client (a SigV4 plugin) would see it.
+
+mod common;
+
+use std::time::SystemTime;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use keyspaces_proxy::auth::sigv4;
+use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
+use keyspaces_proxy::frame::{opcode, Frame, FrameCodec};
+use keyspaces_proxy::upstream::tls::{client_config, server_name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+type Tls = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
+
+async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
+    let tcp = TcpStream::connect(emu.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(Some(&emu.ca_pem)).unwrap());
+    let tls = connector
+        .connect(
+            server_name("cassandra.us-east-1.amazonaws.com").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    Framed::new(tls, FrameCodec::default())
+}
+
+async fn call(c: &mut Tls, f: Frame) -> Frame {
+    c.send(f).await.unwrap();
+    c.next().await.unwrap().unwrap()
+}
+
+async fn sigv4_login(c: &mut Tls, secret: &str) -> Frame {
+    let a = call(c, messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])).await;
+    assert_eq!(
+        messages::parse_authenticate(&a.body).unwrap(),
+        messages::PASSWORD_AUTHENTICATOR
+    );
+    let ch = call(c, messages::auth_response(4, 0, sigv4::INITIAL_RESPONSE)).await;
+    assert_eq!(ch.opcode(), opcode::AUTH_CHALLENGE);
+    let token = messages::parse_auth_token(&ch.body).unwrap().to_vec();
+    let text = String::from_utf8(token.clone()).unwrap();
+    assert!(text.starts_with("nonce=") && text.len() == 6 + 32, "{text}");
+    let nonce = sigv4::parse_challenge(&token).unwrap();
+    let resp = sigv4::signed_response(&sigv4::SigningParams {
+        access_key_id: AKID,
+        secret_access_key: secret,
+        session_token: None,
+        region: REGION,
+        nonce,
+        time: SystemTime::now(),
+    });
+    call(c, messages::auth_response(4, 0, resp.as_bytes())).await
+}
+
+#[tokio::test]
+async fn sigv4_success_failure_and_retry_on_same_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut c = tls_client(&emu).await;
+    let bad = sigv4_login(&mut c, "wrong").await;
+    let e = ErrorInfo::parse(&bad.body).unwrap();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            error_code::BAD_CREDENTIALS,
+            "Authentication failure: Invalid signature"
+        )
+    );
+    // The connection stays open: a new SigV4 round works.
+    let ch = call(
+        &mut c,
+        messages::auth_response(4, 0, sigv4::INITIAL_RESPONSE),
+    )
+    .await;
+    assert_eq!(ch.opcode(), opcode::AUTH_CHALLENGE);
+    let mut c = tls_client(&emu).await;
+    assert_eq!(
+        sigv4_login(&mut c, SECRET).await.opcode(),
+        opcode::AUTH_SUCCESS
+    );
+    let events = emu.events.snapshot();
+    let auths: Vec<_> = events.iter().filter(|e| e["event"] == "auth").collect();
+    assert_eq!(auths[0]["reason"], "invalid_signature");
+    assert_eq!(auths.last().unwrap()["ok"], true);
+    assert!(!serde_json::to_string(&events).unwrap().contains(SECRET));
+}
+
+#[tokio::test]
+async fn requests_before_auth_and_v5_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut c = tls_client(&emu).await;
+    let r = call(
+        &mut c,
+        messages::query(4, 3, "SELECT * FROM system.local", 1),
+    )
+    .await;
+    assert_eq!(r.opcode(), opcode::ERROR);
+    assert_eq!(r.stream(), 3);
+    let r = call(&mut c, messages::startup(5, 4, &[("CQL_VERSION", "3.0.0")])).await;
+    let e = ErrorInfo::parse(&r.body).unwrap();
+    assert_eq!(e.code, error_code::PROTOCOL_ERROR);
+    assert_eq!(
+        e.message,
+        "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+    );
+    assert_eq!(r.stream(), 4);
+    let ok = call(&mut c, messages::options(4, 5)).await;
+    assert_eq!(ok.opcode(), opcode::SUPPORTED);
+}
+
+#[tokio::test]
+async fn plaintext_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut tcp = TcpStream::connect(emu.addr).await.unwrap();
+    tcp.write_all(&messages::options(4, 0).to_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    // No CQL answer: at most a TLS alert (0x15), then the close.
+    assert!(n == 0 || buf[0] == 0x15, "got {:?}", &buf[..n]);
+}
+
+#[tokio::test]
+async fn per_connection_rate_cap_answers_with_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |cfg| cfg.rate_limit = 5).await;
+    let mut c = tls_client(&emu).await;
+    assert_eq!(
+        sigv4_login(&mut c, SECRET).await.opcode(),
+        opcode::AUTH_SUCCESS
+    );
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let r = call(
+            &mut c,
+            messages::query(4, i, "SELECT key FROM system.local", consistency::ONE),
+        )
+        .await;
+        codes.push(if r.opcode() == opcode::ERROR {
+            ErrorInfo::parse(&r.body).unwrap().code
+        } else {
+            -1
+        });
+    }
+    assert_eq!(&codes[..5], &[-1; 5]);
+    assert!(
+        codes[5..].iter().all(|c| *c == error_code::READ_TIMEOUT),
+        "{codes:?}"
+    );
+    let r = call(
+        &mut c,
+        messages::query(
+            4,
+            9,
+            "INSERT INTO x.y (a) VALUES (1)",
+            consistency::LOCAL_QUORUM,
+        ),
+    )
+    .await;
+    assert_eq!(
+        ErrorInfo::parse(&r.body).unwrap().code,
+        error_code::WRITE_TIMEOUT
+    );
+}
+
+#[tokio::test]
+async fn faults_can_be_changed_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    emu.faults.set_fail_auth(true);
+    let mut c = tls_client(&emu).await;
+    assert_eq!(sigv4_login(&mut c, SECRET).await.opcode(), opcode::ERROR);
+    emu.faults.set_fail_auth(false);
+    emu.faults.set_close_after(2);
+    let mut c = tls_client(&emu).await;
+    assert_eq!(
+        sigv4_login(&mut c, SECRET).await.opcode(),
+        opcode::AUTH_SUCCESS
+    );
+    let r = call(
+        &mut c,
+        messages::query(4, 1, "SELECT key FROM system.local", 1),
+    )
+    .await;
+    assert_eq!(r.opcode(), opcode::RESULT);
+    c.send(messages::query(4, 2, "SELECT key FROM system.local", 1))
+        .await
+        .unwrap();
+    assert!(
+        c.next().await.is_none_or(|r| r.is_err()),
+        "closed by the fault"
+    );
+}
+
+#[tokio::test]
+async fn tls_material_is_reused_across_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = emulator(dir.path(), |_| {}).await;
+    let ca = std::fs::read(&first.ca_pem).unwrap();
+    drop(first);
+    let second = emulator(dir.path(), |_| {}).await;
+    assert_eq!(std::fs::read(&second.ca_pem).unwrap(), ca);
+    // The re-issued or reused server certificate still chains to the same CA.
+    let mut c = tls_client(&second).await;
+    assert_eq!(
+        call(&mut c, messages::options(4, 0)).await.opcode(),
+        opcode::SUPPORTED
+    );
+}
