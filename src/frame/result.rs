@@ -103,18 +103,11 @@ fn column_specs(r: &mut Reader<'_>, flags: i32, count: i32) -> BodyResult<Vec<Co
     Ok(cols)
 }
 
-/// Reads `<flags><columns_count>[<paging_state>][<specs>]`, the rows metadata of spec §4.2.5.2.
-fn rows_metadata<'a>(
-    r: &mut Reader<'a>,
-) -> BodyResult<(
-    i32,
-    i32,
-    Option<&'a [u8]>,
-    &'a [u8],
-    Option<Vec<ColumnSpec>>,
-)> {
+/// Reads `<flags><columns_count>[<paging_state>][<specs>]`, the rows metadata of spec §4.2.5.2,
+/// into a `Rows` that has no rows yet.
+fn rows_metadata<'a>(r: &mut Reader<'a>) -> BodyResult<Rows<'a>> {
     let flags = r.i32()?;
-    let count = r.i32()?;
+    let columns_count = r.i32()?;
     let paging_state = if flags & metadata_flags::HAS_MORE_PAGES != 0 {
         r.bytes()?
     } else {
@@ -124,10 +117,18 @@ fn rows_metadata<'a>(
     let columns = if flags & metadata_flags::NO_METADATA != 0 {
         None
     } else {
-        Some(column_specs(r, flags, count)?)
+        Some(column_specs(r, flags, columns_count)?)
     };
     let raw_specs = &before[..before.len() - r.remaining().len()];
-    Ok((flags, count, paging_state, raw_specs, columns))
+    Ok(Rows {
+        flags,
+        columns_count,
+        paging_state,
+        raw_specs,
+        columns,
+        rows_count: 0,
+        rows: &[],
+    })
 }
 
 impl<'a> Rows<'a> {
@@ -137,20 +138,13 @@ impl<'a> Rows<'a> {
         if r.i32()? != kind::ROWS {
             return Err(BodyError::Invalid("not a ROWS result"));
         }
-        let (flags, columns_count, paging_state, raw_specs, columns) = rows_metadata(&mut r)?;
-        let rows_count = r.i32()?;
-        if rows_count < 0 {
+        let mut rows = rows_metadata(&mut r)?;
+        rows.rows_count = r.i32()?;
+        if rows.rows_count < 0 {
             return Err(BodyError::Invalid("negative row count"));
         }
-        Ok(Rows {
-            flags,
-            columns_count,
-            paging_state,
-            raw_specs,
-            columns,
-            rows_count,
-            rows: r.remaining(),
-        })
+        rows.rows = r.remaining();
+        Ok(rows)
     }
 
     /// Iterates over rows as vectors of cell values (`None` = null).
@@ -196,7 +190,7 @@ impl Prepared {
             }
         }
         column_specs(&mut r, flags, count)?;
-        let (_, _, _, _, result_columns) = rows_metadata(&mut r)?;
+        let result_columns = rows_metadata(&mut r)?.columns;
         Ok(Prepared { id, result_columns })
     }
 }

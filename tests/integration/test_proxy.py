@@ -1,0 +1,113 @@
+"""Unmodified drivers through keyspaces-proxy to the emulator (TLS + SigV4 upstream)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cassandra import AuthenticationFailed, ConsistencyLevel
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.query import SimpleStatement
+
+ROWS = 5200
+
+
+def default_cluster(port, **kw):
+    # Driver defaults throughout; only the consistency is set, as AWS's own examples do.
+    profile = ExecutionProfile(consistency_level=ConsistencyLevel.LOCAL_QUORUM)
+    return Cluster(["127.0.0.1"], port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **kw)
+
+
+def test_default_driver_through_proxy(start_emulator, start_proxy):
+    # The per-connection cap is lifted here: one driver connection maps to one upstream
+    # connection until the pool lands, and this test is about correctness, not throttling.
+    emu = start_emulator("--rate-limit", "0")
+    port = start_proxy(emu)
+    c = default_cluster(port)
+    try:
+        s = c.connect()
+        assert c.protocol_version == 4  # negotiated down from DSE/v5 probes
+        hosts = c.metadata.all_hosts()
+        assert len(hosts) == 1, hosts
+        assert hosts[0].endpoint.address == "127.0.0.1" and hosts[0].endpoint.port == port
+        local = s.execute("SELECT cluster_name, rpc_address, partitioner FROM system.local").one()
+        assert local.cluster_name == "Amazon Keyspaces"
+        assert local.rpc_address == "127.0.0.1"
+        assert list(s.execute("SELECT * FROM system.peers")) == []
+
+        s.execute("CREATE KEYSPACE viaproxy WITH replication = {'class': 'SingleRegionStrategy'}")
+        s.execute("CREATE TABLE viaproxy.t (k int, c int, v text, PRIMARY KEY (k, c))")
+        s.execute("INSERT INTO viaproxy.t (k, c, v) VALUES (0, 0, 'simple')")
+        assert s.execute("SELECT v FROM viaproxy.t WHERE k = 0").one().v == "simple"
+        insert = s.prepare("INSERT INTO viaproxy.t (k, c, v) VALUES (?, ?, ?)")
+        results = execute_concurrent_with_args(s, insert, [(1, i, f"v{i}") for i in range(ROWS)], concurrency=50)
+        assert all(ok for ok, _ in results)
+        select = s.prepare("SELECT c, v FROM viaproxy.t WHERE k = ?")
+        first = s.execute(select, (1,))
+        assert first.has_more_pages
+        rows = list(first)
+        assert len(rows) == ROWS and rows[4999].c == 4999
+        small_pages = list(s.execute(SimpleStatement("SELECT c FROM viaproxy.t WHERE k = 1", fetch_size=700)))
+        assert len(small_pages) == ROWS
+        s.set_keyspace("viaproxy")
+        assert s.execute("SELECT v FROM t WHERE k = 0").one().v == "simple"
+    finally:
+        c.shutdown()
+
+    events = emu.events()
+    connects = [e for e in events if e["event"] == "connect"]
+    assert connects
+    main = f"{emu.host}:{emu.port}"
+    leaked = [e for e in connects if e["local"] != main]
+    assert not leaked, f"a client reached a peer address: {leaked}"
+    auths = [e for e in events if e["event"] == "auth"]
+    assert auths and all(e["mode"] == "sigv4" and e["ok"] for e in auths)
+
+
+def test_password_mode(start_emulator, start_proxy, tmp_path):
+    emu = start_emulator(listen_on_peers=False)
+    users = tmp_path / "users"
+    users.write_text("app:app-secret\n")
+    port = start_proxy(emu, "--client-auth", "password", "--client-credentials-file", str(users))
+    c = default_cluster(port, auth_provider=PlainTextAuthProvider("app", "app-secret"))
+    try:
+        assert c.connect().execute("SELECT release_version FROM system.local").one().release_version == "3.11.2"
+    finally:
+        c.shutdown()
+    bad = default_cluster(port, auth_provider=PlainTextAuthProvider("app", "wrong"))
+    with pytest.raises(NoHostAvailable) as err:
+        bad.connect()
+    bad.shutdown()
+    assert any(isinstance(e, AuthenticationFailed) for e in err.value.errors.values())
+    assert "Provided username app and/or password are incorrect" in str(err.value)
+
+
+def test_cqlsh_through_proxy(start_emulator, start_proxy, aws_env):
+    emu = start_emulator(listen_on_peers=False)
+    port = start_proxy(emu)
+    cqlsh = Path(sys.executable).parent / "cqlsh"
+    out = subprocess.run(
+        [str(cqlsh), "127.0.0.1", str(port), "-e", "SELECT cluster_name, rpc_address FROM system.local"],
+        env=aws_env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Amazon Keyspaces" in out.stdout and "127.0.0.1" in out.stdout
+
+
+@pytest.mark.parametrize("case", ["wrong-ca", "wrong-name"])
+def test_untrusted_upstream_is_refused_with_a_clear_error(start_emulator, start_proxy, tmp_path, case):
+    emu = start_emulator(listen_on_peers=False)
+    if case == "wrong-ca":
+        other = start_emulator(state_dir=tmp_path / "other-ca", listen_on_peers=False)
+        port = start_proxy(emu, ca_file=other.ca)
+    else:
+        port = start_proxy(emu, server_name="cassandra.eu-west-1.amazonaws.com")
+    c = default_cluster(port, connect_timeout=10)
+    with pytest.raises(NoHostAvailable) as err:
+        c.connect()
+    c.shutdown()
+    message = str(err.value)
+    assert "cannot reach Keyspaces" in message and "certificate" in message, message
+    assert not [e for e in emu.events() if e["event"] == "auth"]
