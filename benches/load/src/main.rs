@@ -225,8 +225,8 @@ async fn worker(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let (mut ok, mut errors, mut issued) = (0u64, 0u64, 0u64);
     let request = |stream: usize| Frame::new(Header::request(4, stream as i16, op), body.clone());
-    for s in 0..cli.concurrency {
-        sent_at[s] = Instant::now();
+    for (s, at) in sent_at.iter_mut().enumerate() {
+        *at = Instant::now();
         c.feed(request(s)).await.map_err(|e| e.to_string())?;
         issued += 1;
     }
