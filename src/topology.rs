@@ -236,6 +236,53 @@ mod tests {
         assert_eq!(rows.columns.unwrap().len(), 2);
     }
 
+    /// Bodies as a CQL server (the emulator's engine) returned them for `SELECT *`.
+    fn captured(hex_text: &str) -> Bytes {
+        Bytes::from(hex::decode(hex_text.trim()).unwrap())
+    }
+
+    #[test]
+    fn rewrites_captured_server_bodies() {
+        let h = Header::response(4, 1, opcode::RESULT);
+        let local = captured(include_str!("../tests/data/system_local_result.hex"));
+        let out = rewrite_result(
+            &h,
+            &local,
+            SystemTable::Local,
+            None,
+            "127.0.0.53".parse().unwrap(),
+        )
+        .unwrap();
+        let before = Rows::parse(&local).unwrap();
+        let after = Rows::parse(&out).unwrap();
+        let cols = after.columns.clone().unwrap();
+        let (old, new) = (&before.cells().unwrap()[0], &after.cells().unwrap()[0]);
+        for (i, c) in cols.iter().enumerate() {
+            if ADDRESS_COLUMNS.contains(&c.name.as_str()) && old[i].is_some() {
+                assert_eq!(new[i], Some(&[127u8, 0, 0, 53][..]), "{}", c.name);
+            } else {
+                assert_eq!(new[i], old[i], "{} must be unchanged", c.name);
+            }
+        }
+        assert!(cols
+            .iter()
+            .any(|c| c.name == "tokens" && c.type_id == 0x0022));
+
+        let peers = captured(include_str!("../tests/data/system_peers_result.hex"));
+        assert_eq!(Rows::parse(&peers).unwrap().rows_count, 2);
+        let out = rewrite_result(
+            &h,
+            &peers,
+            SystemTable::Peers,
+            None,
+            "127.0.0.53".parse().unwrap(),
+        )
+        .unwrap();
+        let after = Rows::parse(&out).unwrap();
+        assert_eq!(after.rows_count, 0);
+        assert_eq!(after.raw_specs, Rows::parse(&peers).unwrap().raw_specs);
+    }
+
     #[test]
     fn non_rows_results_pass_through() {
         let h = Header::response(4, 1, opcode::RESULT);

@@ -177,6 +177,18 @@ mod tests {
     }
 
     #[test]
+    fn lz4_compressed_v4_result_round_trips() {
+        // RESULT (void) compressed with LZ4: flags 0x01, body = BE length 4 + LZ4 block.
+        let hex_frame = "840100020800000009000000044000000001";
+        let f = decode_hex(hex_frame).unwrap().unwrap();
+        assert_eq!(hex::encode(f.to_bytes()), hex_frame);
+        let plain =
+            crate::frame::compression::decompressed(f, crate::frame::Compression::Lz4, 1024)
+                .unwrap();
+        assert_eq!(&plain.body[..], &[0, 0, 0, 1]);
+    }
+
+    #[test]
     fn compressed_flag_is_carried_not_interpreted() {
         let f = decode_hex("84010002080000000100").unwrap().unwrap();
         assert!(f.header.has_flag(crate::frame::header::flags::COMPRESSION));

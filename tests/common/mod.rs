@@ -109,6 +109,11 @@ impl Client {
         }
     }
 
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.framed.get_mut().write_all(bytes).await.unwrap();
+    }
+
     pub async fn send(&mut self, f: Frame) {
         self.framed.send(f).await.unwrap();
     }
