@@ -11,6 +11,7 @@ use crate::auth::client::{ClientAuth, UserFileError, UserStore};
 use crate::auth::credentials::{provider_from_chain, CredentialCache, CredentialsError};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
 use crate::session::ProxyContext;
+use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::tls::{client_config, server_name, TlsConfigError};
 use crate::upstream::{UpstreamAuth, UpstreamTarget};
 
@@ -30,6 +31,14 @@ pub enum UpstreamAuthMode {
     Sigv4,
     /// Service-specific credentials or a Cassandra user (--upstream-username/--upstream-password).
     Plain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamMode {
+    /// Multiplex every client over a shared pool of warm, pre-authenticated connections.
+    Pooled,
+    /// One upstream connection per client connection (for debugging).
+    Dedicated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +150,71 @@ pub struct Cli {
     )]
     pub max_connections: usize,
 
+    /// Shared upstream pool (default) or one upstream connection per client.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_UPSTREAM_MODE",
+        value_enum,
+        default_value = "pooled"
+    )]
+    pub upstream_mode: UpstreamMode,
+
+    /// Upstream connections kept warm per protocol version.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_POOL_MIN_CONNECTIONS",
+        default_value_t = 2
+    )]
+    pub pool_min_connections: usize,
+
+    /// Most upstream connections per protocol version and keyspace.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_POOL_MAX_CONNECTIONS",
+        default_value_t = 64
+    )]
+    pub pool_max_connections: usize,
+
+    /// Requests per second sent on one upstream connection (Keyspaces allows 3,000); 0 = no limit.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_MAX_RATE_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_rate_per_connection: u32,
+
+    /// Requests in flight on one upstream connection.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 2048
+    )]
+    pub max_streams_per_connection: usize,
+
+    /// Seconds between OPTIONS heartbeats on upstream connections.
+    #[arg(long, env = "KEYSPACES_PROXY_HEARTBEAT_INTERVAL", default_value_t = 30)]
+    pub heartbeat_interval: u64,
+
+    /// Seconds before an unanswered upstream request is failed back to the client.
+    #[arg(long, env = "KEYSPACES_PROXY_REQUEST_TIMEOUT", default_value_t = 12)]
+    pub request_timeout: u64,
+
+    /// Seconds before signing credentials expire at which connections are replaced.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_RECYCLE_BEFORE_EXPIRY",
+        default_value_t = 300
+    )]
+    pub recycle_before_expiry: u64,
+
+    /// Prepared statements remembered for transparent re-preparation.
+    #[arg(long, env = "KEYSPACES_PROXY_MAX_PREPARED", default_value_t = 10_000)]
+    pub max_prepared: usize,
+
+    /// Raise write consistency to LOCAL_QUORUM and unsupported read levels to LOCAL_QUORUM.
+    #[arg(long, env = "KEYSPACES_PROXY_CONSISTENCY_GUARD")]
+    pub consistency_guard: bool,
+
     /// Log output format (filter with RUST_LOG, e.g. RUST_LOG=keyspaces_proxy=debug).
     #[arg(
         long,
@@ -227,6 +301,19 @@ impl Cli {
         }
     }
 
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            min_connections: self.pool_min_connections.max(1),
+            max_connections: self.pool_max_connections.max(1),
+            max_rate_per_connection: self.max_rate_per_connection,
+            max_streams_per_connection: self.max_streams_per_connection.clamp(1, 32768),
+            heartbeat_interval: Duration::from_secs(self.heartbeat_interval.max(1)),
+            request_timeout: Duration::from_secs(self.request_timeout.max(1)),
+            recycle_before_expiry: Duration::from_secs(self.recycle_before_expiry),
+            max_prepared: self.max_prepared,
+        }
+    }
+
     /// Resolves region, credentials, endpoint and TLS. Reaches the AWS chain only for SigV4.
     pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
         let client_auth = self.client_auth()?;
@@ -282,8 +369,14 @@ impl Cli {
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
             max_frame_len: self.max_frame_len,
         };
+        let pool = match self.upstream_mode {
+            UpstreamMode::Dedicated => None,
+            UpstreamMode::Pooled => Some(Pool::new(upstream.clone(), self.pool_settings())),
+        };
         Ok(Resolved {
             context: ProxyContext {
+                pool,
+                consistency_guard: self.consistency_guard,
                 upstream,
                 client_auth: Arc::new(client_auth),
                 advertise_address: self.advertise_address,

@@ -8,6 +8,7 @@ pub mod handshake;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod statement;
 pub mod topology;
 pub mod upstream;
 pub mod writer;

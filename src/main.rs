@@ -59,6 +59,15 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     {
         tracing::warn!(listen = %cli.listen, "listening on a non-loopback address without client authentication");
     }
+    if let Some(pool) = resolved.context.pool.clone() {
+        // Warm the pool now so the first client's STARTUP needs no upstream round trip; a
+        // failure here is only logged: clients get the error, and the pool keeps retrying.
+        tokio::spawn(async move {
+            if let Err(e) = pool.group(4, None).await {
+                tracing::warn!(error = %e, "cannot connect to Keyspaces yet");
+            }
+        });
+    }
     let listener = TcpListener::bind(cli.listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,

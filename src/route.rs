@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -16,7 +17,9 @@ use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
 use crate::frame::{Compression, Frame};
 use crate::handshake;
+use crate::statement::{guard_consistency, parse_use};
 use crate::topology::{classify, rewrite_result, SystemTable};
+use crate::upstream::prepared::PreparedCache;
 
 /// At most this many system-table prepared statements are remembered per connection.
 const MAX_SYSTEM_PREPARED: usize = 256;
@@ -27,6 +30,12 @@ pub enum Route {
     Client(Frame),
     /// Tell the client why, then close this connection only.
     Close(Frame),
+    /// `USE keyspace`: switch this client to the upstream connections of that keyspace, then
+    /// send the statement there (pooled mode; a shared connection's keyspace never changes).
+    Use {
+        keyspace: String,
+        frame: Frame,
+    },
 }
 
 #[derive(Debug)]
@@ -44,6 +53,8 @@ pub struct Router {
     max_frame_len: usize,
     pending: HashMap<i16, Pending>,
     system_prepared: HashMap<Bytes, (SystemTable, Option<Vec<ColumnSpec>>)>,
+    split_use: bool,
+    consistency_guard: Option<Arc<PreparedCache>>,
 }
 
 impl Router {
@@ -62,7 +73,22 @@ impl Router {
             max_frame_len,
             pending: HashMap::new(),
             system_prepared: HashMap::new(),
+            split_use: false,
+            consistency_guard: None,
         }
+    }
+
+    /// Report `USE` statements as `Route::Use` instead of forwarding them (pooled mode).
+    pub fn split_use(mut self, on: bool) -> Self {
+        self.split_use = on;
+        self
+    }
+
+    /// Raise consistency levels to what Keyspaces accepts, using `prepared` to tell prepared
+    /// writes from reads.
+    pub fn consistency_guard(mut self, prepared: Option<Arc<PreparedCache>>) -> Self {
+        self.consistency_guard = prepared;
+        self
     }
 
     fn protocol_error(&self, stream: i16, message: &str) -> Frame {
@@ -99,6 +125,7 @@ impl Router {
                 ),
             )),
             opcode::QUERY | opcode::PREPARE | opcode::EXECUTE => self.inspect_request(frame),
+            opcode::BATCH if self.consistency_guard.is_some() => self.inspect_request(frame),
             op if !opcode::is_request(op) => Route::Close(self.protocol_error(
                 h.stream,
                 &format!("Unknown or unexpected opcode 0x{op:02x}"),
@@ -130,12 +157,30 @@ impl Router {
             Ok(f) => f,
             Err(e) => return Route::Close(self.compression_error(stream, &e)),
         };
+        if self.split_use && plain.opcode() == opcode::QUERY {
+            let keyspace = message_body(&plain.header, &plain.body)
+                .ok()
+                .and_then(|b| parse_query(b).ok())
+                .and_then(|q| parse_use(q.text));
+            if let Some(keyspace) = keyspace {
+                self.pending.remove(&stream);
+                return Route::Use {
+                    keyspace,
+                    frame: compressed(plain, self.upstream_compression),
+                };
+            }
+        }
+        let plain = match &self.consistency_guard {
+            Some(cache) => guard_consistency(plain, cache),
+            None => plain,
+        };
         let pending = match message_body(&plain.header, &plain.body) {
             Ok(body) => match plain.opcode() {
                 opcode::QUERY => parse_query(body)
                     .ok()
                     .and_then(|q| classify(q.text))
                     .map(|t| Pending::Rewrite(t, None)),
+                opcode::BATCH => None,
                 opcode::PREPARE => parse_prepare(body)
                     .ok()
                     .and_then(classify)
@@ -369,6 +414,37 @@ mod tests {
         assert!(is_compressed(&out));
         let plain = decompressed(out, Compression::Lz4, 1 << 20).unwrap();
         assert_eq!(rpc_of(&plain), vec![127, 0, 0, 7]);
+    }
+
+    #[test]
+    fn use_is_split_out_in_pooled_mode() {
+        let mut r = router(Compression::None).split_use(true);
+        let Route::Use { keyspace, frame } =
+            r.on_client_frame(messages::query(4, 3, "USE \"Ks\"", 1))
+        else {
+            panic!()
+        };
+        assert_eq!((keyspace.as_str(), frame.stream()), ("Ks", 3));
+        let mut plain = router(Compression::None);
+        assert!(matches!(
+            plain.on_client_frame(messages::query(4, 3, "USE ks", 1)),
+            Route::Upstream(_)
+        ));
+    }
+
+    #[test]
+    fn consistency_guard_raises_writes() {
+        let mut r =
+            router(Compression::None).consistency_guard(Some(Arc::new(PreparedCache::new(4))));
+        let Route::Upstream(f) =
+            r.on_client_frame(messages::query(4, 3, "DELETE FROM t WHERE k = 1", 1))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            parse_query(&f.body).unwrap().consistency,
+            messages::consistency::LOCAL_QUORUM
+        );
     }
 
     #[test]

@@ -28,6 +28,11 @@ impl Frame {
         self.header.stream
     }
 
+    pub fn with_stream(mut self, stream: i16) -> Frame {
+        self.header.stream = stream;
+        self
+    }
+
     pub fn opcode(&self) -> u8 {
         self.header.opcode
     }

@@ -77,6 +77,8 @@ pub enum UpstreamError {
     AuthRejected(ErrorInfo),
     #[error("upstream refused STARTUP: {}", .0.message)]
     Refused(ErrorInfo),
+    #[error("{}", .0.message)]
+    UseFailed(ErrorInfo),
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
     #[error("upstream protocol error: {0}")]

@@ -1,6 +1,11 @@
-//! The Keyspaces side: TLS with pinned roots and authenticated connections.
+//! The Keyspaces side: TLS with pinned roots, authenticated connections, and the pool that
+//! multiplexes every client over a few of them.
 
 pub mod connection;
+pub mod mux;
+pub mod pool;
+pub mod prepared;
+pub mod streams;
 pub mod tls;
 
 pub use connection::{UpstreamAuth, UpstreamConnection, UpstreamError, UpstreamTarget};

@@ -14,6 +14,7 @@ use keyspaces_proxy::auth::client::ClientAuth;
 use keyspaces_proxy::auth::credentials::CredentialCache;
 use keyspaces_proxy::frame::{Frame, FrameCodec};
 use keyspaces_proxy::session::ProxyContext;
+use keyspaces_proxy::upstream::pool::{Pool, PoolSettings};
 use keyspaces_proxy::upstream::tls::{client_config, server_name};
 use keyspaces_proxy::upstream::{UpstreamAuth, UpstreamTarget};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,6 +58,9 @@ pub struct ProxyOptions {
     pub ca: std::path::PathBuf,
     pub server_name: String,
     pub client_auth: ClientAuth,
+    /// `None`: dedicated mode (one upstream connection per client).
+    pub pool: Option<PoolSettings>,
+    pub consistency_guard: bool,
 }
 
 impl ProxyOptions {
@@ -66,21 +70,40 @@ impl ProxyOptions {
             ca: emu.ca_pem.clone(),
             server_name: format!("cassandra.{REGION}.amazonaws.com"),
             client_auth: ClientAuth::None,
+            pool: Some(PoolSettings::default()),
+            consistency_guard: false,
         }
+    }
+
+    pub fn dedicated(mut self) -> Self {
+        self.pool = None;
+        self
     }
 }
 
 /// Starts a proxy in this runtime in front of `emu`; returns its address.
 pub async fn proxy(emu: &Emulator, opts: ProxyOptions) -> SocketAddr {
+    proxy_with_pool(emu, opts).await.0
+}
+
+/// Starts a proxy and also returns its pool (pooled mode) for white-box assertions.
+pub async fn proxy_with_pool(
+    emu: &Emulator,
+    opts: ProxyOptions,
+) -> (SocketAddr, Option<Arc<Pool>>) {
+    let upstream = UpstreamTarget {
+        address: emu.addr.to_string(),
+        server_name: server_name(&opts.server_name).unwrap(),
+        tls: client_config(Some(&opts.ca)).unwrap(),
+        auth: opts.auth,
+        connect_timeout: Duration::from_secs(5),
+        max_frame_len: 1 << 24,
+    };
+    let pool = opts.pool.map(|s| Pool::new(upstream.clone(), s));
     let ctx = ProxyContext {
-        upstream: UpstreamTarget {
-            address: emu.addr.to_string(),
-            server_name: server_name(&opts.server_name).unwrap(),
-            tls: client_config(Some(&opts.ca)).unwrap(),
-            auth: opts.auth,
-            connect_timeout: Duration::from_secs(5),
-            max_frame_len: 1 << 24,
-        },
+        upstream,
+        pool: pool.clone(),
+        consistency_guard: opts.consistency_guard,
         client_auth: Arc::new(opts.client_auth),
         advertise_address: None,
         max_frame_len: 1 << 24,
@@ -94,7 +117,7 @@ pub async fn proxy(emu: &Emulator, opts: ProxyOptions) -> SocketAddr {
         1000,
         std::future::pending(),
     ));
-    addr
+    (addr, pool)
 }
 
 pub struct Client {

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::Instrument;
 
@@ -15,9 +17,12 @@ use crate::auth::client::ClientAuth;
 use crate::frame::messages::{self, error_code, unsupported_version_message};
 use crate::frame::{Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step};
-use crate::route::{Route, Router};
+use crate::upstream::pool::{Group, Pool};
 use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
 use crate::writer::{write_frames, QUEUE_DEPTH};
+
+mod dedicated;
+mod pooled;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -28,6 +33,16 @@ pub struct ProxyContext {
     pub advertise_address: Option<IpAddr>,
     pub max_frame_len: usize,
     pub handshake_timeout: Duration,
+    /// Shared upstream connections; `None` gives each client its own (debugging mode).
+    pub pool: Option<Arc<Pool>>,
+    /// Raise consistency levels to what Keyspaces accepts (pooled mode).
+    pub consistency_guard: bool,
+}
+
+/// What the client is connected to once its handshake is done.
+enum Upstream {
+    Dedicated(Box<UpstreamConnection>),
+    Pooled(Arc<Group>),
 }
 
 type ClientFramed = Framed<TcpStream, FrameCodec>;
@@ -50,7 +65,14 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
                     user = accepted.user.as_deref(),
                     "client ready"
                 );
-                forward(&ctx, client, accepted, upstream, proxy_ip).await;
+                match upstream {
+                    Upstream::Dedicated(up) => {
+                        dedicated::forward(&ctx, client, accepted, *up, proxy_ip).await
+                    }
+                    Upstream::Pooled(group) => {
+                        pooled::forward(&ctx, client, accepted, group, proxy_ip).await
+                    }
+                }
             }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "client handshake ended"),
@@ -85,6 +107,9 @@ pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Fram
         UpstreamError::AuthRejected(info) => {
             messages::error(version, stream, error_code::BAD_CREDENTIALS, &info.message)
         }
+        UpstreamError::UseFailed(info) => {
+            messages::error(version, stream, info.code, &info.message)
+        }
         UpstreamError::Credentials(_) => messages::error(
             version,
             stream,
@@ -103,7 +128,7 @@ pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Fram
 async fn handshake(
     ctx: &ProxyContext,
     client: &mut ClientFramed,
-) -> std::io::Result<Option<(Accepted, UpstreamConnection)>> {
+) -> std::io::Result<Option<(Accepted, Upstream)>> {
     let mut hs = ClientHandshake::new(ctx.client_auth.clone());
     loop {
         let next = match tokio::time::timeout(ctx.handshake_timeout, client.next()).await {
@@ -129,11 +154,20 @@ async fn handshake(
                 return Ok(None);
             }
             Step::Connect(accepted) => {
-                return match ctx
-                    .upstream
-                    .connect(accepted.version, accepted.compression)
-                    .await
-                {
+                let connected = match &ctx.pool {
+                    // A warm pool answers at once: no upstream round trip before READY.
+                    Some(pool) => pool
+                        .group(accepted.version, None)
+                        .await
+                        .map(Upstream::Pooled),
+                    None => ctx
+                        .upstream
+                        .connect(accepted.version, accepted.compression)
+                        .await
+                        .map(|c| Upstream::Dedicated(Box::new(c)))
+                        .map_err(Arc::new),
+                };
+                return match connected {
                     Ok(up) => {
                         client.send(accepted.success.clone()).await?;
                         Ok(Some((accepted, up)))
@@ -151,101 +185,46 @@ async fn handshake(
     }
 }
 
-async fn forward(
-    ctx: &ProxyContext,
-    client: ClientFramed,
-    accepted: Accepted,
-    upstream: UpstreamConnection,
-    proxy_ip: IpAddr,
-) {
-    let mut router = Router::new(
-        accepted.version,
-        accepted.compression,
-        upstream.compression,
-        proxy_ip,
-        ctx.max_frame_len,
-    );
+/// The client socket after its handshake: frames in, and a queue to its writer task.
+struct ClientIo {
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    tx: mpsc::Sender<Frame>,
+    writer: JoinHandle<std::io::Result<()>>,
+}
 
-    let client_parts = client.into_parts();
-    let (client_read, client_write) = client_parts.io.into_split();
-    let mut client_in = FramedRead::new(client_read, FrameCodec::new(ctx.max_frame_len));
-    client_in
-        .read_buffer_mut()
-        .extend_from_slice(&client_parts.read_buf);
-    let (client_tx, client_rx) = mpsc::channel(QUEUE_DEPTH);
-    let client_writer = tokio::spawn(write_frames(client_rx, client_write));
+impl ClientIo {
+    fn split(client: ClientFramed, max_frame_len: usize) -> ClientIo {
+        let parts = client.into_parts();
+        let (read, write) = parts.io.into_split();
+        let mut frames = FramedRead::new(read, FrameCodec::new(max_frame_len));
+        frames.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        ClientIo {
+            frames,
+            tx,
+            writer: tokio::spawn(write_frames(rx, write)),
+        }
+    }
 
-    let upstream_parts = upstream.framed.into_parts();
-    let (up_read, up_write) = tokio::io::split(upstream_parts.io);
-    let mut upstream_in = FramedRead::new(up_read, FrameCodec::new(ctx.max_frame_len));
-    upstream_in
-        .read_buffer_mut()
-        .extend_from_slice(&upstream_parts.read_buf);
-    let (up_tx, up_rx) = mpsc::channel(QUEUE_DEPTH);
-    let upstream_writer = tokio::spawn(write_frames(up_rx, up_write));
-
-    loop {
-        tokio::select! {
-            next = client_in.next() => {
-                let frame = match next {
-                    None => break,
-                    Some(Ok(f)) => f,
-                    Some(Err(FrameDecodeError::Frame(e))) => {
-                        let _ = client_tx.send(decode_error_frame(&e)).await;
-                        break;
-                    }
-                    Some(Err(FrameDecodeError::Io(e))) => {
-                        tracing::debug!(error = %e, "client read failed");
-                        break;
-                    }
-                };
-                match router.on_client_frame(frame) {
-                    Route::Upstream(f) => {
-                        if up_tx.send(f).await.is_err() {
-                            break;
-                        }
-                    }
-                    Route::Client(f) => {
-                        if client_tx.send(f).await.is_err() {
-                            break;
-                        }
-                    }
-                    Route::Close(f) => {
-                        let _ = client_tx.send(f).await;
-                        break;
-                    }
-                }
+    /// The next client frame; `None` when the session should end (after telling the client why,
+    /// for frames the decoder refused).
+    async fn next(&mut self) -> Option<Frame> {
+        match self.frames.next().await? {
+            Ok(f) => Some(f),
+            Err(FrameDecodeError::Frame(e)) => {
+                let _ = self.tx.send(decode_error_frame(&e)).await;
+                None
             }
-            next = upstream_in.next() => {
-                let frame = match next {
-                    Some(Ok(f)) => f,
-                    None => {
-                        tracing::warn!("upstream closed the connection");
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "upstream read failed");
-                        break;
-                    }
-                };
-                match router.on_upstream_frame(frame) {
-                    Ok(Some(f)) => {
-                        if client_tx.send(f).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "undecodable upstream frame");
-                        break;
-                    }
-                }
+            Err(FrameDecodeError::Io(e)) => {
+                tracing::debug!(error = %e, "client read failed");
+                None
             }
         }
     }
-    drop(up_tx);
-    drop(client_tx);
-    // Let queued replies (an error that explains the close) reach the client, but not forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), client_writer).await;
-    upstream_writer.abort();
+
+    /// Lets queued replies (an error that explains the close) reach the client, but not forever.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
+    }
 }

@@ -1,0 +1,96 @@
+//! Dedicated mode: each client connection gets its own upstream connection (for debugging,
+//! and for comparing against the pool). Stream ids pass through unchanged.
+
+use std::net::IpAddr;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+
+use super::{ClientFramed, ClientIo, ProxyContext};
+use crate::frame::FrameCodec;
+use crate::handshake::Accepted;
+use crate::route::{Route, Router};
+use crate::upstream::UpstreamConnection;
+use crate::writer::{write_frames, QUEUE_DEPTH};
+
+pub(super) async fn forward(
+    ctx: &ProxyContext,
+    client: ClientFramed,
+    accepted: Accepted,
+    upstream: UpstreamConnection,
+    proxy_ip: IpAddr,
+) {
+    let mut router = Router::new(
+        accepted.version,
+        accepted.compression,
+        upstream.compression,
+        proxy_ip,
+        ctx.max_frame_len,
+    );
+
+    let mut client = ClientIo::split(client, ctx.max_frame_len);
+    let client_tx = client.tx.clone();
+
+    let upstream_parts = upstream.framed.into_parts();
+    let (up_read, up_write) = tokio::io::split(upstream_parts.io);
+    let mut upstream_in = FramedRead::new(up_read, FrameCodec::new(ctx.max_frame_len));
+    upstream_in
+        .read_buffer_mut()
+        .extend_from_slice(&upstream_parts.read_buf);
+    let (up_tx, up_rx) = mpsc::channel(QUEUE_DEPTH);
+    let upstream_writer = tokio::spawn(write_frames(up_rx, up_write));
+
+    loop {
+        tokio::select! {
+            next = client.next() => {
+                let Some(frame) = next else { break };
+                match router.on_client_frame(frame) {
+                    Route::Upstream(f) | Route::Use { frame: f, .. } => {
+                        if up_tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    Route::Client(f) => {
+                        if client_tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    Route::Close(f) => {
+                        let _ = client_tx.send(f).await;
+                        break;
+                    }
+                }
+            }
+            next = upstream_in.next() => {
+                let frame = match next {
+                    Some(Ok(f)) => f,
+                    None => {
+                        tracing::warn!("upstream closed the connection");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "upstream read failed");
+                        break;
+                    }
+                };
+                match router.on_upstream_frame(frame) {
+                    Ok(Some(f)) => {
+                        if client_tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "undecodable upstream frame");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(up_tx);
+    drop(client_tx);
+    client.finish().await;
+    upstream_writer.abort();
+}

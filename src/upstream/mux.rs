@@ -1,0 +1,272 @@
+//! One multiplexed, authenticated upstream connection shared by many clients: requests from
+//! anyone get a free upstream stream id; responses are routed back by it.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use super::connection::{UpstreamError, UpstreamTarget};
+use super::streams::{Pending, StreamTable, TokenBucket};
+use crate::frame::messages::{self, consistency, ErrorInfo};
+use crate::frame::result::{kind, result_kind};
+use crate::frame::{opcode, Compression, Frame, FrameCodec};
+use crate::writer::{write_frames, QUEUE_DEPTH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnState {
+    Ready = 0,
+    /// Takes no new requests; closes once the last one is answered.
+    Draining = 1,
+    Dead = 2,
+}
+
+/// What a connection reports to whoever owns it.
+pub trait ConnOwner: Send + Sync + 'static {
+    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame);
+    fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>);
+}
+
+pub struct MuxConn {
+    pub id: u64,
+    pub version: u8,
+    pub keyspace: Option<Arc<str>>,
+    pub created: Instant,
+    /// When the credentials that signed this connection expire (STS), if they do.
+    pub credentials_expiry: Option<SystemTime>,
+    writer: mpsc::Sender<Frame>,
+    table: Mutex<StreamTable>,
+    bucket: Mutex<TokenBucket>,
+    in_flight: AtomicUsize,
+    state: AtomicU8,
+    sent: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for MuxConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxConn")
+            .field("id", &self.id)
+            .field("keyspace", &self.keyspace)
+            .field("in_flight", &self.in_flight())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// Everything needed to open a connection for a pool.
+pub struct OpenParams {
+    pub id: u64,
+    pub version: u8,
+    pub keyspace: Option<Arc<str>>,
+    pub max_streams: usize,
+    pub max_rate: u32,
+}
+
+impl MuxConn {
+    /// Connects, authenticates, switches to `keyspace` if any, and starts the I/O tasks.
+    pub async fn open(
+        target: &UpstreamTarget,
+        params: OpenParams,
+        owner: Arc<dyn ConnOwner>,
+    ) -> Result<Arc<MuxConn>, UpstreamError> {
+        let mut up = target.connect(params.version, Compression::None).await?;
+        if let Some(ks) = &params.keyspace {
+            use_keyspace(&mut up.framed, params.version, ks).await?;
+        }
+        let credentials_expiry = match &target.auth {
+            super::UpstreamAuth::SigV4 { credentials, .. } => {
+                credentials.expires_in().map(|d| SystemTime::now() + d)
+            }
+            super::UpstreamAuth::Plain { .. } => None,
+        };
+        let parts = up.framed.into_parts();
+        let (read, write) = tokio::io::split(parts.io);
+        let mut reader = FramedRead::new(read, FrameCodec::new(target.max_frame_len));
+        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let now = Instant::now();
+        let conn = Arc::new(MuxConn {
+            id: params.id,
+            version: params.version,
+            keyspace: params.keyspace,
+            created: now,
+            credentials_expiry,
+            writer: tx,
+            table: Mutex::new(StreamTable::new(params.max_streams)),
+            bucket: Mutex::new(TokenBucket::new(params.max_rate, now)),
+            in_flight: AtomicUsize::new(0),
+            state: AtomicU8::new(ConnState::Ready as u8),
+            sent: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+        });
+        let writer = tokio::spawn(write_frames(rx, write));
+        let me = conn.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    next = reader.next() => match next {
+                        Some(Ok(frame)) => owner.on_response(&me, frame),
+                        Some(Err(e)) => {
+                            tracing::warn!(conn = me.id, error = %e, "upstream read failed");
+                            break;
+                        }
+                        None => {
+                            tracing::info!(conn = me.id, "upstream closed the connection");
+                            break;
+                        }
+                    },
+                    _ = me.cancel.cancelled() => break,
+                }
+            }
+            me.state.store(ConnState::Dead as u8, Ordering::Release);
+            writer.abort();
+            let in_flight = me.lock_table().drain();
+            me.in_flight.store(0, Ordering::Release);
+            owner.on_closed(&me, in_flight);
+        });
+        Ok(conn)
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, StreamTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> ConnState {
+        match self.state.load(Ordering::Acquire) {
+            0 => ConnState::Ready,
+            1 => ConnState::Draining,
+            _ => ConnState::Dead,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state() == ConnState::Ready
+    }
+
+    pub fn drain(&self) {
+        let _ = self.state.compare_exchange(
+            ConnState::Ready as u8,
+            ConnState::Draining as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests sent so far (for rate accounting).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Takes a send permit from the rate limiter, if one is available now.
+    pub fn try_acquire(&self) -> bool {
+        self.bucket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take(Instant::now())
+    }
+
+    pub fn wait_time(&self) -> std::time::Duration {
+        self.bucket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wait_time(Instant::now())
+    }
+
+    pub fn has_free_stream(&self) -> bool {
+        self.lock_table().has_free()
+    }
+
+    /// Sends a request; gives it back if this connection cannot take it.
+    pub async fn send(&self, pending: Pending) -> Result<(), Pending> {
+        if self.state() == ConnState::Dead {
+            return Err(pending);
+        }
+        let mut frame = pending.request.clone();
+        let id = {
+            let mut t = self.lock_table();
+            let id = t.insert(pending)?;
+            self.in_flight.store(t.in_flight(), Ordering::Release);
+            id
+        };
+        frame.header.stream = id;
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let sent = match self.writer.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(f)) => self.writer.send(f).await.map_err(|_| ()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        };
+        if sent.is_err() {
+            // The writer is gone: the reader will drain the table; take ours back if still there.
+            let mut t = self.lock_table();
+            let p = t.take(id);
+            self.in_flight.store(t.in_flight(), Ordering::Release);
+            return p.map_or(Ok(()), Err);
+        }
+        Ok(())
+    }
+
+    /// The request a response answers, removing it from the table.
+    pub fn take(&self, stream: i16) -> Option<Pending> {
+        let mut t = self.lock_table();
+        let p = t.take(stream);
+        self.in_flight.store(t.in_flight(), Ordering::Release);
+        p
+    }
+
+    /// Requests in flight longer than `timeout` (answered by the caller).
+    pub fn expire(&self, timeout: std::time::Duration) -> Vec<Pending> {
+        let mut t = self.lock_table();
+        let out = t.expire(Instant::now(), timeout);
+        self.in_flight.store(t.in_flight(), Ordering::Release);
+        out
+    }
+}
+
+async fn use_keyspace(
+    framed: &mut super::connection::UpstreamFramed,
+    version: u8,
+    keyspace: &str,
+) -> Result<(), UpstreamError> {
+    use futures_util::SinkExt;
+    let quoted = format!("USE \"{}\"", keyspace.replace('"', "\"\""));
+    framed
+        .send(messages::query(version, 0, &quoted, consistency::ONE))
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    loop {
+        match framed.next().await {
+            None => return Err(UpstreamError::Closed),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(f)) if f.stream() != 0 => continue,
+            Some(Ok(f))
+                if f.opcode() == opcode::RESULT
+                    && result_kind(&f.body).ok() == Some(kind::SET_KEYSPACE) =>
+            {
+                return Ok(())
+            }
+            Some(Ok(f)) => {
+                return Err(match ErrorInfo::parse(&f.body) {
+                    Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
+                    _ => UpstreamError::Protocol(format!(
+                        "unexpected {} to USE",
+                        opcode::name(f.opcode())
+                    )),
+                })
+            }
+        }
+    }
+}

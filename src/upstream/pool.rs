@@ -1,0 +1,705 @@
+//! Warm, pre-authenticated upstream connections shared by every client.
+//!
+//! Keyspaces serves at most 3,000 requests/s on one connection, and a driver that sees one node
+//! (the proxy) opens one connection. The pool removes that ceiling: connections are grouped by
+//! protocol version and keyspace (a `USE` changes only the client's group, never a shared
+//! connection), each request goes to the least busy connection that is under its rate budget,
+//! groups grow with load and shrink when idle, and connections are re-signed before their STS
+//! credentials expire.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{oneshot, Notify};
+
+use super::connection::{UpstreamError, UpstreamTarget};
+use super::mux::{ConnOwner, MuxConn, OpenParams};
+use super::prepared::{PreparedCache, PreparedStatement};
+use super::streams::{Pending, ReplyTo};
+use crate::frame::messages::{self, error_code, ErrorInfo};
+use crate::frame::request::{parse_execute, parse_prepare, parse_query};
+use crate::frame::result::{kind, result_kind, Prepared};
+use crate::frame::types::Reader;
+use crate::frame::{opcode, Frame};
+use crate::statement::is_select;
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Connections kept open per protocol version without a keyspace.
+    pub min_connections: usize,
+    /// Most connections per group.
+    pub max_connections: usize,
+    /// Requests per second one connection may carry (0 = unlimited).
+    pub max_rate_per_connection: u32,
+    pub max_streams_per_connection: usize,
+    pub heartbeat_interval: Duration,
+    pub request_timeout: Duration,
+    /// Replace connections this long before their signing credentials expire.
+    pub recycle_before_expiry: Duration,
+    pub max_prepared: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            min_connections: 2,
+            max_connections: 64,
+            max_rate_per_connection: 1000,
+            max_streams_per_connection: 2048,
+            heartbeat_interval: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(12),
+            recycle_before_expiry: Duration::from_secs(300),
+            max_prepared: 10_000,
+        }
+    }
+}
+
+const MAX_CONCURRENT_CONNECTS: usize = 4;
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const SHRINK_WINDOW: Duration = Duration::from_secs(30);
+const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub version: u8,
+    pub keyspace: Option<Arc<str>>,
+}
+
+/// Connections for one (version, keyspace).
+pub struct Group {
+    pub key: GroupKey,
+    conns: ArcSwap<Vec<Arc<MuxConn>>>,
+    connecting: AtomicUsize,
+    failures: AtomicU32,
+    last_failure: Mutex<Option<(Instant, Arc<UpstreamError>)>>,
+    changed: Notify,
+    last_used: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("key", &self.key)
+            .field("connections", &self.conns.load().len())
+            .finish()
+    }
+}
+
+impl Group {
+    fn new(key: GroupKey) -> Group {
+        Group {
+            key,
+            conns: ArcSwap::from_pointee(Vec::new()),
+            connecting: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            last_failure: Mutex::new(None),
+            changed: Notify::new(),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn connections(&self) -> Arc<Vec<Arc<MuxConn>>> {
+        self.conns.load_full()
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.conns.load().iter().filter(|c| c.is_ready()).count()
+    }
+
+    fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>)> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The delay before the next connection attempt after `failures` in a row, with jitter.
+    fn backoff(&self) -> Duration {
+        let n = self.failures.load(Ordering::Relaxed);
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        let exp = BACKOFF_BASE
+            .saturating_mul(1u32 << n.min(10))
+            .min(BACKOFF_MAX);
+        exp.mul_f64(rand::rng().random_range(0.5..1.0))
+    }
+
+    /// The least busy ready connection with a free stream id and rate budget.
+    fn pick(&self) -> Option<Arc<MuxConn>> {
+        let conns = self.conns.load();
+        let mut candidates: Vec<&Arc<MuxConn>> = conns.iter().filter(|c| c.is_ready()).collect();
+        candidates.sort_by_key(|c| c.in_flight());
+        candidates
+            .into_iter()
+            .find(|c| c.has_free_stream() && c.try_acquire())
+            .cloned()
+    }
+
+    fn add(&self, conn: Arc<MuxConn>) {
+        self.conns.rcu(|v| {
+            let mut v = (**v).clone();
+            v.push(conn.clone());
+            v
+        });
+        self.changed.notify_waiters();
+    }
+
+    fn remove_dead_and_drained(&self) {
+        let current = self.conns.load();
+        if current.iter().all(|c| c.is_ready()) {
+            return;
+        }
+        for c in current.iter() {
+            if c.state() == super::mux::ConnState::Draining && c.in_flight() == 0 {
+                c.close();
+            }
+        }
+        self.conns.rcu(|v| {
+            v.iter()
+                .filter(|c| c.state() != super::mux::ConnState::Dead)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+}
+
+/// Why a request could not be sent: the client sees this as a retryable error.
+fn unavailable_frame(p: &Pending, why: &str) -> Frame {
+    messages::error(
+        p.request.header.protocol_version(),
+        0,
+        error_code::OVERLOADED,
+        &format!("keyspaces-proxy: {why}"),
+    )
+}
+
+pub struct Pool {
+    target: UpstreamTarget,
+    settings: PoolSettings,
+    groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    pub prepared: Arc<PreparedCache>,
+    next_id: AtomicU64,
+    me: Weak<Pool>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub fn new(target: UpstreamTarget, settings: PoolSettings) -> Arc<Pool> {
+        Arc::new_cyclic(|me| Pool {
+            prepared: Arc::new(PreparedCache::new(settings.max_prepared)),
+            target,
+            settings,
+            groups: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            me: me.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    fn arc(&self) -> Arc<Pool> {
+        // `me` is set at construction and the pool is only reachable through an Arc.
+        self.me.upgrade().expect("pool is alive while used")
+    }
+
+    fn min_for(&self, group: &Arc<Group>) -> usize {
+        match group.key.keyspace {
+            None => self.settings.min_connections.max(1),
+            // Keep one while any client session holds the group (the map and the maintenance
+            // task hold the other references).
+            Some(_) if Arc::strong_count(group) > 2 => 1,
+            Some(_) => 0,
+        }
+    }
+
+    fn get_or_create(&self, key: GroupKey) -> (Arc<Group>, bool) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = groups.get(&key) {
+            return (g.clone(), false);
+        }
+        let g = Arc::new(Group::new(key.clone()));
+        groups.insert(key, g.clone());
+        (g, true)
+    }
+
+    /// The group for `version` and `keyspace`, with at least one ready connection; or the error
+    /// that prevented one (returned at once while the upstream is known to be down).
+    pub async fn group(
+        &self,
+        version: u8,
+        keyspace: Option<&str>,
+    ) -> Result<Arc<Group>, Arc<UpstreamError>> {
+        let key = GroupKey {
+            version,
+            keyspace: keyspace.map(Arc::from),
+        };
+        let (group, created) = self.get_or_create(key);
+        if created {
+            self.spawn_maintenance(group.clone());
+        }
+        *group.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        if group.ready_count() > 0 {
+            return Ok(group);
+        }
+        if let Some((at, err)) = group.last_failure() {
+            if group.failures.load(Ordering::Relaxed) > 0
+                && at.elapsed() < group.backoff().max(BACKOFF_BASE)
+            {
+                return Err(err);
+            }
+        }
+        match self.connect_into(&group).await {
+            Ok(()) => Ok(group),
+            Err(e) => {
+                if group.ready_count() > 0 {
+                    return Ok(group);
+                }
+                if group.key.keyspace.is_some() && group.conns.load().is_empty() {
+                    self.groups
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&group.key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens one connection into `group`.
+    async fn connect_into(&self, group: &Arc<Group>) -> Result<(), Arc<UpstreamError>> {
+        group.connecting.fetch_add(1, Ordering::AcqRel);
+        let params = OpenParams {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            version: group.key.version,
+            keyspace: group.key.keyspace.clone(),
+            max_streams: self.settings.max_streams_per_connection,
+            max_rate: self.settings.max_rate_per_connection,
+        };
+        let owner: Arc<dyn ConnOwner> = self.arc();
+        let result = MuxConn::open(&self.target, params, owner).await;
+        group.connecting.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(conn) => {
+                tracing::debug!(conn = conn.id, keyspace = ?group.key.keyspace, "upstream connection ready");
+                group.failures.store(0, Ordering::Relaxed);
+                group.add(conn);
+                Ok(())
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                tracing::warn!(error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
+                group.failures.fetch_add(1, Ordering::Relaxed);
+                *group.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), e.clone()));
+                group.changed.notify_waiters();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts another connection in the background, within the group's limits.
+    fn grow(&self, group: &Arc<Group>) {
+        let total = group.conns.load().len() + group.connecting.load(Ordering::Acquire);
+        if total >= self.settings.max_connections
+            || group.connecting.load(Ordering::Acquire) >= MAX_CONCURRENT_CONNECTS
+        {
+            return;
+        }
+        if let Some((at, _)) = group.last_failure() {
+            if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
+                return;
+            }
+        }
+        let (pool, group) = (self.arc(), group.clone());
+        tokio::spawn(async move {
+            let _ = pool.connect_into(&group).await;
+        });
+    }
+
+    /// Sends a request on the least busy connection of `group`, waiting briefly for capacity.
+    /// Never hangs: without a usable connection the requester gets an OVERLOADED error.
+    pub async fn dispatch(&self, group: &Arc<Group>, mut pending: Pending) {
+        let deadline = Instant::now() + self.target.connect_timeout;
+        loop {
+            if let Some(conn) = group.pick() {
+                if conn.in_flight() > self.settings.max_streams_per_connection / 2 {
+                    self.grow(group);
+                }
+                match conn.send(pending).await {
+                    Ok(()) => return,
+                    Err(p) => {
+                        pending = p;
+                        continue;
+                    }
+                }
+            }
+            self.grow(group);
+            let no_connection =
+                group.ready_count() == 0 && group.connecting.load(Ordering::Acquire) == 0;
+            if no_connection {
+                if let Some((_, e)) = group.last_failure() {
+                    let f =
+                        unavailable_frame(&pending, &format!("no connection to Keyspaces: {e}"));
+                    pending.reply.deliver(f);
+                    return;
+                }
+            }
+            if Instant::now() >= deadline {
+                let f =
+                    unavailable_frame(&pending, "no upstream capacity within the connect timeout");
+                pending.reply.deliver(f);
+                return;
+            }
+            let wait = group
+                .conns
+                .load()
+                .iter()
+                .filter(|c| c.is_ready())
+                .map(|c| c.wait_time())
+                .min()
+                .unwrap_or(Duration::from_millis(5))
+                .clamp(Duration::from_micros(200), Duration::from_millis(5));
+            let changed = group.changed.notified();
+            let _ = tokio::time::timeout(wait, changed).await;
+        }
+    }
+
+    fn spawn_maintenance(&self, group: Arc<Group>) {
+        let pool = self.me.clone();
+        tokio::spawn(async move {
+            let mut last_heartbeat = Instant::now();
+            let mut window_start = Instant::now();
+            let mut window_sent: u64 = 0;
+            loop {
+                tokio::time::sleep(MAINTENANCE_TICK).await;
+                let Some(pool) = pool.upgrade() else { return };
+                if !pool.maintain(
+                    &group,
+                    &mut last_heartbeat,
+                    &mut window_start,
+                    &mut window_sent,
+                ) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One maintenance pass; false when the group has been retired.
+    fn maintain(
+        &self,
+        group: &Arc<Group>,
+        last_heartbeat: &mut Instant,
+        window_start: &mut Instant,
+        window_sent: &mut u64,
+    ) -> bool {
+        group.remove_dead_and_drained();
+        let conns = group.connections();
+        for c in conns.iter() {
+            for p in c.expire(self.settings.request_timeout) {
+                let secs = self.settings.request_timeout.as_secs();
+                let f = messages::error(
+                    p.request.header.protocol_version(),
+                    0,
+                    error_code::SERVER_ERROR,
+                    &format!("keyspaces-proxy: no answer from Keyspaces within {secs} s"),
+                );
+                p.reply.deliver(f);
+            }
+        }
+        // Re-sign before the credentials behind a connection expire.
+        let now = SystemTime::now();
+        for c in conns.iter().filter(|c| c.is_ready()) {
+            let expiring = c.credentials_expiry.is_some_and(|exp| {
+                exp.duration_since(now)
+                    .map_or(true, |left| left < self.settings.recycle_before_expiry)
+            });
+            if expiring {
+                tracing::info!(
+                    conn = c.id,
+                    "recycling upstream connection before its credentials expire"
+                );
+                c.drain();
+                self.grow(group);
+            }
+        }
+        if last_heartbeat.elapsed() >= self.settings.heartbeat_interval {
+            *last_heartbeat = Instant::now();
+            for c in conns.iter().filter(|c| c.is_ready()) {
+                self.heartbeat(c.clone());
+            }
+        }
+        // Shrink when the load would fit in one connection fewer, at half the budget.
+        let sent: u64 = conns.iter().map(|c| c.sent()).sum();
+        if window_start.elapsed() >= SHRINK_WINDOW {
+            let ready: Vec<_> = conns.iter().filter(|c| c.is_ready()).collect();
+            let rate =
+                sent.saturating_sub(*window_sent) as f64 / window_start.elapsed().as_secs_f64();
+            let budget = f64::from(self.settings.max_rate_per_connection);
+            let fits = if budget > 0.0 {
+                rate < (ready.len() as f64 - 1.0) * budget * 0.5
+            } else {
+                rate == 0.0
+            };
+            if ready.len() > self.min_for(group) && fits {
+                if let Some(c) = ready.iter().min_by_key(|c| c.in_flight()) {
+                    tracing::debug!(conn = c.id, "shrinking idle upstream group");
+                    c.drain();
+                }
+            }
+            *window_start = Instant::now();
+            *window_sent = sent;
+        }
+        let live = group.ready_count() + group.connecting.load(Ordering::Acquire);
+        if live < self.min_for(group) {
+            self.grow(group);
+        }
+        // Retire keyspace groups nobody uses any more.
+        if group.key.keyspace.is_some()
+            && Arc::strong_count(group) <= 2
+            && group.conns.load().is_empty()
+        {
+            let idle = group
+                .last_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+                > SHRINK_WINDOW;
+            if idle {
+                self.groups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&group.key);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn heartbeat(&self, conn: Arc<MuxConn>) {
+        let timeout = self.settings.request_timeout;
+        tokio::spawn(async move {
+            let (tx, rx) = oneshot::channel();
+            let p = Pending::new(messages::options(conn.version, 0), ReplyTo::Internal(tx));
+            if conn.send(p).await.is_err() {
+                return;
+            }
+            if !matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(_))) {
+                tracing::warn!(
+                    conn = conn.id,
+                    "upstream heartbeat unanswered; closing the connection"
+                );
+                conn.close();
+            }
+        });
+    }
+
+    /// The group a statement prepared in `keyspace` should be re-prepared on.
+    async fn reprepare_target(
+        &self,
+        conn: &Arc<MuxConn>,
+        statement: &PreparedStatement,
+    ) -> Option<Arc<MuxConn>> {
+        if conn.is_ready() && conn.keyspace == statement.keyspace {
+            return Some(conn.clone());
+        }
+        let group = self
+            .group(conn.version, statement.keyspace.as_deref())
+            .await
+            .ok()?;
+        group.pick()
+    }
+
+    /// Re-prepares the statement behind an UNPREPARED answer and retries the request once.
+    async fn reprepare_and_retry(
+        &self,
+        conn: Arc<MuxConn>,
+        mut pending: Pending,
+        unprepared: Frame,
+    ) {
+        let id = unprepared_id(&unprepared.body);
+        let statement = id.as_deref().and_then(|id| self.prepared.get(id));
+        let (Some(id), Some(statement)) = (id, statement) else {
+            pending.reply.deliver(unprepared);
+            return;
+        };
+        let Some(target) = self.reprepare_target(&conn, &statement).await else {
+            pending.reply.deliver(unprepared);
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        let prepare = prepare_frame(conn.version, &statement.query);
+        if target
+            .send(Pending::new(prepare, ReplyTo::Internal(tx)))
+            .await
+            .is_err()
+        {
+            pending.reply.deliver(unprepared);
+            return;
+        }
+        let reply = tokio::time::timeout(self.settings.request_timeout, rx).await;
+        let same_id = matches!(&reply, Ok(Ok(f)) if f.opcode() == opcode::RESULT
+            && Prepared::parse(&f.body, conn.version).is_ok_and(|p| p.id == id));
+        if !same_id {
+            pending.reply.deliver(unprepared);
+            return;
+        }
+        tracing::debug!(
+            conn = target.id,
+            "re-prepared a statement after UNPREPARED; retrying"
+        );
+        pending.attempt += 1;
+        pending.sent_at = Instant::now();
+        if let Err(p) = target.send(pending).await {
+            p.reply.deliver(unprepared);
+        }
+    }
+
+    /// Whether a request may be sent again after its connection died: reads only.
+    fn is_retry_safe(&self, request: &Frame) -> bool {
+        let body = request.body.as_ref();
+        match request.opcode() {
+            opcode::OPTIONS | opcode::PREPARE => true,
+            opcode::QUERY => parse_query(body).is_ok_and(|q| is_select(q.text)),
+            opcode::EXECUTE => parse_execute(body)
+                .ok()
+                .and_then(|e| self.prepared.get(e.id))
+                .is_some_and(|s| is_select(&s.query)),
+            _ => false,
+        }
+    }
+}
+
+fn prepare_frame(version: u8, query: &str) -> Frame {
+    use crate::frame::types::WriteExt;
+    let mut b = bytes::BytesMut::new();
+    b.put_long_string(query);
+    Frame::new(
+        crate::frame::Header::request(version, 0, opcode::PREPARE),
+        b.freeze(),
+    )
+}
+
+/// The statement id in an UNPREPARED error body.
+pub fn unprepared_id(body: &[u8]) -> Option<Bytes> {
+    let mut r = Reader::new(body);
+    if r.i32().ok()? != error_code::UNPREPARED {
+        return None;
+    }
+    r.string().ok()?;
+    Some(Bytes::copy_from_slice(r.short_bytes().ok()?))
+}
+
+fn is_unprepared(frame: &Frame) -> bool {
+    frame.opcode() == opcode::ERROR
+        && ErrorInfo::parse(&frame.body).is_ok_and(|e| e.code == error_code::UNPREPARED)
+}
+
+impl ConnOwner for Pool {
+    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame) {
+        if frame.stream() < 0 {
+            return; // events: never relayed
+        }
+        let Some(pending) = conn.take(frame.stream()) else {
+            return;
+        };
+        let request_op = pending.request.opcode();
+        if request_op == opcode::PREPARE
+            && frame.opcode() == opcode::RESULT
+            && result_kind(&frame.body).ok() == Some(kind::PREPARED)
+        {
+            if let (Ok(p), Ok(query)) = (
+                Prepared::parse(&frame.body, conn.version),
+                parse_prepare(&pending.request.body),
+            ) {
+                self.prepared.insert(
+                    p.id,
+                    PreparedStatement {
+                        query: Arc::from(query),
+                        keyspace: conn.keyspace.clone(),
+                    },
+                );
+            }
+        }
+        if pending.attempt == 0
+            && matches!(request_op, opcode::EXECUTE | opcode::BATCH)
+            && is_unprepared(&frame)
+        {
+            let (pool, conn) = (self.arc(), conn.clone());
+            tokio::spawn(async move { pool.reprepare_and_retry(conn, pending, frame).await });
+            return;
+        }
+        pending.reply.deliver(frame);
+    }
+
+    fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>) {
+        let key = GroupKey {
+            version: conn.version,
+            keyspace: conn.keyspace.clone(),
+        };
+        let group = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(g) = &group {
+            g.remove_dead_and_drained();
+            g.changed.notify_waiters();
+        }
+        for mut p in in_flight {
+            if matches!(p.reply, ReplyTo::Internal(_)) {
+                continue;
+            }
+            match &group {
+                Some(g) if p.attempt == 0 && self.is_retry_safe(&p.request) => {
+                    p.attempt = 1;
+                    p.sent_at = Instant::now();
+                    let (pool, g) = (self.arc(), g.clone());
+                    tokio::spawn(async move { pool.dispatch(&g, p).await });
+                }
+                _ => {
+                    let f = messages::error(
+                        p.request.header.protocol_version(),
+                        0,
+                        error_code::SERVER_ERROR,
+                        "keyspaces-proxy: the connection to Keyspaces closed before it answered; the request may or may not have been applied",
+                    );
+                    p.reply.deliver(f);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unprepared_id_is_read_from_the_error() {
+        use crate::frame::types::WriteExt;
+        let mut extra = Vec::new();
+        extra.put_short_bytes(b"\x01\x02");
+        let f = messages::error_with(4, 0, error_code::UNPREPARED, "gone", &extra);
+        assert_eq!(unprepared_id(&f.body).unwrap().as_ref(), b"\x01\x02");
+        assert!(is_unprepared(&f));
+        assert!(unprepared_id(&messages::error(4, 0, error_code::INVALID, "x").body).is_none());
+    }
+}

@@ -1,0 +1,287 @@
+//! Per-connection bookkeeping for multiplexing: which upstream stream ids are in flight, for
+//! whom, and how fast requests may be sent. Pure data structures, unit-tested without sockets.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::frame::Frame;
+
+/// Where a response goes once its upstream stream id comes back.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// A client connection; the response is given the client's own stream id.
+    Client {
+        tx: mpsc::UnboundedSender<Frame>,
+        stream: i16,
+    },
+    /// The proxy itself (heartbeats, re-prepares).
+    Internal(oneshot::Sender<Frame>),
+}
+
+impl ReplyTo {
+    /// Delivers `frame` to its requester. A client that has gone away is not an error.
+    pub fn deliver(self, mut frame: Frame) {
+        match self {
+            ReplyTo::Client { tx, stream } => {
+                frame.header.stream = stream;
+                let _ = tx.send(frame);
+            }
+            ReplyTo::Internal(tx) => {
+                let _ = tx.send(frame);
+            }
+        }
+    }
+
+    /// The client's stream id, if this is a client request.
+    pub fn client_stream(&self) -> Option<i16> {
+        match self {
+            ReplyTo::Client { stream, .. } => Some(*stream),
+            ReplyTo::Internal(_) => None,
+        }
+    }
+}
+
+/// A request in flight on an upstream connection.
+#[derive(Debug)]
+pub struct Pending {
+    /// The request as sent (uncompressed), kept for a transparent retry or re-prepare.
+    pub request: Frame,
+    pub reply: ReplyTo,
+    pub sent_at: Instant,
+    /// How many times the proxy has already retried this request.
+    pub attempt: u8,
+}
+
+impl Pending {
+    pub fn new(request: Frame, reply: ReplyTo) -> Pending {
+        Pending {
+            request,
+            reply,
+            sent_at: Instant::now(),
+            attempt: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    Free,
+    Busy(Pending),
+    /// Answered locally after a timeout; the id is reused only once the late response arrives.
+    Orphaned,
+}
+
+/// Stream ids of one upstream connection.
+#[derive(Debug)]
+pub struct StreamTable {
+    slots: Vec<Slot>,
+    free: Vec<i16>,
+    busy: usize,
+}
+
+impl StreamTable {
+    /// `capacity` ids, 0..capacity (at most 32768, the protocol's limit).
+    pub fn new(capacity: usize) -> StreamTable {
+        let capacity = capacity.clamp(1, 32768);
+        StreamTable {
+            slots: (0..capacity).map(|_| Slot::Free).collect(),
+            // Pop from the end: low ids first, which keeps a lightly used table compact.
+            free: (0..capacity as i32).rev().map(|i| i as i16).collect(),
+            busy: 0,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.busy
+    }
+
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Registers `p`; returns its stream id, or gives it back when every id is taken.
+    pub fn insert(&mut self, p: Pending) -> Result<i16, Pending> {
+        let Some(id) = self.free.pop() else {
+            return Err(p);
+        };
+        self.slots[id as usize] = Slot::Busy(p);
+        self.busy += 1;
+        Ok(id)
+    }
+
+    /// The request a response on `stream` answers; `None` for unknown or orphaned ids.
+    pub fn take(&mut self, stream: i16) -> Option<Pending> {
+        let slot = self.slots.get_mut(usize::try_from(stream).ok()?)?;
+        match std::mem::replace(slot, Slot::Free) {
+            Slot::Busy(p) => {
+                self.busy -= 1;
+                self.free.push(stream);
+                Some(p)
+            }
+            Slot::Orphaned => {
+                self.free.push(stream);
+                None
+            }
+            Slot::Free => None,
+        }
+    }
+
+    /// Everything in flight (the connection died).
+    pub fn drain(&mut self) -> Vec<Pending> {
+        let mut out = Vec::with_capacity(self.busy);
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Slot::Busy(p) = std::mem::replace(slot, Slot::Free) {
+                out.push(p);
+                self.free.push(i as i16);
+            }
+        }
+        self.busy = 0;
+        out
+    }
+
+    /// Requests older than `timeout`; their ids stay reserved until the upstream answers.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<Pending> {
+        let mut out = Vec::new();
+        for slot in self.slots.iter_mut() {
+            let expired = matches!(slot, Slot::Busy(p) if now.duration_since(p.sent_at) >= timeout);
+            if expired {
+                if let Slot::Busy(p) = std::mem::replace(slot, Slot::Orphaned) {
+                    self.busy -= 1;
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A token bucket: `rate` requests per second with a burst of a tenth of a second, so no
+/// one-second window anywhere sees more than about 1.1 × rate.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// `rate` of 0 means unlimited.
+    pub fn new(rate: u32, now: Instant) -> TokenBucket {
+        let burst = (f64::from(rate) / 10.0).max(1.0);
+        TokenBucket {
+            rate: f64::from(rate),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    pub fn unlimited(&self) -> bool {
+        self.rate == 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if self.unlimited() {
+            return true;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until one token is available.
+    pub fn wait_time(&mut self, now: Instant) -> Duration {
+        if self.unlimited() {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::messages;
+
+    fn pending() -> (Pending, oneshot::Receiver<Frame>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Pending::new(messages::options(4, 0), ReplyTo::Internal(tx)),
+            rx,
+        )
+    }
+
+    #[test]
+    fn ids_are_allocated_and_recycled() {
+        let mut t = StreamTable::new(2);
+        let a = t.insert(pending().0).unwrap();
+        let b = t.insert(pending().0).unwrap();
+        assert_eq!((a, b), (0, 1));
+        assert!(t.insert(pending().0).is_err());
+        assert!(t.take(a).is_some());
+        assert!(t.take(a).is_none(), "a response for a free id is ignored");
+        assert_eq!(t.insert(pending().0).unwrap(), 0);
+        assert_eq!(t.in_flight(), 2);
+        assert!(t.take(-1).is_none() && t.take(500).is_none());
+    }
+
+    #[test]
+    fn expired_ids_wait_for_the_late_response() {
+        let mut t = StreamTable::new(1);
+        let id = t.insert(pending().0).unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(t.expire(later, Duration::from_secs(10)).len(), 1);
+        assert_eq!(t.in_flight(), 0);
+        assert!(!t.has_free(), "the orphaned id is not reused yet");
+        assert!(t.take(id).is_none());
+        assert!(t.has_free());
+    }
+
+    #[test]
+    fn drain_returns_everything() {
+        let mut t = StreamTable::new(8);
+        for _ in 0..5 {
+            t.insert(pending().0).unwrap();
+        }
+        assert_eq!(t.drain().len(), 5);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn delivery_restores_the_client_stream() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        ReplyTo::Client { tx, stream: 77 }.deliver(messages::ready(4, 3));
+        assert_eq!(rx.try_recv().unwrap().stream(), 77);
+    }
+
+    #[test]
+    fn bucket_limits_rate_with_small_burst() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100, t0);
+        let burst = (0..100).filter(|_| b.try_take(t0)).count();
+        assert_eq!(burst, 10);
+        assert!(b.wait_time(t0) > Duration::ZERO);
+        let t1 = t0 + Duration::from_millis(500);
+        let more = (0..100).filter(|_| b.try_take(t1)).count();
+        assert_eq!(more, 10, "refill is capped at the burst");
+        let mut free = TokenBucket::new(0, t0);
+        assert!((0..10_000).all(|_| free.try_take(t0)));
+    }
+}
