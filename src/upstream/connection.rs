@@ -126,15 +126,38 @@ fn unexpected(f: &Frame, during: &str) -> UpstreamError {
 impl UpstreamTarget {
     /// Opens and authenticates one connection speaking `version`, with `compression` if the
     /// upstream offers it (else none: the caller then compresses for its client itself).
+    ///
+    /// A SigV4 rejection makes it reload credentials and try once more if they changed: keys
+    /// rotated under a long-lived cache then cost one failed handshake, not an outage.
     pub async fn connect(
         &self,
         version: u8,
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let limit = self.connect_timeout;
-        tokio::time::timeout(limit, self.connect_inner(version, compression))
-            .await
-            .map_err(|_| UpstreamError::Timeout(limit))?
+        let attempt = || async {
+            tokio::time::timeout(limit, self.connect_inner(version, compression))
+                .await
+                .map_err(|_| UpstreamError::Timeout(limit))?
+        };
+        match (attempt().await, &self.auth) {
+            (Err(UpstreamError::AuthRejected(info)), UpstreamAuth::SigV4 { credentials, .. }) => {
+                let before = credentials.get().await?;
+                let after = credentials.refresh(true).await?;
+                if before.access_key_id() == after.access_key_id()
+                    && before.secret_access_key() == after.secret_access_key()
+                    && before.session_token() == after.session_token()
+                {
+                    return Err(UpstreamError::AuthRejected(info));
+                }
+                tracing::info!(
+                    access_key_id = after.access_key_id(),
+                    "credentials changed; retrying the upstream handshake"
+                );
+                attempt().await
+            }
+            (result, _) => result,
+        }
     }
 
     async fn connect_inner(

@@ -134,10 +134,17 @@ impl Group {
     /// The least busy ready connection with a free stream id and rate budget.
     fn pick(&self) -> Option<Arc<MuxConn>> {
         let conns = self.conns.load();
-        let mut candidates: Vec<&Arc<MuxConn>> = conns.iter().filter(|c| c.is_ready()).collect();
-        candidates.sort_by_key(|c| c.in_flight());
+        // Snapshot the counts first: they change under our feet, and sorting on live values
+        // would not be a total order.
+        let mut candidates: Vec<(usize, &Arc<MuxConn>)> = conns
+            .iter()
+            .filter(|c| c.is_ready())
+            .map(|c| (c.in_flight(), c))
+            .collect();
+        candidates.sort_unstable_by_key(|(n, _)| *n);
         candidates
             .into_iter()
+            .map(|(_, c)| c)
             .find(|c| c.has_free_stream() && c.try_acquire())
             .cloned()
     }

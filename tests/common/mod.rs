@@ -137,6 +137,10 @@ impl Client {
         self.framed.get_mut().write_all(bytes).await.unwrap();
     }
 
+    pub fn framed_mut(&mut self) -> &mut Framed<TcpStream, FrameCodec> {
+        &mut self.framed
+    }
+
     pub async fn send(&mut self, f: Frame) {
         self.framed.send(f).await.unwrap();
     }

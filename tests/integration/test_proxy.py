@@ -21,9 +21,9 @@ def default_cluster(port, **kw):
 
 
 def test_default_driver_through_proxy(start_emulator, start_proxy):
-    # The per-connection cap is lifted here: one driver connection maps to one upstream
-    # connection until the pool lands, and this test is about correctness, not throttling.
-    emu = start_emulator("--rate-limit", "0")
+    # The emulator keeps Keyspaces' 3,000 req/s per-connection cap: the proxy's pool spreads the
+    # driver's single connection over several upstream ones, so nothing is throttled.
+    emu = start_emulator()
     port = start_proxy(emu)
     c = default_cluster(port)
     try:
@@ -64,6 +64,23 @@ def test_default_driver_through_proxy(start_emulator, start_proxy):
     assert not leaked, f"a client reached a peer address: {leaked}"
     auths = [e for e in events if e["event"] == "auth"]
     assert auths and all(e["mode"] == "sigv4" and e["ok"] for e in auths)
+
+
+def test_one_driver_connection_beats_the_per_connection_cap(start_emulator, start_proxy):
+    emu = start_emulator("--rate-limit", "500", listen_on_peers=False)
+    port = start_proxy(emu, "--max-rate-per-connection", "400")
+    c = default_cluster(port)
+    try:
+        s = c.connect()
+        stmt = s.prepare("SELECT key FROM system.local")
+        results = execute_concurrent_with_args(s, stmt, [()] * 4000, concurrency=200, raise_on_first_error=False)
+        failures = [r for ok, r in results if not ok]
+        assert failures == [], failures[:3]
+    finally:
+        c.shutdown()
+    requests = [e for e in emu.events() if e["event"] == "request"]
+    upstream = {e["conn"] for e in requests}
+    assert len(upstream) >= 5, f"spread over {len(upstream)} upstream connections"
 
 
 def test_password_mode(start_emulator, start_proxy, tmp_path):

@@ -103,7 +103,16 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         tx,
         shared,
     };
-    while let Some(next) = frames.next().await {
+    let mut disconnects = conn.shared.faults.disconnects();
+    loop {
+        let next = tokio::select! {
+            n = frames.next() => n,
+            _ = disconnects.changed() => {
+                conn.shared.events.record(json!({"event": "fault_disconnect", "conn": id}));
+                break;
+            }
+        };
+        let Some(next) = next else { break };
         let frame = match next {
             Ok(f) => f,
             Err(e) => {
@@ -358,10 +367,10 @@ impl Conn {
             .map(|p| p.access_key.to_owned())
             .unwrap_or_default();
         let has_token = parsed.as_ref().is_some_and(|p| p.session_token.is_some());
-        let cfg = &self.shared.config;
+        let keys = self.shared.sigv4_keys();
         let r = verify_sigv4(
-            &cfg.sigv4_keys,
-            &cfg.region,
+            &keys,
+            &self.shared.config.region,
             nonce,
             token,
             SystemTime::now(),

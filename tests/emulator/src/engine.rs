@@ -265,7 +265,10 @@ impl Engine {
             }
             Request::Prepare(q) => {
                 let kind = kind_of(&q);
-                match session.prepare(q) {
+                // Ids derive from keyspace and text, as Cassandra's do, so a re-prepare after
+                // UNPREPARED yields the id the client already holds.
+                let text = keyspaces_proxy::frame::request::parse_prepare(body).unwrap_or_default();
+                match session.prepare_with_id(q, statement_id(keyspace, text)) {
                     Ok(r) => {
                         if let QueryResult::Prepared(p) = &r {
                             self.prepared_kinds
@@ -279,6 +282,9 @@ impl Engine {
                 }
             }
             Request::Execute(e) => {
+                if !self.is_prepared(e.id) {
+                    return unprepared(e.id);
+                }
                 let kind = self
                     .prepared_kinds
                     .lock()
@@ -295,6 +301,16 @@ impl Engine {
                 }
             }
             Request::Batch(b) => {
+                for s in &b.statements {
+                    if let kassandra::frame::request::batch::BatchStatement::Prepared {
+                        id, ..
+                    } = s
+                    {
+                        if !self.is_prepared(id) {
+                            return unprepared(id);
+                        }
+                    }
+                }
                 if let Some(msg) = self.check_consistency(StatementKind::Write, b.consistency) {
                     return error_reply(error_code::INVALID, &msg, StatementKind::Write);
                 }
@@ -311,11 +327,59 @@ impl Engine {
         }
     }
 
+    fn is_prepared(&self, id: &[u8]) -> bool {
+        self.prepared_kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// Forgets every prepared statement, as a Keyspaces node that restarted would: the next
+    /// EXECUTE of any of them is answered UNPREPARED.
+    pub fn forget_prepared(&self) {
+        self.prepared_kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     fn check_consistency(&self, kind: StatementKind, c: Consistency) -> Option<String> {
         if !self.enforce_consistency {
             return None;
         }
         consistency_violation(kind, wire_consistency(c))
+    }
+}
+
+fn statement_id(keyspace: Option<&str>, text: &str) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(keyspace.unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    let d = h.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d[..16]);
+    u128::from_be_bytes(id)
+}
+
+fn unprepared(id: &[u8]) -> Reply {
+    use keyspaces_proxy::frame::types::WriteExt;
+    let mut extra = Vec::new();
+    extra.put_short_bytes(id);
+    let message = format!("Prepared query with ID {} not found", hex::encode(id));
+    let f = keyspaces_proxy::frame::messages::error_with(
+        4,
+        0,
+        error_code::UNPREPARED,
+        &message,
+        &extra,
+    );
+    Reply {
+        opcode: opcode::ERROR,
+        body: f.body,
+        kind: StatementKind::Read,
+        keyspace: None,
     }
 }
 

@@ -3,8 +3,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-#[derive(Debug, Default)]
+use tokio::sync::watch;
+
+#[derive(Debug)]
 pub struct Faults {
+    disconnect: watch::Sender<u64>,
     latency_ms: AtomicU64,
     close_after: AtomicU64,
     refuse_connections: AtomicBool,
@@ -12,7 +15,27 @@ pub struct Faults {
     handshake_delay_ms: AtomicU64,
 }
 
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            disconnect: watch::Sender::new(0),
+            latency_ms: AtomicU64::new(0),
+            close_after: AtomicU64::new(0),
+            refuse_connections: AtomicBool::new(false),
+            fail_auth: AtomicBool::new(false),
+            handshake_delay_ms: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Faults {
+    /// Drops every open connection at once, mid-request if need be.
+    pub fn disconnect_all(&self) {
+        self.disconnect.send_modify(|n| *n += 1);
+    }
+    pub fn disconnects(&self) -> watch::Receiver<u64> {
+        self.disconnect.subscribe()
+    }
     /// Added before every request's answer.
     pub fn set_latency(&self, d: Duration) {
         self.latency_ms

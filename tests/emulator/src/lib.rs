@@ -98,10 +98,16 @@ pub struct Shared {
     pub acceptor: TlsAcceptor,
     pub faults: Arc<Faults>,
     pub events: Arc<EventLog>,
+    keys: std::sync::RwLock<Vec<SigV4Key>>,
     next_id: AtomicU64,
 }
 
 impl Shared {
+    /// The SigV4 credentials accepted right now (they can be rotated at run time).
+    pub fn sigv4_keys(&self) -> Vec<SigV4Key> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn next_conn_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -114,6 +120,7 @@ pub struct Emulator {
     pub ca_pem: PathBuf,
     pub faults: Arc<Faults>,
     pub events: Arc<EventLog>,
+    shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -137,6 +144,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 impl Emulator {
+    /// Replaces the accepted SigV4 credentials (a key rotation); open connections stay.
+    pub fn set_credentials(&self, keys: Vec<SigV4Key>) {
+        *self.shared.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    /// Makes every prepared statement unknown (the next EXECUTE gets UNPREPARED).
+    pub fn forget_prepared(&self) {
+        self.shared.engine.forget_prepared();
+    }
+
     pub async fn start(config: EmulatorConfig) -> Result<Emulator, EmulatorError> {
         let listener =
             TcpListener::bind(config.listen)
@@ -173,6 +190,7 @@ impl Emulator {
         let events = Arc::new(events);
         let listen_on_peers = config.listen_on_peers;
         let shared = Arc::new(Shared {
+            keys: std::sync::RwLock::new(config.sigv4_keys.clone()),
             config,
             engine,
             acceptor: TlsAcceptor::from(material.server_config),
@@ -202,6 +220,7 @@ impl Emulator {
             ca_pem: material.ca_pem,
             faults,
             events,
+            shared,
             tasks,
         })
     }

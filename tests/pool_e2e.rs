@@ -1,0 +1,499 @@
+//! The upstream pool against the emulator: lifting the per-connection cap, USE isolation,
+//! transparent re-prepare, upstream loss, credential rotation and warm connects.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::Credentials;
+use bytes::{BufMut, BytesMut};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use keyspaces_emulator::SigV4Key;
+use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
+use keyspaces_proxy::frame::result::Rows;
+use keyspaces_proxy::frame::types::WriteExt;
+use keyspaces_proxy::frame::{opcode, Frame, Header};
+use keyspaces_proxy::upstream::pool::PoolSettings;
+use keyspaces_proxy::upstream::UpstreamAuth;
+use serde_json::Value;
+
+async fn ready(addr: std::net::SocketAddr) -> Client {
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
+    c
+}
+
+/// Sends `total` copies of `request`, keeping `window` in flight; returns every response.
+async fn pipeline(c: &mut Client, request: &Frame, total: usize, window: usize) -> Vec<Frame> {
+    let framed = c.framed_mut();
+    let (mut sent, mut out) = (0usize, Vec::with_capacity(total));
+    while sent < window.min(total) {
+        framed
+            .feed(request.clone().with_stream(sent as i16))
+            .await
+            .unwrap();
+        sent += 1;
+    }
+    framed.flush().await.unwrap();
+    while out.len() < total {
+        let f = tokio::time::timeout(Duration::from_secs(30), framed.next())
+            .await
+            .expect("every request is answered")
+            .expect("connection open")
+            .unwrap();
+        let stream = f.stream();
+        out.push(f);
+        if sent < total {
+            framed
+                .send(request.clone().with_stream(stream))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    out
+}
+
+fn error_codes(frames: &[Frame]) -> Vec<i32> {
+    frames
+        .iter()
+        .filter(|f| f.opcode() == opcode::ERROR)
+        .map(|f| ErrorInfo::parse(&f.body).unwrap().code)
+        .collect()
+}
+
+fn events_of<'a>(events: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Value> {
+    let kind = kind.to_owned();
+    events.iter().filter(move |e| e["event"] == kind.as_str())
+}
+
+fn local_query() -> Frame {
+    messages::query(4, 0, "SELECT key FROM system.local", consistency::LOCAL_ONE)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_connection_is_spread_past_the_per_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| c.rate_limit = 500).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        max_rate_per_connection: 400,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    let total = 6000; // four times the cap for 3 s
+    let started = Instant::now();
+    let responses = pipeline(&mut c, &local_query(), total, 256).await;
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    eprintln!("one client connection through the pool: {rate:.0} req/s (emulator cap 500/s per connection)");
+    assert_eq!(
+        error_codes(&responses),
+        Vec::<i32>::new(),
+        "no throttling through the pool"
+    );
+    let events = emu.events.snapshot();
+    let upstream_conns: HashSet<_> = events_of(&events, "request")
+        .map(|e| e["conn"].clone())
+        .collect();
+    assert!(
+        upstream_conns.len() >= 5,
+        "spread over {} upstream connections",
+        upstream_conns.len()
+    );
+
+    // The same load on one direct connection hits the cap.
+    let mut direct = tls_client(&emu).await;
+    let throttled = direct_pipeline(&mut direct, 1500).await;
+    assert!(throttled > 0, "a direct connection is throttled");
+}
+
+type Tls = tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    keyspaces_proxy::frame::FrameCodec,
+>;
+
+async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
+    let target = keyspaces_proxy::upstream::UpstreamTarget {
+        address: emu.addr.to_string(),
+        server_name: keyspaces_proxy::upstream::tls::server_name(
+            "cassandra.us-east-1.amazonaws.com",
+        )
+        .unwrap(),
+        tls: keyspaces_proxy::upstream::tls::client_config(Some(&emu.ca_pem)).unwrap(),
+        auth: sigv4(SECRET),
+        connect_timeout: Duration::from_secs(5),
+        max_frame_len: 1 << 24,
+    };
+    target.connect(4, Default::default()).await.unwrap().framed
+}
+
+/// Sends `total` pipelined reads on one direct connection; returns how many were throttled.
+async fn direct_pipeline(c: &mut Tls, total: usize) -> usize {
+    for i in 0..total {
+        c.feed(local_query().with_stream((i % 30000) as i16))
+            .await
+            .unwrap();
+    }
+    c.flush().await.unwrap();
+    let mut throttled = 0;
+    for _ in 0..total {
+        let f = c.next().await.unwrap().unwrap();
+        if f.opcode() == opcode::ERROR
+            && ErrorInfo::parse(&f.body).unwrap().code == error_code::READ_TIMEOUT
+        {
+            throttled += 1;
+        }
+    }
+    throttled
+}
+
+async fn run(c: &mut Client, cql: &str) -> Frame {
+    let r = c
+        .call(messages::query(4, 1, cql, consistency::LOCAL_QUORUM))
+        .await;
+    assert_eq!(
+        r.opcode(),
+        opcode::RESULT,
+        "{cql}: {:?}",
+        ErrorInfo::parse(&r.body)
+    );
+    r
+}
+
+fn single_text(f: &Frame) -> String {
+    let rows = Rows::parse(&f.body).unwrap();
+    String::from_utf8(rows.cells().unwrap()[0][0].unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn use_changes_only_that_clients_keyspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let mut setup = ready(addr).await;
+    for ks in ["ks_a", "ks_b"] {
+        run(
+            &mut setup,
+            &format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SingleRegionStrategy'}}"),
+        )
+        .await;
+        run(
+            &mut setup,
+            &format!("CREATE TABLE {ks}.t (k int PRIMARY KEY, v text)"),
+        )
+        .await;
+        run(
+            &mut setup,
+            &format!("INSERT INTO {ks}.t (k, v) VALUES (1, '{ks}')"),
+        )
+        .await;
+    }
+    let (mut a, mut b) = (ready(addr).await, ready(addr).await);
+    run(&mut a, "USE ks_a").await;
+    run(&mut b, "USE ks_b").await;
+    for _ in 0..3 {
+        assert_eq!(
+            single_text(&run(&mut a, "SELECT v FROM t WHERE k = 1").await),
+            "ks_a"
+        );
+        assert_eq!(
+            single_text(&run(&mut b, "SELECT v FROM t WHERE k = 1").await),
+            "ks_b"
+        );
+    }
+    // A client that never said USE still has no keyspace.
+    let r = setup
+        .call(messages::query(
+            4,
+            1,
+            "SELECT v FROM t WHERE k = 1",
+            consistency::LOCAL_ONE,
+        ))
+        .await;
+    assert_eq!(r.opcode(), opcode::ERROR);
+    // A USE only ever reaches connections opened for that keyspace (their first request is
+    // the proxy's own USE), never a shared connection.
+    let events = emu.events.snapshot();
+    let mut by_conn: std::collections::HashMap<String, Vec<&Value>> = Default::default();
+    for e in events_of(&events, "request") {
+        by_conn.entry(e["conn"].to_string()).or_default().push(e);
+    }
+    let is_use = |e: &Value| {
+        e["cql"]
+            .as_str()
+            .is_some_and(|q| q.to_ascii_uppercase().starts_with("USE"))
+    };
+    for (conn, reqs) in &by_conn {
+        if reqs.iter().skip(1).any(|e| is_use(e)) {
+            assert!(
+                is_use(reqs[0]),
+                "connection {conn} got a client USE without being a keyspace connection"
+            );
+        }
+    }
+}
+
+fn prepare(cql: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_long_string(cql);
+    Frame::new(Header::request(4, 2, opcode::PREPARE), b.freeze())
+}
+
+fn execute(id: &[u8], values: &[&[u8]]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_short_bytes(id);
+    b.put_u16(consistency::LOCAL_QUORUM);
+    b.put_u8(0x01);
+    b.put_u16(values.len() as u16);
+    for v in values {
+        b.put_bytes_value(Some(v));
+    }
+    Frame::new(Header::request(4, 3, opcode::EXECUTE), b.freeze())
+}
+
+fn prepared_id(f: &Frame) -> Vec<u8> {
+    keyspaces_proxy::frame::result::Prepared::parse(&f.body, 4)
+        .unwrap()
+        .id
+        .to_vec()
+}
+
+#[tokio::test]
+async fn unprepared_is_re_prepared_without_the_client_noticing() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let mut c = ready(addr).await;
+    run(
+        &mut c,
+        "CREATE KEYSPACE rp WITH replication = {'class': 'SingleRegionStrategy'}",
+    )
+    .await;
+    run(&mut c, "CREATE TABLE rp.t (k int PRIMARY KEY, v text)").await;
+    run(&mut c, "USE rp").await;
+    let insert = prepared_id(&c.call(prepare("INSERT INTO t (k, v) VALUES (?, ?)")).await);
+    let select = prepared_id(&c.call(prepare("SELECT v FROM t WHERE k = ?")).await);
+    let key = 7i32.to_be_bytes();
+    assert_eq!(
+        c.call(execute(&insert, &[&key, b"before"])).await.opcode(),
+        opcode::RESULT
+    );
+
+    emu.forget_prepared();
+    let w = c.call(execute(&insert, &[&key, b"after"])).await;
+    assert_eq!(
+        w.opcode(),
+        opcode::RESULT,
+        "{:?}",
+        ErrorInfo::parse(&w.body)
+    );
+    emu.forget_prepared();
+    let r = c.call(execute(&select, &[&key])).await;
+    assert_eq!(
+        r.opcode(),
+        opcode::RESULT,
+        "{:?}",
+        ErrorInfo::parse(&r.body)
+    );
+    assert_eq!(single_text(&r), "after");
+    let events = emu.events.snapshot();
+    let prepares = events_of(&events, "request")
+        .filter(|e| e["opcode"] == "PREPARE")
+        .count();
+    assert_eq!(
+        prepares, 4,
+        "two client PREPAREs and two transparent re-prepares"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_loss_mid_load_answers_every_request_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Arc::new(emulator(dir.path(), |_| {}).await);
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let mut c = ready(addr).await;
+    run(
+        &mut c,
+        "CREATE KEYSPACE kill WITH replication = {'class': 'SingleRegionStrategy'}",
+    )
+    .await;
+    run(&mut c, "CREATE TABLE kill.t (k int PRIMARY KEY, v text)").await;
+    let killer = {
+        let emu = emu.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                emu.faults.disconnect_all();
+            }
+        })
+    };
+    let write = messages::query(
+        4,
+        0,
+        "INSERT INTO kill.t (k, v) VALUES (1, 'x')",
+        consistency::LOCAL_QUORUM,
+    );
+    let total = 20_000;
+    let responses = pipeline(&mut c, &write, total, 128).await;
+    killer.await.unwrap();
+    assert_eq!(responses.len(), total, "every request answered, none hung");
+    let errors = error_codes(&responses);
+    assert!(
+        errors
+            .iter()
+            .all(|c| *c == error_code::SERVER_ERROR || *c == error_code::OVERLOADED),
+        "{errors:?}"
+    );
+    let disconnects = events_of(&emu.events.snapshot(), "fault_disconnect").count();
+    assert!(disconnects > 0, "the fault fired mid-load");
+    eprintln!(
+        "{} of {total} writes failed when their connection was cut",
+        errors.len()
+    );
+    // Reads in flight are retried on another connection; afterwards everything works again.
+    let reads = pipeline(&mut c, &local_query(), 2000, 64).await;
+    assert_eq!(error_codes(&reads), Vec::<i32>::new());
+}
+
+#[tokio::test]
+async fn every_upstream_down_fails_fast_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let mut c = ready(addr).await;
+    emu.faults.set_refuse_connections(true);
+    emu.faults.disconnect_all();
+    let mut saw_error = false;
+    for _ in 0..20 {
+        let r = c.call(local_query()).await;
+        if r.opcode() == opcode::ERROR {
+            assert_eq!(
+                ErrorInfo::parse(&r.body).unwrap().code,
+                error_code::OVERLOADED
+            );
+            saw_error = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_error, "requests fail while Keyspaces is unreachable");
+    // A new client is refused with the reason, not left hanging.
+    let mut late = Client::connect(addr).await;
+    let r = late
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::ERROR);
+
+    emu.faults.set_refuse_connections(false);
+    let mut recovered = false;
+    for _ in 0..200 {
+        if c.call(local_query()).await.opcode() == opcode::RESULT {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        recovered,
+        "the same client connection works again once Keyspaces is back"
+    );
+}
+
+#[derive(Debug, Clone)]
+struct Rotating(Arc<Mutex<(String, String)>>);
+
+impl ProvideCredentials for Rotating {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        let (akid, secret) = self.0.lock().unwrap().clone();
+        future::ProvideCredentials::ready(Ok(Credentials::new(
+            akid, secret, None, None, "rotating",
+        )))
+    }
+}
+
+#[tokio::test]
+async fn rotated_credentials_are_used_by_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let keys = Arc::new(Mutex::new((AKID.to_owned(), SECRET.to_owned())));
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.auth = UpstreamAuth::SigV4 {
+        credentials: CredentialCache::new(SharedCredentialsProvider::new(Rotating(keys.clone()))),
+        region: REGION.into(),
+    };
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+
+    emu.set_credentials(vec![SigV4Key {
+        access_key_id: "AKIDROTATED".into(),
+        secret_access_key: "rotated-secret".into(),
+        session_token: None,
+    }]);
+    *keys.lock().unwrap() = ("AKIDROTATED".into(), "rotated-secret".into());
+    emu.faults.disconnect_all();
+    let mut ok = false;
+    for _ in 0..100 {
+        if c.call(local_query()).await.opcode() == opcode::RESULT {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "requests work again with the rotated key");
+    let events = emu.events.snapshot();
+    let auths: Vec<_> = events.iter().filter(|e| e["event"] != "request").collect();
+    assert!(
+        auths
+            .iter()
+            .any(|e| e["who"] == "AKIDROTATED" && e["ok"] == true),
+        "{auths:?}"
+    );
+}
+
+#[tokio::test]
+async fn warm_pool_answers_startup_without_an_upstream_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let (addr, pool) = proxy_with_pool(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let pool = pool.unwrap();
+    pool.group(4, None).await.unwrap();
+    let connects = || events_of(&emu.events.snapshot(), "connect").count();
+    let before = connects();
+    for _ in 0..5 {
+        let mut c = ready(addr).await;
+        assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+    }
+    assert!(
+        connects() <= before + 1,
+        "clients reuse the warm connections"
+    );
+}
+
+#[tokio::test]
+async fn dedicated_mode_is_still_available() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu).dedicated()).await;
+    let mut c = ready(addr).await;
+    run(
+        &mut c,
+        "CREATE KEYSPACE ded WITH replication = {'class': 'SingleRegionStrategy'}",
+    )
+    .await;
+    run(&mut c, "USE ded").await;
+    assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+    assert_eq!(events_of(&emu.events.snapshot(), "connect").count(), 1);
+}
