@@ -65,6 +65,10 @@ struct Cli {
     /// Target total requests/s (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Instead of a workload, open and close this many connections one after another and
+    /// report the time from TCP connect to READY (or AUTH_SUCCESS with --tls-ca).
+    #[arg(long, default_value_t = 0)]
+    connect_only: usize,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -275,12 +279,44 @@ async fn worker(
     Ok(WorkerResult { hist, ok, errors })
 }
 
+async fn measure_connects(cli: &Cli) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut failed = 0;
+    for _ in 0..cli.connect_only {
+        let t = Instant::now();
+        match connect(cli).await {
+            Ok(c) => {
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                drop(c);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let report = serde_json::json!({
+        "target": cli.target.to_string(),
+        "tls": cli.tls_ca.is_some(),
+        "connects": hist.len(),
+        "failed": failed,
+        "connect_to_ready_us": {
+            "p50": hist.value_at_quantile(0.50),
+            "p90": hist.value_at_quantile(0.90),
+            "p99": hist.value_at_quantile(0.99),
+            "mean": hist.mean().round(),
+        },
+    });
+    println!("{report}");
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     if !cli.target.ip().is_loopback() {
         eprintln!("keyspaces-load: only loopback targets are allowed");
         std::process::exit(2);
+    }
+    if cli.connect_only > 0 {
+        measure_connects(&cli).await;
+        return;
     }
     let (op, body) = match setup(&cli).await {
         Ok(r) => r,
