@@ -215,6 +215,18 @@ pub struct Cli {
     #[arg(long, env = "KEYSPACES_PROXY_CONSISTENCY_GUARD")]
     pub consistency_guard: bool,
 
+    /// Address of the /metrics, /livez and /readyz endpoints.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT (a second signal exits at once).
+    #[arg(long, env = "KEYSPACES_PROXY_DRAIN_TIMEOUT", default_value_t = 20)]
+    pub drain_timeout: u64,
+
     /// Log output format (filter with RUST_LOG, e.g. RUST_LOG=keyspaces_proxy=debug).
     #[arg(
         long,
@@ -377,6 +389,8 @@ impl Cli {
             context: ProxyContext {
                 pool,
                 consistency_guard: self.consistency_guard,
+                // Replaced by the caller that owns the shutdown signal.
+                shutdown: tokio::sync::watch::channel(false).1,
                 upstream,
                 client_auth: Arc::new(client_auth),
                 advertise_address: self.advertise_address,

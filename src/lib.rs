@@ -1,10 +1,12 @@
 //! keyspaces-proxy: a CQL sidecar that lets unmodified Cassandra drivers reach Amazon Keyspaces,
 //! terminating the client's handshake locally and signing the upstream one with SigV4.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod metrics;
 pub mod route;
 pub mod server;
 pub mod session;

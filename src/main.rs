@@ -2,9 +2,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use keyspaces_proxy::admin::AdminState;
 use keyspaces_proxy::config::{Cli, LogFormat};
 use keyspaces_proxy::server;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
@@ -18,7 +21,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -40,8 +44,23 @@ async fn shutdown_signal() {
     }
 }
 
+/// First SIGTERM/SIGINT: drain. Second: exit at once.
+fn watch_signals(shutdown: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = shutdown.send(true);
+        stop_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let resolved = cli.resolve().await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut resolved = cli.resolve().await?;
+    resolved.context.shutdown = shutdown_rx;
+    watch_signals(shutdown_tx);
     if let Some(cache) = &resolved.credentials {
         match cache.get().await {
             Ok(c) => tracing::info!(access_key_id = c.access_key_id(), "AWS credentials loaded"),
@@ -75,14 +94,28 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         region = resolved.region.as_deref().unwrap_or("-"),
         "keyspaces-proxy ready"
     );
+    let ctx = Arc::new(resolved.context);
+    let admin_listener = TcpListener::bind(cli.metrics_listen).await?;
+    tracing::info!(listen = %admin_listener.local_addr()?, "metrics and health endpoints ready");
+    let admin = Arc::new(AdminState {
+        ctx: ctx.clone(),
+        credentials: resolved.credentials.clone(),
+    });
+    // The admin endpoints stay up while draining: /readyz then reports the shutdown.
+    let (_admin_stop, admin_rx) = watch::channel(false);
+    tokio::spawn(keyspaces_proxy::admin::serve(
+        admin_listener,
+        admin,
+        admin_rx,
+    ));
     server::serve(
         listener,
-        Arc::new(resolved.context),
+        ctx,
         cli.max_connections,
-        shutdown_signal(),
+        Duration::from_secs(cli.drain_timeout),
     )
     .await;
-    tracing::info!("shutting down");
+    tracing::info!("stopped");
     Ok(())
 }
 

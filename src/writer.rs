@@ -3,6 +3,7 @@
 //! instead of being copied into the batch.
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -23,13 +24,25 @@ pub type FrameSender = mpsc::Sender<Frame>;
 
 /// Writes frames from `rx` to `w` until the channel closes or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
+    rx: mpsc::Receiver<Frame>,
+    w: W,
+) -> std::io::Result<()> {
+    write_frames_counted(rx, w, None).await
+}
+
+/// As `write_frames`, adding the bytes written to `counter`.
+pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Frame>,
     mut w: W,
+    counter: Option<Counter>,
 ) -> std::io::Result<()> {
     let mut batch = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(frame) = next.take() {
+            if let Some(c) = &counter {
+                c.inc_by((HEADER_LEN + frame.body.len()) as u64);
+            }
             if frame.body.len() >= DIRECT_WRITE_MIN {
                 let mut header = frame.header;
                 header.length = frame.body.len() as u32;

@@ -12,6 +12,8 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_credential_types::Credentials;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
+use crate::metrics::{metrics, Metrics};
+
 /// Refresh this long before credentials expire.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
 /// Credentials without an expiry (keys in env or files) are re-read this often, so rotated keys
@@ -70,6 +72,11 @@ impl CredentialCache {
         self.refresh(false).await
     }
 
+    /// Whether any credentials are cached.
+    pub fn is_loaded(&self) -> bool {
+        self.current.load().is_some()
+    }
+
     /// Seconds until the cached credentials expire, if they expire at all.
     pub fn expires_in(&self) -> Option<Duration> {
         let c = self.current.load_full()?;
@@ -92,11 +99,10 @@ impl CredentialCache {
                 return Ok(c);
             }
         }
-        let loaded = self
-            .provider
-            .provide_credentials()
-            .await
-            .map_err(|e| CredentialsError(DisplayErrorContext(&e).to_string()))?;
+        let loaded = self.provider.provide_credentials().await;
+        let result = if loaded.is_ok() { "ok" } else { "error" };
+        Metrics::count(&metrics().credential_refreshes, vec![("result", result)]);
+        let loaded = loaded.map_err(|e| CredentialsError(DisplayErrorContext(&e).to_string()))?;
         let loaded = Arc::new(loaded);
         self.current.store(Some(loaded.clone()));
         tracing::debug!(

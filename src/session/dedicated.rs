@@ -41,12 +41,19 @@ pub(super) async fn forward(
     let (up_tx, up_rx) = mpsc::channel(QUEUE_DEPTH);
     let upstream_writer = tokio::spawn(write_frames(up_rx, up_write));
 
+    let mut shutdown = ctx.shutdown.clone();
+    let (mut in_flight, mut draining) = (0usize, false);
     loop {
+        if draining && in_flight == 0 {
+            break;
+        }
         tokio::select! {
-            next = client.next() => {
+            _ = super::stopping(&mut shutdown), if !draining => draining = true,
+            next = client.next(), if !draining => {
                 let Some(frame) = next else { break };
                 match router.on_client_frame(frame) {
                     Route::Upstream(f) | Route::Use { frame: f, .. } => {
+                        in_flight += 1;
                         if up_tx.send(f).await.is_err() {
                             break;
                         }
@@ -74,6 +81,9 @@ pub(super) async fn forward(
                         break;
                     }
                 };
+                if frame.stream() >= 0 {
+                    in_flight = in_flight.saturating_sub(1);
+                }
                 match router.on_upstream_frame(frame) {
                     Ok(Some(f)) => {
                         if client_tx.send(f).await.is_err() {

@@ -17,9 +17,10 @@ use crate::auth::client::ClientAuth;
 use crate::frame::messages::{self, error_code, unsupported_version_message};
 use crate::frame::{Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step};
+use crate::metrics::{metrics, Metrics};
 use crate::upstream::pool::{Group, Pool};
 use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
-use crate::writer::{write_frames, QUEUE_DEPTH};
+use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
 mod dedicated;
 mod pooled;
@@ -37,6 +38,17 @@ pub struct ProxyContext {
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
     pub consistency_guard: bool,
+    /// Turns true when the proxy starts shutting down: sessions stop reading new requests and
+    /// close once their in-flight requests are answered.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once shutdown has begun; never, if nobody holds the sender. (The guard
+/// `wait_for` returns is not `Send`, so it must not outlive this function.)
+pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What the client is connected to once its handshake is done.
@@ -81,6 +93,11 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     }
     .instrument(span)
     .await
+}
+
+fn is_bad_credentials(f: &Frame) -> bool {
+    f.opcode() == crate::frame::opcode::ERROR
+        && messages::ErrorInfo::parse(&f.body).is_ok_and(|e| e.code == error_code::BAD_CREDENTIALS)
 }
 
 /// The error a client sees for a frame the decoder refused.
@@ -147,9 +164,25 @@ async fn handshake(
             }
             Some(Err(FrameDecodeError::Io(e))) => return Err(e),
         };
+        metrics().request(
+            frame.opcode(),
+            frame.body.len() + crate::frame::header::HEADER_LEN,
+        );
         match hs.on_frame(&frame) {
-            Step::Reply(r) => client.send(r).await?,
+            Step::Reply(r) => {
+                if is_bad_credentials(&r) {
+                    Metrics::count(
+                        &metrics().client_handshakes,
+                        vec![("result", "bad_credentials")],
+                    );
+                }
+                client.send(r).await?
+            }
             Step::Close(r) => {
+                Metrics::count(
+                    &metrics().client_handshakes,
+                    vec![("result", "protocol_error")],
+                );
                 client.send(r).await?;
                 return Ok(None);
             }
@@ -169,10 +202,15 @@ async fn handshake(
                 };
                 return match connected {
                     Ok(up) => {
+                        Metrics::count(&metrics().client_handshakes, vec![("result", "ok")]);
                         client.send(accepted.success.clone()).await?;
                         Ok(Some((accepted, up)))
                     }
                     Err(e) => {
+                        Metrics::count(
+                            &metrics().client_handshakes,
+                            vec![("result", "upstream_error")],
+                        );
                         tracing::warn!(error = %e, "upstream connection failed");
                         let reply =
                             upstream_error_frame(accepted.version, accepted.success.stream(), &e);
@@ -202,7 +240,11 @@ impl ClientIo {
         ClientIo {
             frames,
             tx,
-            writer: tokio::spawn(write_frames(rx, write)),
+            writer: tokio::spawn(write_frames_counted(
+                rx,
+                write,
+                Some(metrics().client_sent_bytes.clone()),
+            )),
         }
     }
 
@@ -210,7 +252,10 @@ impl ClientIo {
     /// for frames the decoder refused).
     async fn next(&mut self) -> Option<Frame> {
         match self.frames.next().await? {
-            Ok(f) => Some(f),
+            Ok(f) => {
+                metrics().request(f.opcode(), f.body.len() + crate::frame::header::HEADER_LEN);
+                Some(f)
+            }
             Err(FrameDecodeError::Frame(e)) => {
                 let _ = self.tx.send(decode_error_frame(&e)).await;
                 None

@@ -35,13 +35,20 @@ pub(super) async fn forward(
     // Unbounded, but bounded in practice by the client's own in-flight requests: while the
     // client is not reading, this loop is blocked on its writer and reads no new requests.
     let (responses_tx, mut responses) = mpsc::unbounded_channel();
+    let mut shutdown = ctx.shutdown.clone();
+    let (mut in_flight, mut draining) = (0usize, false);
     loop {
+        if draining && in_flight == 0 {
+            break;
+        }
         tokio::select! {
-            next = client.next() => {
+            _ = super::stopping(&mut shutdown), if !draining => draining = true,
+            next = client.next(), if !draining => {
                 let Some(frame) = next else { break };
                 let reply = |stream| ReplyTo::Client { tx: responses_tx.clone(), stream };
                 match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
+                        in_flight += 1;
                         let r = reply(f.stream());
                         pool.dispatch(&group, Pending::new(f, r)).await;
                     }
@@ -49,6 +56,7 @@ pub(super) async fn forward(
                         match switch_keyspace(&pool, accepted.version, &keyspace).await {
                             Ok(g) => {
                                 group = g;
+                                in_flight += 1;
                                 let r = reply(frame.stream());
                                 pool.dispatch(&group, Pending::new(frame, r)).await;
                             }
@@ -72,6 +80,7 @@ pub(super) async fn forward(
                 }
             }
             Some(frame) = responses.recv() => {
+                in_flight = in_flight.saturating_sub(1);
                 match router.on_upstream_frame(frame) {
                     Ok(Some(f)) => {
                         if client.tx.send(f).await.is_err() {

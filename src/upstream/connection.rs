@@ -16,6 +16,7 @@ use crate::auth::credentials::{CredentialCache, CredentialsError};
 use crate::auth::sigv4;
 use crate::frame::messages::{self, ErrorInfo};
 use crate::frame::{opcode, Compression, Frame, FrameCodec, FrameDecodeError};
+use crate::metrics::{metrics, Metrics};
 
 /// How the proxy proves itself to the upstream.
 #[derive(Clone)]
@@ -87,6 +88,21 @@ pub enum UpstreamError {
     Closed,
 }
 
+impl UpstreamError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect_error",
+            UpstreamError::Tls { .. } => "tls_error",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::AuthRejected(_) => "rejected",
+            UpstreamError::Refused(_) | UpstreamError::UseFailed(_) => "refused",
+            UpstreamError::Credentials(_) => "credentials_error",
+            UpstreamError::Protocol(_) | UpstreamError::Closed => "protocol_error",
+        }
+    }
+}
+
 impl From<FrameDecodeError> for UpstreamError {
     fn from(e: FrameDecodeError) -> Self {
         UpstreamError::Protocol(e.to_string())
@@ -136,9 +152,23 @@ impl UpstreamTarget {
     ) -> Result<UpstreamConnection, UpstreamError> {
         let limit = self.connect_timeout;
         let attempt = || async {
-            tokio::time::timeout(limit, self.connect_inner(version, compression))
+            let r = tokio::time::timeout(limit, self.connect_inner(version, compression))
                 .await
-                .map_err(|_| UpstreamError::Timeout(limit))?
+                .map_err(|_| UpstreamError::Timeout(limit))
+                .and_then(|r| r);
+            let auth = match self.auth {
+                UpstreamAuth::SigV4 { .. } => "sigv4",
+                UpstreamAuth::Plain { .. } => "plain",
+            };
+            let result = match &r {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
+            Metrics::count(
+                &metrics().upstream_handshakes,
+                vec![("auth", auth), ("result", result)],
+            );
+            r
         };
         match (attempt().await, &self.auth) {
             (Err(UpstreamError::AuthRejected(info)), UpstreamAuth::SigV4 { credentials, .. }) => {
@@ -173,6 +203,7 @@ impl UpstreamTarget {
                     source,
                 })?;
         let _ = tcp.set_nodelay(true);
+        let tls_started = std::time::Instant::now();
         let tls = TlsConnector::from(self.tls.clone())
             .connect(self.server_name.clone(), tcp)
             .await
@@ -180,6 +211,9 @@ impl UpstreamTarget {
                 address: self.address.clone(),
                 source,
             })?;
+        metrics()
+            .tls_handshake_duration
+            .observe(tls_started.elapsed().as_secs_f64());
         let mut framed = Framed::new(tls, FrameCodec::new(self.max_frame_len));
 
         let supported =

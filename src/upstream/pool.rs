@@ -26,6 +26,7 @@ use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, Prepared};
 use crate::frame::types::Reader;
 use crate::frame::{opcode, Frame};
+use crate::metrics::{error_code_name, metrics, Metrics};
 use crate::statement::is_select;
 
 #[derive(Debug, Clone)]
@@ -64,6 +65,16 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const SHRINK_WINDOW: Duration = Duration::from_secs(30);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub ready: usize,
+    pub draining: usize,
+    pub connecting: usize,
+    pub streams_in_use: usize,
+    /// Why a group has no ready connection, if one has none.
+    pub last_error: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GroupKey {
@@ -214,6 +225,33 @@ impl Pool {
             next_id: AtomicU64::new(0),
             me: me.clone(),
         })
+    }
+
+    /// Connections by state and stream ids in use, across groups (for gauges and /readyz).
+    pub fn stats(&self) -> PoolStats {
+        let groups: Vec<_> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut s = PoolStats::default();
+        for g in groups {
+            s.connecting += g.connecting.load(Ordering::Acquire);
+            for c in g.conns.load().iter() {
+                match c.state() {
+                    super::mux::ConnState::Ready => s.ready += 1,
+                    super::mux::ConnState::Draining => s.draining += 1,
+                    super::mux::ConnState::Dead => {}
+                }
+                s.streams_in_use += c.in_flight();
+            }
+            if s.last_error.is_none() && g.ready_count() == 0 {
+                s.last_error = g.last_failure().map(|(_, e)| e.to_string());
+            }
+        }
+        s
     }
 
     pub fn settings(&self) -> &PoolSettings {
@@ -571,6 +609,7 @@ impl Pool {
             conn = target.id,
             "re-prepared a statement after UNPREPARED; retrying"
         );
+        metrics().reprepares.inc();
         pending.attempt += 1;
         pending.sent_at = Instant::now();
         if let Err(p) = target.send(pending).await {
@@ -627,6 +666,15 @@ impl ConnOwner for Pool {
             return;
         };
         let request_op = pending.request.opcode();
+        let m = metrics();
+        if pending.reply.client_stream().is_some() {
+            m.request_done(request_op, pending.sent_at.elapsed());
+        }
+        if frame.opcode() == opcode::ERROR {
+            if let Ok(e) = ErrorInfo::parse(&frame.body) {
+                Metrics::count(&m.upstream_errors, vec![("code", error_code_name(e.code))]);
+            }
+        }
         if request_op == opcode::PREPARE
             && frame.opcode() == opcode::RESULT
             && result_kind(&frame.body).ok() == Some(kind::PREPARED)

@@ -104,6 +104,7 @@ pub async fn proxy_with_pool(
         upstream,
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
+        shutdown: tokio::sync::watch::channel(false).1,
         client_auth: Arc::new(opts.client_auth),
         advertise_address: None,
         max_frame_len: 1 << 24,
@@ -115,7 +116,7 @@ pub async fn proxy_with_pool(
         listener,
         Arc::new(ctx),
         1000,
-        std::future::pending(),
+        Duration::from_secs(5),
     ));
     (addr, pool)
 }

@@ -1,0 +1,290 @@
+//! Prometheus metrics, with the Prometheus project's own client.
+//!
+//! One process-wide registry: every connection, pool and handshake reports into it, and threading
+//! a handle through every layer would buy nothing but noise. Label sets are small and fixed (no
+//! query text, no client addresses), and hot-path series are resolved once, up front.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::frame::header::opcode;
+
+pub type Labels = Vec<(&'static str, &'static str)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub client_connections: Gauge,
+    pub client_connections_opened: Counter,
+    pub client_connections_rejected: Family<Labels, Counter>,
+    pub client_handshakes: Family<Labels, Counter>,
+    pub upstream_connections: Family<Labels, Gauge>,
+    pub upstream_handshakes: Family<Labels, Counter>,
+    pub tls_handshake_duration: Histogram,
+    requests: Vec<Counter>,
+    request_duration: Vec<Histogram>,
+    pub upstream_errors: Family<Labels, Counter>,
+    pub client_received_bytes: Counter,
+    pub client_sent_bytes: Counter,
+    pub upstream_streams_in_use: Gauge,
+    pub prepared_statements: Gauge,
+    pub reprepares: Counter,
+    pub credential_refreshes: Family<Labels, Counter>,
+    pub credentials_expiry: Gauge<f64, AtomicU64>,
+}
+
+/// The opcodes a client may send, for per-opcode series.
+const REQUEST_OPCODES: [u8; 8] = [
+    opcode::STARTUP,
+    opcode::OPTIONS,
+    opcode::QUERY,
+    opcode::PREPARE,
+    opcode::EXECUTE,
+    opcode::REGISTER,
+    opcode::BATCH,
+    opcode::AUTH_RESPONSE,
+];
+
+fn opcode_slot(op: u8) -> usize {
+    REQUEST_OPCODES
+        .iter()
+        .position(|o| *o == op)
+        .unwrap_or(REQUEST_OPCODES.len())
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("keyspaces_proxy");
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open now",
+            client_connections.clone(),
+        );
+        let client_connections_opened = Counter::default();
+        registry.register(
+            "client_connections_opened",
+            "Client connections accepted",
+            client_connections_opened.clone(),
+        );
+        let client_connections_rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "client_connections_rejected",
+            "Client connections closed on accept, by reason",
+            client_connections_rejected.clone(),
+        );
+        let client_handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "client_handshakes",
+            "Client handshakes by result",
+            client_handshakes.clone(),
+        );
+        let upstream_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections by state",
+            upstream_connections.clone(),
+        );
+        let upstream_handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_handshakes",
+            "Upstream connection attempts by authentication and result",
+            upstream_handshakes.clone(),
+        );
+        let tls_handshake_duration = latency_histogram();
+        registry.register(
+            "upstream_tls_handshake_duration_seconds",
+            "TLS handshake time with Keyspaces",
+            tls_handshake_duration.clone(),
+        );
+        let requests_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests by opcode",
+            requests_family.clone(),
+        );
+        let duration_family: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from sending a request upstream to its answer, by opcode",
+            duration_family.clone(),
+        );
+        let names = REQUEST_OPCODES
+            .iter()
+            .map(|o| opcode::name(*o))
+            .chain(["UNKNOWN"]);
+        let (mut requests, mut request_duration) = (Vec::new(), Vec::new());
+        for name in names {
+            requests.push(requests_family.get_or_create_owned(&vec![("opcode", name)]));
+            request_duration.push(duration_family.get_or_create_owned(&vec![("opcode", name)]));
+        }
+        let upstream_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "ERROR responses from Keyspaces by CQL error code (throttling shows as write_timeout/read_timeout)",
+            upstream_errors.clone(),
+        );
+        let client_received_bytes = Counter::default();
+        registry.register(
+            "client_received_bytes",
+            "Bytes received from clients",
+            client_received_bytes.clone(),
+        );
+        let client_sent_bytes = Counter::default();
+        registry.register(
+            "client_sent_bytes",
+            "Bytes sent to clients",
+            client_sent_bytes.clone(),
+        );
+        let upstream_streams_in_use = Gauge::default();
+        registry.register(
+            "upstream_streams_in_use",
+            "Upstream stream ids with a request in flight",
+            upstream_streams_in_use.clone(),
+        );
+        let prepared_statements = Gauge::default();
+        registry.register(
+            "prepared_statements",
+            "Prepared statements remembered for re-preparation",
+            prepared_statements.clone(),
+        );
+        let reprepares = Counter::default();
+        registry.register(
+            "reprepares",
+            "Statements re-prepared transparently after UNPREPARED",
+            reprepares.clone(),
+        );
+        let credential_refreshes = Family::<Labels, Counter>::default();
+        registry.register(
+            "credential_refreshes",
+            "AWS credential loads by result",
+            credential_refreshes.clone(),
+        );
+        let credentials_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "credentials_expiry_seconds",
+            "Seconds until the current AWS credentials expire (absent credentials: -1; non-expiring: +Inf)",
+            credentials_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            client_connections,
+            client_connections_opened,
+            client_connections_rejected,
+            client_handshakes,
+            upstream_connections,
+            upstream_handshakes,
+            tls_handshake_duration,
+            requests,
+            request_duration,
+            upstream_errors,
+            client_received_bytes,
+            client_sent_bytes,
+            upstream_streams_in_use,
+            prepared_statements,
+            reprepares,
+            credential_refreshes,
+            credentials_expiry,
+        }
+    }
+
+    pub fn request(&self, op: u8, bytes: usize) {
+        self.requests[opcode_slot(op)].inc();
+        self.client_received_bytes.inc_by(bytes as u64);
+    }
+
+    pub fn request_done(&self, op: u8, elapsed: Duration) {
+        self.request_duration[opcode_slot(op)].observe(elapsed.as_secs_f64());
+    }
+
+    pub fn sent_to_client(&self, bytes: usize) {
+        self.client_sent_bytes.inc_by(bytes as u64);
+    }
+
+    pub fn count(family: &Family<Labels, Counter>, labels: Labels) {
+        family.get_or_create(&labels).inc();
+    }
+
+    /// The exposition text for a scrape.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A short, bounded name for a CQL error code, for labels.
+pub fn error_code_name(code: i32) -> &'static str {
+    match code {
+        0x0000 => "server_error",
+        0x000A => "protocol_error",
+        0x0100 => "bad_credentials",
+        0x1000 => "unavailable",
+        0x1001 => "overloaded",
+        0x1002 => "is_bootstrapping",
+        0x1003 => "truncate_error",
+        0x1100 => "write_timeout",
+        0x1200 => "read_timeout",
+        0x1300 => "read_failure",
+        0x1400 => "function_failure",
+        0x1500 => "write_failure",
+        0x2000 => "syntax_error",
+        0x2100 => "unauthorized",
+        0x2200 => "invalid",
+        0x2300 => "config_error",
+        0x2400 => "already_exists",
+        0x2500 => "unprepared",
+        _ => "other",
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = metrics();
+        m.request(opcode::QUERY, 100);
+        m.request_done(opcode::QUERY, Duration::from_millis(2));
+        Metrics::count(&m.upstream_errors, vec![("code", error_code_name(0x1100))]);
+        let text = m.encode();
+        assert!(
+            text.contains("keyspaces_proxy_requests_total{opcode=\"QUERY\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyspaces_proxy_request_duration_seconds_bucket{"),
+            "{text}"
+        );
+        assert!(text.contains("keyspaces_proxy_upstream_errors_total{code=\"write_timeout\"} "));
+        assert!(text.contains("keyspaces_proxy_client_received_bytes_total "));
+        // Gauges never end in _total.
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE") && l.ends_with("gauge"))
+        {
+            assert!(!line.contains("_total "), "{line}");
+        }
+    }
+}
