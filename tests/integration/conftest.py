@@ -103,12 +103,12 @@ def processes():
 
 @pytest.fixture
 def start_emulator(processes, aws_env, tmp_path):
-    def start(*extra, state_dir=None, listen_on_peers=True):
+    def start(*extra, state_dir=None, listen_on_peers=True, listen="127.0.0.1:0"):
         state_dir = state_dir or (tmp_path / "emulator-state")
         events = tmp_path / f"events-{len(processes.procs)}.jsonl"
         args = [
             str(BIN_DIR / "keyspaces-emulator"),
-            "--listen", "127.0.0.1:0",
+            "--listen", listen,
             "--state-dir", str(state_dir),
             "--region", REGION,
             "--credential", f"{AKID}:{SECRET}",
@@ -127,14 +127,24 @@ def start_emulator(processes, aws_env, tmp_path):
     return start
 
 
+class Proxy:
+    """A running keyspaces-proxy: its client port, metrics port, process and log."""
+
+    def __init__(self, port, metrics_port, proc, log_path):
+        self.port, self.metrics_port, self.proc, self.log_path = port, metrics_port, proc, log_path
+
+
 @pytest.fixture
 def start_proxy(processes, aws_env, tmp_path):
     def start(emulator, *extra, ca_file=None, server_name=SERVER_NAME, env=None):
         port = free_port()
-        log = open(tmp_path / f"proxy-{port}.log", "w")
+        metrics_port = free_port()
+        log_path = tmp_path / f"proxy-{port}.log"
+        log = open(log_path, "w")
         args = [
             str(BIN_DIR / "keyspaces-proxy"),
             "--listen", f"127.0.0.1:{port}",
+            "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--region", REGION,
             "--endpoint", f"{emulator.host}:{emulator.port}",
             "--tls-server-name", server_name,
@@ -143,6 +153,7 @@ def start_proxy(processes, aws_env, tmp_path):
         ]
         proc = processes.start(args, env or aws_env, stderr=log)
         wait_for_port(port, proc)
-        return port
+        wait_for_port(metrics_port, proc)
+        return Proxy(port, metrics_port, proc, log_path)
 
     return start

@@ -24,7 +24,7 @@ def test_default_driver_through_proxy(start_emulator, start_proxy):
     # The emulator keeps Keyspaces' 3,000 req/s per-connection cap: the proxy's pool spreads the
     # driver's single connection over several upstream ones, so nothing is throttled.
     emu = start_emulator()
-    port = start_proxy(emu)
+    port = start_proxy(emu).port
     c = default_cluster(port)
     try:
         s = c.connect()
@@ -68,7 +68,7 @@ def test_default_driver_through_proxy(start_emulator, start_proxy):
 
 def test_one_driver_connection_beats_the_per_connection_cap(start_emulator, start_proxy):
     emu = start_emulator("--rate-limit", "500", listen_on_peers=False)
-    port = start_proxy(emu, "--max-rate-per-connection", "400")
+    port = start_proxy(emu, "--max-rate-per-connection", "400").port
     c = default_cluster(port)
     try:
         s = c.connect()
@@ -87,7 +87,7 @@ def test_password_mode(start_emulator, start_proxy, tmp_path):
     emu = start_emulator(listen_on_peers=False)
     users = tmp_path / "users"
     users.write_text("app:app-secret\n")
-    port = start_proxy(emu, "--client-auth", "password", "--client-credentials-file", str(users))
+    port = start_proxy(emu, "--client-auth", "password", "--client-credentials-file", str(users)).port
     c = default_cluster(port, auth_provider=PlainTextAuthProvider("app", "app-secret"))
     try:
         assert c.connect().execute("SELECT release_version FROM system.local").one().release_version == "3.11.2"
@@ -103,7 +103,7 @@ def test_password_mode(start_emulator, start_proxy, tmp_path):
 
 def test_cqlsh_through_proxy(start_emulator, start_proxy, aws_env):
     emu = start_emulator(listen_on_peers=False)
-    port = start_proxy(emu)
+    port = start_proxy(emu).port
     cqlsh = Path(sys.executable).parent / "cqlsh"
     out = subprocess.run(
         [str(cqlsh), "127.0.0.1", str(port), "-e", "SELECT cluster_name, rpc_address FROM system.local"],
@@ -118,9 +118,9 @@ def test_untrusted_upstream_is_refused_with_a_clear_error(start_emulator, start_
     emu = start_emulator(listen_on_peers=False)
     if case == "wrong-ca":
         other = start_emulator(state_dir=tmp_path / "other-ca", listen_on_peers=False)
-        port = start_proxy(emu, ca_file=other.ca)
+        port = start_proxy(emu, ca_file=other.ca).port
     else:
-        port = start_proxy(emu, server_name="cassandra.eu-west-1.amazonaws.com")
+        port = start_proxy(emu, server_name="cassandra.eu-west-1.amazonaws.com").port
     c = default_cluster(port, connect_timeout=10)
     with pytest.raises(NoHostAvailable) as err:
         c.connect()
