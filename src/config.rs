@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use serde::Serialize;
 
 use crate::auth::client::{ClientAuth, UserFileError, UserStore};
 use crate::auth::credentials::{provider_from_chain, CredentialCache, CredentialsError};
@@ -17,7 +18,8 @@ use crate::upstream::{UpstreamAuth, UpstreamTarget};
 
 pub const KEYSPACES_PORT: u16 = 9142;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClientAuthMode {
     /// Answer STARTUP with READY: any local client is trusted.
     None,
@@ -25,7 +27,8 @@ pub enum ClientAuthMode {
     Password,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UpstreamAuthMode {
     /// SigV4 with credentials from the AWS chain (the default).
     Sigv4,
@@ -33,7 +36,8 @@ pub enum UpstreamAuthMode {
     Plain,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UpstreamMode {
     /// Multiplex every client over a shared pool of warm, pre-authenticated connections.
     Pooled,
@@ -41,16 +45,32 @@ pub enum UpstreamMode {
     Dedicated,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
 /// keyspaces-proxy: unmodified Cassandra drivers on localhost, Amazon Keyspaces with SigV4 upstream.
-#[derive(Debug, Parser)]
+#[derive(Parser, Serialize)]
 #[command(name = "keyspaces-proxy", version, about)]
+#[serde(rename_all = "kebab-case")]
 pub struct Cli {
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
+
+    /// TOML file with the same names as the flags (flags and environment take precedence).
+    #[arg(long, env = "KEYSPACES_PROXY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+
     /// Address to accept CQL clients on (plaintext; keep it on loopback).
     #[arg(long, env = "KEYSPACES_PROXY_LISTEN", default_value = "127.0.0.1:9042")]
     pub listen: SocketAddr,
@@ -95,6 +115,7 @@ pub struct Cli {
         value_delimiter = ',',
         hide_env_values = true
     )]
+    #[serde(rename = "client-user", serialize_with = "mask_users")]
     pub client_users: Vec<String>,
 
     /// How the proxy authenticates to Keyspaces.
@@ -116,6 +137,7 @@ pub struct Cli {
         env = "KEYSPACES_PROXY_UPSTREAM_PASSWORD",
         hide_env_values = true
     )]
+    #[serde(serialize_with = "mask_secret")]
     pub upstream_password: Option<String>,
 
     /// AWS profile for credentials and region (AWS_PROFILE also works).
@@ -237,6 +259,36 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Diagnose the connection to Keyspaces step by step (exit status 0 only if all pass).
+    Check,
+}
+
+/// Secrets never leave the process, not even in --print-config or a Debug dump.
+fn mask_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("****"),
+        None => s.serialize_none(),
+    }
+}
+
+fn mask_users<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for entry in v {
+        let user = entry.split_once(':').map_or(entry.as_str(), |(u, _)| u);
+        seq.serialize_element(&format!("{user}:****"))?;
+    }
+    seq.end()
+}
+
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.effective_toml())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("no AWS region: pass --region or set AWS_REGION (or a region in the AWS profile)")]
@@ -294,7 +346,30 @@ pub struct Resolved {
 }
 
 impl Cli {
-    fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
+    /// The clap command with every option global, so `keyspaces-proxy check --region X` and
+    /// `keyspaces-proxy --region X check` both work.
+    pub fn command_with_globals() -> clap::Command {
+        use clap::CommandFactory;
+        Cli::command().mut_args(|a| a.global(true))
+    }
+
+    /// Parses `argv` with the config file merged in (flag > env > file > default).
+    pub fn parse_with_config(
+        argv: Vec<std::ffi::OsString>,
+    ) -> Result<Cli, Box<dyn std::error::Error>> {
+        use clap::FromArgMatches;
+        let merged = crate::config_file::merge(Cli::command_with_globals(), argv)?;
+        let matches = Cli::command_with_globals().try_get_matches_from(merged)?;
+        Ok(Cli::from_arg_matches(&matches)?)
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+
+    pub fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
         match self.client_auth {
             ClientAuthMode::None => Ok(ClientAuth::None),
             ClientAuthMode::Password => {
@@ -392,7 +467,7 @@ impl Cli {
                 // Replaced by the caller that owns the shutdown signal.
                 shutdown: tokio::sync::watch::channel(false).1,
                 upstream,
-                client_auth: Arc::new(client_auth),
+                client_auth: arc_swap::ArcSwap::from_pointee(client_auth),
                 advertise_address: self.advertise_address,
                 max_frame_len: self.max_frame_len,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
@@ -440,6 +515,39 @@ mod tests {
             default_endpoint_host("cn-north-1", false),
             "cassandra.cn-north-1.amazonaws.com.cn"
         );
+    }
+
+    #[test]
+    fn print_config_masks_secrets() {
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--upstream-password",
+            "hunter2",
+            "--client-user",
+            "app:s3cret",
+            "--region",
+            "us-east-1",
+        ]);
+        let text = cli.effective_toml();
+        assert!(text.contains("region = \"us-east-1\""), "{text}");
+        assert!(text.contains("upstream-password = \"****\""), "{text}");
+        assert!(text.contains("app:****"), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("s3cret"));
+        assert!(!format!("{cli:?}").contains("hunter2"));
+        // What it prints is itself a valid config file.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let reusable = text
+            .replace("upstream-password = \"****\"\n", "")
+            .replace("client-user = [\"app:****\"]\n", "");
+        std::fs::write(f.path(), reusable).unwrap();
+        let argv: Vec<std::ffi::OsString> =
+            ["keyspaces-proxy", "--config", f.path().to_str().unwrap()]
+                .iter()
+                .map(Into::into)
+                .collect();
+        use clap::CommandFactory;
+        let merged = crate::config_file::merge(Cli::command(), argv).unwrap();
+        assert_eq!(Cli::parse_from(merged).region.as_deref(), Some("us-east-1"));
     }
 
     #[test]

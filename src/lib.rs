@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod config;
+pub mod config_file;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;

@@ -1,11 +1,13 @@
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::Arc;
-
-use clap::Parser;
-use keyspaces_proxy::admin::AdminState;
-use keyspaces_proxy::config::{Cli, LogFormat};
-use keyspaces_proxy::server;
 use std::time::Duration;
+
+use keyspaces_proxy::admin::AdminState;
+use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::config::{Cli, ClientAuthMode, Command, LogFormat};
+use keyspaces_proxy::session::ProxyContext;
+use keyspaces_proxy::{check, server};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -19,6 +21,11 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The command line with the config file's entries merged in (flag > env > file > default).
+fn parse_cli(argv: Vec<OsString>) -> Result<Cli, Box<dyn std::error::Error>> {
+    Cli::parse_with_config(argv)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -45,7 +52,7 @@ async fn stop_signal() {
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit at once.
-fn watch_signals(shutdown: watch::Sender<bool>) {
+fn watch_stop_signals(shutdown: watch::Sender<bool>) {
     tokio::spawn(async move {
         stop_signal().await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
@@ -56,11 +63,45 @@ fn watch_signals(shutdown: watch::Sender<bool>) {
     });
 }
 
+/// SIGHUP: re-read the configuration (file, environment, flags) for client users and reload
+/// AWS credentials, without touching open connections.
+fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match parse_cli(std::env::args_os().collect()).map(|cli| cli.client_auth()) {
+                Ok(Ok(auth)) => {
+                    ctx.client_auth.store(Arc::new(auth));
+                    tracing::info!("SIGHUP: client authentication reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: keeping the previous client users")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration invalid; nothing reloaded")
+                }
+            }
+            if let Some(c) = &credentials {
+                match c.refresh(true).await {
+                    Ok(_) => tracing::info!("SIGHUP: AWS credentials reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: credential reload failed"),
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (ctx, credentials);
+}
+
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut resolved = cli.resolve().await?;
     resolved.context.shutdown = shutdown_rx;
-    watch_signals(shutdown_tx);
+    watch_stop_signals(shutdown_tx);
     if let Some(cache) = &resolved.credentials {
         match cache.get().await {
             Ok(c) => tracing::info!(access_key_id = c.access_key_id(), "AWS credentials loaded"),
@@ -70,12 +111,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         cache.spawn_refresher();
     }
-    if !cli.listen.ip().is_loopback()
-        && matches!(
-            cli.client_auth,
-            keyspaces_proxy::config::ClientAuthMode::None
-        )
-    {
+    if !cli.listen.ip().is_loopback() && cli.client_auth == ClientAuthMode::None {
         tracing::warn!(listen = %cli.listen, "listening on a non-loopback address without client authentication");
     }
     if let Some(pool) = resolved.context.pool.clone() {
@@ -88,15 +124,16 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     let listener = TcpListener::bind(cli.listen).await?;
+    let admin_listener = TcpListener::bind(cli.metrics_listen).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
+        metrics = %admin_listener.local_addr()?,
         upstream = %resolved.context.upstream.address,
         region = resolved.region.as_deref().unwrap_or("-"),
         "keyspaces-proxy ready"
     );
     let ctx = Arc::new(resolved.context);
-    let admin_listener = TcpListener::bind(cli.metrics_listen).await?;
-    tracing::info!(listen = %admin_listener.local_addr()?, "metrics and health endpoints ready");
+    watch_reload(ctx.clone(), resolved.credentials.clone());
     let admin = Arc::new(AdminState {
         ctx: ctx.clone(),
         credentials: resolved.credentials.clone(),
@@ -120,8 +157,24 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let cli = match parse_cli(std::env::args_os().collect()) {
+        Ok(c) => c,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_err) => clap_err.exit(),
+            Err(e) => {
+                eprintln!("keyspaces-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if cli.print_config {
+        print!("{}", cli.effective_toml());
+        return ExitCode::SUCCESS;
+    }
+    let checking = cli.command == Some(Command::Check);
+    if !checking {
+        init_logging(cli.log_format);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,6 +185,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if checking {
+        return runtime.block_on(check::run(&cli));
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

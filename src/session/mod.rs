@@ -29,7 +29,8 @@ mod pooled;
 #[derive(Debug)]
 pub struct ProxyContext {
     pub upstream: UpstreamTarget,
-    pub client_auth: Arc<ClientAuth>,
+    /// Swapped on SIGHUP: new handshakes see the reloaded users, open connections stay.
+    pub client_auth: arc_swap::ArcSwap<ClientAuth>,
     /// The address to advertise in `system.local`; by default the one the client dialled.
     pub advertise_address: Option<IpAddr>,
     pub max_frame_len: usize,
@@ -146,7 +147,7 @@ async fn handshake(
     ctx: &ProxyContext,
     client: &mut ClientFramed,
 ) -> std::io::Result<Option<(Accepted, Upstream)>> {
-    let mut hs = ClientHandshake::new(ctx.client_auth.clone());
+    let mut hs = ClientHandshake::new(ctx.client_auth.load_full());
     loop {
         let next = match tokio::time::timeout(ctx.handshake_timeout, client.next()).await {
             Ok(n) => n,

@@ -105,7 +105,7 @@ pub async fn proxy_with_pool(
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
         shutdown: tokio::sync::watch::channel(false).1,
-        client_auth: Arc::new(opts.client_auth),
+        client_auth: arc_swap::ArcSwap::from_pointee(opts.client_auth),
         advertise_address: None,
         max_frame_len: 1 << 24,
         handshake_timeout: Duration::from_secs(5),
