@@ -179,6 +179,45 @@ impl Metrics {
             "Seconds until the current AWS credentials expire (absent credentials: -1; non-expiring: +Inf)",
             credentials_expiry.clone(),
         );
+        // Known series start at zero, so dashboards and alerts see them before the first event.
+        let _ =
+            client_connections_rejected.get_or_create_owned(&vec![("reason", "connection_limit")]);
+        for result in ["ok", "bad_credentials", "upstream_error", "protocol_error"] {
+            let _ = client_handshakes.get_or_create_owned(&vec![("result", result)]);
+        }
+        for state in ["ready", "draining", "connecting"] {
+            let _ = upstream_connections.get_or_create_owned(&vec![("state", state)]);
+        }
+        for auth in ["sigv4", "plain"] {
+            for result in [
+                "ok",
+                "rejected",
+                "refused",
+                "tls_error",
+                "connect_error",
+                "timeout",
+                "credentials_error",
+                "protocol_error",
+            ] {
+                let _ = upstream_handshakes
+                    .get_or_create_owned(&vec![("auth", auth), ("result", result)]);
+            }
+        }
+        for code in [
+            "write_timeout",
+            "read_timeout",
+            "server_error",
+            "overloaded",
+            "unavailable",
+            "unprepared",
+            "unauthorized",
+            "invalid",
+        ] {
+            let _ = upstream_errors.get_or_create_owned(&vec![("code", code)]);
+        }
+        for result in ["ok", "error"] {
+            let _ = credential_refreshes.get_or_create_owned(&vec![("result", result)]);
+        }
         Metrics {
             registry,
             client_connections,

@@ -84,6 +84,9 @@ pub(super) async fn forward(
                 if frame.stream() >= 0 {
                     in_flight = in_flight.saturating_sub(1);
                 }
+                if frame.opcode() == crate::frame::opcode::ERROR {
+                    count_upstream_error(&frame);
+                }
                 match router.on_upstream_frame(frame) {
                     Ok(Some(f)) => {
                         if client_tx.send(f).await.is_err() {
@@ -103,4 +106,18 @@ pub(super) async fn forward(
     drop(client_tx);
     client.finish().await;
     upstream_writer.abort();
+}
+
+/// Upstream ERRORs by code (compressed bodies are not decoded just for this).
+fn count_upstream_error(frame: &crate::frame::Frame) {
+    use crate::metrics::{error_code_name, metrics, Metrics};
+    if frame.header.has_flag(crate::frame::flags::COMPRESSION) {
+        return;
+    }
+    if let Ok(e) = crate::frame::messages::ErrorInfo::parse(&frame.body) {
+        Metrics::count(
+            &metrics().upstream_errors,
+            vec![("code", error_code_name(e.code))],
+        );
+    }
 }

@@ -169,3 +169,95 @@ def test_trace_logs_carry_no_secrets(start_emulator, start_proxy, aws_env):
     ours = "\n".join(line for line in log.splitlines() if "keyspaces_proxy" in line)
     assert ours, "the proxy's own trace lines are there"
     assert not re.search(r"\b[0-9a-f]{64}\b", ours), "something that looks like a signature was logged"
+
+
+def test_sighup_reloads_users_without_dropping_connections(start_emulator, start_proxy, tmp_path):
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import NoHostAvailable
+
+    emu = start_emulator(listen_on_peers=False)
+    users = tmp_path / "users"
+    users.write_text("app:first-password\n")
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-credentials-file", str(users))
+    profile = ExecutionProfile(consistency_level=ConsistencyLevel.LOCAL_QUORUM)
+
+    def connect(user, password):
+        c = Cluster(["127.0.0.1"], port=proxy.port, auth_provider=PlainTextAuthProvider(user, password),
+                    execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=10)
+        return c, c.connect()
+
+    old_cluster, old_session = connect("app", "first-password")
+    with pytest.raises(NoHostAvailable):
+        connect("ops", "second-password")
+
+    users.write_text("app:first-password\nops:second-password\n")
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 20
+    new_cluster = None
+    while time.time() < deadline:
+        try:
+            new_cluster, new_session = connect("ops", "second-password")
+            break
+        except NoHostAvailable:
+            time.sleep(0.2)
+    assert new_cluster is not None, "the reloaded user can connect"
+    try:
+        assert new_session.execute("SELECT key FROM system.local").one().key == "local"
+        # The connection opened before the reload is still in service.
+        assert old_session.execute("SELECT key FROM system.local").one().key == "local"
+    finally:
+        new_cluster.shutdown()
+        old_cluster.shutdown()
+    assert proxy.proc.poll() is None, "SIGHUP does not stop the proxy"
+    assert "client authentication reloaded" in proxy.log_path.read_text()
+
+
+def test_config_file_and_print_config(tmp_path, aws_env):
+    import subprocess
+    from conftest import BIN_DIR
+
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text('region = "eu-west-1"\nmax-rate-per-connection = 700\nupstream-auth = "plain"\n'
+                   'upstream-username = "svc"\nupstream-password = "do-not-print"\n')
+    env = dict(aws_env, KEYSPACES_PROXY_MAX_RATE_PER_CONNECTION="900")
+    out = subprocess.run([str(BIN_DIR / "keyspaces-proxy"), "--config", str(cfg), "--print-config", "--listen", "127.0.0.1:19999"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert 'region = "eu-west-1"' in text  # from the file
+    assert "max-rate-per-connection = 900" in text  # the environment beats the file
+    assert 'listen = "127.0.0.1:19999"' in text  # the flag beats both
+    assert 'upstream-password = "****"' in text and "do-not-print" not in text
+    cfg.write_text('regoin = "eu-west-1"\n')
+    bad = subprocess.run([str(BIN_DIR / "keyspaces-proxy"), "--config", str(cfg), "--print-config"],
+                         env=aws_env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "unknown key `regoin`" in bad.stderr
+
+
+def test_dashboard_uses_only_exported_metrics(start_emulator, start_proxy):
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu)
+    c = cluster(proxy.port)
+    try:
+        c.connect().execute("SELECT key FROM system.local")
+    finally:
+        c.shutdown()
+    exported = set()
+    for line in http_get(proxy.metrics_port, "/metrics")[1].splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            exported.add(name)
+            if kind in ("counter",):
+                exported.add(name + "_total")
+            if kind == "histogram":
+                exported.update({name + "_bucket", name + "_sum", name + "_count"})
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "keyspaces-proxy.json").read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used.update(re.findall(r"keyspaces_proxy_[a-z_]+", target["expr"]))
+    assert used and used <= exported, f"dashboard refers to unknown metrics: {used - exported}"
