@@ -271,6 +271,14 @@ async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<(
             started.elapsed().as_millis()
         ),
     );
+    if target.insecure_plaintext {
+        report.fail(
+            "TLS",
+            "plaintext upstream (benchmark mode)",
+            "drop --insecure-plaintext-upstream-for-benchmarks: Keyspaces is TLS-only",
+        );
+        return Some(());
+    }
     match TlsConnector::from(target.tls.clone())
         .connect(target.server_name.clone(), tcp)
         .await

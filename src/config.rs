@@ -237,6 +237,14 @@ pub struct Cli {
     #[arg(long, env = "KEYSPACES_PROXY_CONSISTENCY_GUARD")]
     pub consistency_guard: bool,
 
+    /// BENCHMARKS ONLY: talk plaintext to the upstream. Refused unless the endpoint is a loopback
+    /// address; never use it with Keyspaces (which is TLS-only anyway).
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_INSECURE_PLAINTEXT_UPSTREAM_FOR_BENCHMARKS"
+    )]
+    pub insecure_plaintext_upstream_for_benchmarks: bool,
+
     /// Address of the /metrics, /livez and /readyz endpoints.
     #[arg(
         long,
@@ -297,6 +305,8 @@ pub enum ConfigError {
     Endpoint(String),
     #[error("--client-auth password needs users: --client-credentials-file or --client-user")]
     NoClientUsers,
+    #[error("--insecure-plaintext-upstream-for-benchmarks is refused: endpoint {0} is not a loopback address")]
+    PlaintextNotLoopback(String),
     #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
     NoUpstreamCredentials,
     #[error(transparent)]
@@ -442,6 +452,11 @@ impl Cli {
                 (default_endpoint_host(r, self.fips), KEYSPACES_PORT)
             }
         };
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if self.insecure_plaintext_upstream_for_benchmarks && !loopback {
+            return Err(ConfigError::PlaintextNotLoopback(host));
+        }
         let name = self.tls_server_name.clone().unwrap_or_else(|| host.clone());
         let address = if host.contains(':') {
             format!("[{host}]:{port}")
@@ -452,6 +467,7 @@ impl Cli {
             address,
             server_name: server_name(&name)?,
             tls: client_config(self.ca_file.as_deref())?,
+            insecure_plaintext: self.insecure_plaintext_upstream_for_benchmarks,
             auth,
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
             max_frame_len: self.max_frame_len,
@@ -548,6 +564,32 @@ mod tests {
         use clap::CommandFactory;
         let merged = crate::config_file::merge(Cli::command(), argv).unwrap();
         assert_eq!(Cli::parse_from(merged).region.as_deref(), Some("us-east-1"));
+    }
+
+    #[tokio::test]
+    async fn plaintext_upstream_only_on_loopback() {
+        let args = |endpoint: &str| {
+            Cli::parse_from([
+                "keyspaces-proxy",
+                "--upstream-auth",
+                "plain",
+                "--upstream-username",
+                "u",
+                "--upstream-password",
+                "p",
+                "--endpoint",
+                endpoint,
+                "--insecure-plaintext-upstream-for-benchmarks",
+            ])
+        };
+        let err = args("cassandra.us-east-1.amazonaws.com")
+            .resolve()
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConfigError::PlaintextNotLoopback(_)), "{err}");
+        let ok = args("127.0.0.1:19142").resolve().await.unwrap();
+        assert!(ok.context.upstream.insecure_plaintext);
     }
 
     #[test]

@@ -116,10 +116,7 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
     assert!(throttled > 0, "a direct connection is throttled");
 }
 
-type Tls = tokio_util::codec::Framed<
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    keyspaces_proxy::frame::FrameCodec,
->;
+type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
     let target = keyspaces_proxy::upstream::UpstreamTarget {
@@ -129,6 +126,7 @@ async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
         )
         .unwrap(),
         tls: keyspaces_proxy::upstream::tls::client_config(Some(&emu.ca_pem)).unwrap(),
+        insecure_plaintext: false,
         auth: sigv4(SECRET),
         connect_timeout: Duration::from_secs(5),
         max_frame_len: 1 << 24,

@@ -1,12 +1,15 @@
 //! One authenticated connection to Keyspaces: TCP, TLS, STARTUP and the SigV4 (or PLAIN)
 //! exchange. Every connection is signed anew: the server's nonce makes handshakes unreplayable.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -46,12 +49,79 @@ pub struct UpstreamTarget {
     /// The name sent as SNI and verified in the certificate.
     pub server_name: ServerName<'static>,
     pub tls: Arc<ClientConfig>,
+    /// Speak plaintext upstream. Only for side-by-side benchmarks against a loopback emulator;
+    /// the configuration refuses it for any other address.
+    pub insecure_plaintext: bool,
     pub auth: UpstreamAuth,
     pub connect_timeout: Duration,
     pub max_frame_len: usize,
 }
 
-pub type UpstreamFramed = Framed<TlsStream<TcpStream>, FrameCodec>;
+pub type UpstreamFramed = Framed<UpstreamIo, FrameCodec>;
+
+/// The upstream byte stream: TLS, or plaintext for loopback benchmarks only.
+pub enum UpstreamIo {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// An authenticated upstream connection, ready for requests.
 pub struct UpstreamConnection {
@@ -203,18 +273,23 @@ impl UpstreamTarget {
                     source,
                 })?;
         let _ = tcp.set_nodelay(true);
-        let tls_started = std::time::Instant::now();
-        let tls = TlsConnector::from(self.tls.clone())
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|source| UpstreamError::Tls {
-                address: self.address.clone(),
-                source,
-            })?;
-        metrics()
-            .tls_handshake_duration
-            .observe(tls_started.elapsed().as_secs_f64());
-        let mut framed = Framed::new(tls, FrameCodec::new(self.max_frame_len));
+        let io = if self.insecure_plaintext {
+            UpstreamIo::Plain(tcp)
+        } else {
+            let tls_started = std::time::Instant::now();
+            let tls = TlsConnector::from(self.tls.clone())
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|source| UpstreamError::Tls {
+                    address: self.address.clone(),
+                    source,
+                })?;
+            metrics()
+                .tls_handshake_duration
+                .observe(tls_started.elapsed().as_secs_f64());
+            UpstreamIo::Tls(Box::new(tls))
+        };
+        let mut framed = Framed::new(io, FrameCodec::new(self.max_frame_len));
 
         let supported =
             roundtrip(&mut framed, messages::options(version, HANDSHAKE_STREAM)).await?;

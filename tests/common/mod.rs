@@ -95,6 +95,7 @@ pub async fn proxy_with_pool(
         address: emu.addr.to_string(),
         server_name: server_name(&opts.server_name).unwrap(),
         tls: client_config(Some(&opts.ca)).unwrap(),
+        insecure_plaintext: false,
         auth: opts.auth,
         connect_timeout: Duration::from_secs(5),
         max_frame_len: 1 << 24,

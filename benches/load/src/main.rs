@@ -43,7 +43,14 @@ struct Cli {
     tls_ca: Option<PathBuf>,
     #[arg(long, default_value = "cassandra.us-east-1.amazonaws.com")]
     tls_server_name: String,
-    /// SigV4 credential AKID:SECRET for --tls-ca mode.
+    /// Authenticate with SigV4 over plaintext (to a plaintext emulator, or through an L4 proxy
+    /// that adds TLS itself). Loopback only, like every target.
+    #[arg(long)]
+    sigv4_plaintext: bool,
+    /// Open this many idle connections (STARTUP→READY), hold them for --duration, then report.
+    #[arg(long, default_value_t = 0)]
+    hold_connections: usize,
+    /// SigV4 credential AKID:SECRET for --tls-ca and --sigv4-plaintext.
     #[arg(long, default_value = "AKIDEXAMPLE:example-secret")]
     credential: String,
     #[arg(long, default_value = "us-east-1")]
@@ -76,7 +83,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Conn = Framed<Box<dyn Io>, FrameCodec>;
 
 async fn connect(cli: &Cli) -> Result<Conn, String> {
-    if let Some(ca) = &cli.tls_ca {
+    if cli.tls_ca.is_some() || cli.sigv4_plaintext {
+        let ca = cli.tls_ca.as_deref();
         let (akid, secret) = cli
             .credential
             .split_once(':')
@@ -84,7 +92,8 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
         let target = UpstreamTarget {
             address: cli.target.to_string(),
             server_name: server_name(&cli.tls_server_name).map_err(|e| e.to_string())?,
-            tls: client_config(Some(ca)).map_err(|e| e.to_string())?,
+            tls: client_config(ca).map_err(|e| e.to_string())?,
+            insecure_plaintext: cli.sigv4_plaintext,
             auth: UpstreamAuth::SigV4 {
                 credentials: CredentialCache::fixed(Credentials::new(
                     akid, secret, None, None, "load",
@@ -279,6 +288,27 @@ async fn worker(
     Ok(WorkerResult { hist, ok, errors })
 }
 
+async fn hold_connections(cli: &Cli) {
+    let mut held = Vec::with_capacity(cli.hold_connections);
+    let mut failed = 0usize;
+    let mut first_error = None;
+    for _ in 0..cli.hold_connections {
+        match connect(cli).await {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"held": held.len(), "failed": failed, "first_error": first_error})
+    );
+    tokio::time::sleep(Duration::from_secs_f64(cli.duration)).await;
+    drop(held);
+}
+
 async fn measure_connects(cli: &Cli) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut failed = 0;
@@ -313,6 +343,10 @@ async fn main() {
     if !cli.target.ip().is_loopback() {
         eprintln!("keyspaces-load: only loopback targets are allowed");
         std::process::exit(2);
+    }
+    if cli.hold_connections > 0 {
+        hold_connections(&cli).await;
+        return;
     }
     if cli.connect_only > 0 {
         measure_connects(&cli).await;

@@ -24,6 +24,9 @@ use crate::auth::{new_nonce, verify_plain, verify_sigv4, AuthFailure};
 use crate::engine::{throttled, Reply};
 use crate::Shared;
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 enum State {
     AwaitStartup,
     AwaitCredentials,
@@ -75,16 +78,20 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         return;
     }
     let _ = tcp.set_nodelay(true);
-    let tls = match shared.acceptor.accept(tcp).await {
-        Ok(t) => t,
-        Err(e) => {
-            shared
-                .events
-                .record(json!({"event": "tls_failed", "conn": id, "error": e.to_string()}));
-            return;
+    let io: Box<dyn Io> = if shared.config.insecure_plaintext {
+        Box::new(tcp)
+    } else {
+        match shared.acceptor.accept(tcp).await {
+            Ok(t) => Box::new(t),
+            Err(e) => {
+                shared
+                    .events
+                    .record(json!({"event": "tls_failed", "conn": id, "error": e.to_string()}));
+                return;
+            }
         }
     };
-    let (read, write) = tokio::io::split(tls);
+    let (read, write) = tokio::io::split(io);
     let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_len));
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let writer = tokio::spawn(write_frames(rx, write));

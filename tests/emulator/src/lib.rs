@@ -61,6 +61,8 @@ pub struct EmulatorConfig {
     pub record_events: bool,
     pub event_log: Option<PathBuf>,
     pub max_frame_len: usize,
+    /// BENCHMARKS ONLY: accept plaintext instead of TLS (the emulator listens on loopback only).
+    pub insecure_plaintext: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -80,6 +82,7 @@ impl Default for EmulatorConfig {
             record_events: false,
             event_log: None,
             max_frame_len: keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN,
+            insecure_plaintext: false,
         }
     }
 }

@@ -49,6 +49,9 @@ struct Cli {
     /// Write JSON-lines events (connections, auth attempts, queries) here.
     #[arg(long)]
     event_log: Option<PathBuf>,
+    /// BENCHMARKS ONLY: speak plaintext instead of TLS (Keyspaces itself is TLS-only).
+    #[arg(long)]
+    insecure_plaintext_for_benchmarks: bool,
     /// Fault: milliseconds added to every request.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         compression,
         record_events: cli.event_log.is_some(),
         event_log: cli.event_log,
+        insecure_plaintext: cli.insecure_plaintext_for_benchmarks,
         ..EmulatorConfig::default()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Side-by-side comparison, run by hand (not part of CI's pass/fail):
+#   the emulator directly · through keyspaces-proxy · through haproxy in TCP mode (the L4 floor),
+# each with TLS to the emulator, and again with a plaintext upstream (benchmark-only flags,
+# loopback only). Rounds are interleaved; medians and ratios are printed and written to
+# benches/results/. Needs haproxy (Debian: apt-get install haproxy).
+#   ROUNDS=5 DURATION=5 bash benches/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${ROUNDS:-5}
+duration=${DURATION:-5}
+out=${OUT:-benches/results}
+mkdir -p "$out"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+: > "$work/aws-config"
+export AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIDBENCH AWS_SECRET_ACCESS_KEY=bench-secret
+export AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/aws-config"
+unset AWS_PROFILE AWS_SESSION_TOKEN
+command -v haproxy >/dev/null || { echo "haproxy is needed: apt-get install haproxy" >&2; exit 1; }
+
+cargo build --release --locked --workspace -q
+bin=target/release
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # $1 port, $2 pid that must stay alive
+  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
+    kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+listen_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["listen"])' "$1"; }
+name=cassandra.us-east-1.amazonaws.com
+
+start_emulator() { # $1 = tls|plain
+  local extra=()
+  [ "$1" = plain ] && extra=(--insecure-plaintext-for-benchmarks)
+  $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners --rate-limit 0 \
+    --credential AKIDBENCH:bench-secret ${extra[@]+"${extra[@]}"} > "$work/emu-$1.json" 2>/dev/null &
+  pids+=($!)
+  until [ -s "$work/emu-$1.json" ]; do sleep 0.1; done
+}
+start_emulator tls
+start_emulator plain
+emu_tls=$(listen_of "$work/emu-tls.json")
+emu_plain=$(listen_of "$work/emu-plain.json")
+ca="$work/emu/ca.pem"
+
+declare -A pid_of
+declare -A port_of
+start_proxy() { # $1 = tls|plain; sets port_of[proxy_$1] and pid_of[proxy_$1]
+  local port metrics extra=()
+  port=$(free_port); metrics=$(free_port)
+  if [ "$1" = tls ]; then
+    extra=(--endpoint "$emu_tls" --ca-file "$ca" --tls-server-name "$name")
+  else
+    extra=(--endpoint "$emu_plain" --insecure-plaintext-upstream-for-benchmarks)
+  fi
+  $bin/keyspaces-proxy --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics" --region us-east-1 \
+    --max-rate-per-connection 0 --max-connections 20000 "${extra[@]}" >/dev/null 2>"$work/proxy-$1.log" &
+  pid_of[proxy_$1]=$!
+  pids+=($!)
+  wait_port "$port" "${pid_of[proxy_$1]}"
+  port_of[proxy_$1]=$port
+}
+start_haproxy() { # $1 = tls|plain; sets port_of[haproxy_$1] and pid_of[haproxy_$1]
+  local port server
+  port=$(free_port)
+  if [ "$1" = tls ]; then
+    server="server e $emu_tls ssl verify required ca-file $ca sni str($name) verifyhost $name"
+  else
+    server="server e $emu_plain"
+  fi
+  cat > "$work/haproxy-$1.cfg" <<CFG
+global
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend f
+  bind 127.0.0.1:$port
+  default_backend b
+backend b
+  $server
+CFG
+  haproxy -db -f "$work/haproxy-$1.cfg" >"$work/haproxy-$1.log" 2>&1 &
+  pid_of[haproxy_$1]=$!
+  pids+=($!)
+  wait_port "$port" "${pid_of[haproxy_$1]}"
+  port_of[haproxy_$1]=$port
+}
+start_proxy tls; start_proxy plain; start_haproxy tls; start_haproxy plain
+proxy_tls=${port_of[proxy_tls]}; proxy_plain=${port_of[proxy_plain]}
+haproxy_tls=${port_of[haproxy_tls]}; haproxy_plain=${port_of[haproxy_plain]}
+sleep 1
+
+cpu_ticks() { [ -n "${1:-}" ] && awk '{print $14+$15}' "/proc/$1/stat" || echo 0; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+declare -A args_of=(
+  [direct_tls]="--target $emu_tls --tls-ca $ca --credential AKIDBENCH:bench-secret"
+  [haproxy_tls]="--target 127.0.0.1:$haproxy_tls --sigv4-plaintext --credential AKIDBENCH:bench-secret"
+  [proxy_tls]="--target 127.0.0.1:$proxy_tls"
+  [direct_plain]="--target $emu_plain --sigv4-plaintext --credential AKIDBENCH:bench-secret"
+  [haproxy_plain]="--target 127.0.0.1:$haproxy_plain --sigv4-plaintext --credential AKIDBENCH:bench-secret"
+  [proxy_plain]="--target 127.0.0.1:$proxy_plain"
+)
+results="$out/results.jsonl"
+: > "$results"
+hz=$(getconf CLK_TCK)
+run() { # $1 path, $2 label, rest: load args
+  local path=$1 label=$2; shift 2
+  local under=${pid_of[$path]:-} before after report
+  before=$(cpu_ticks "$under")
+  # shellcheck disable=SC2086
+  report=$($bin/keyspaces-load ${args_of[$path]} --workload read --duration "$duration" "$@")
+  after=$(cpu_ticks "$under")
+  python3 - "$path" "$label" "$report" "$before" "$after" "$hz" >> "$results" <<'PY'
+import json, sys
+path, label, report, before, after, hz = sys.argv[1:7]
+r = json.loads(report)
+r.update(path=path, label=label, cpu_s=(int(after) - int(before)) / int(hz))
+print(json.dumps(r))
+PY
+}
+paths=(direct_tls haproxy_tls proxy_tls direct_plain haproxy_plain proxy_plain)
+for r in $(seq "$rounds"); do
+  for p in "${paths[@]}"; do
+    run "$p" saturation --connections 4 --concurrency 64
+    run "$p" sequential --connections 1 --concurrency 1
+  done
+  echo "round $r done" >&2
+done
+for c in 1 4 16 64 128; do
+  for p in direct_tls haproxy_tls proxy_tls; do run "$p" "sweep-$c" --connections 2 --concurrency "$c"; done
+done
+
+# Memory: idle, then holding 10,000 idle client connections.
+idle=$(rss_kb "${pid_of[proxy_tls]}")
+$bin/keyspaces-load --target "127.0.0.1:$proxy_tls" --hold-connections 10000 --duration 5 > "$work/held.json" &
+holder=$!
+until [ -s "$work/held.json" ]; do sleep 0.2; done
+sleep 1
+held=$(rss_kb "${pid_of[proxy_tls]}")
+haproxy_rss=$(rss_kb "${pid_of[haproxy_tls]}")
+wait $holder || true
+python3 - "$idle" "$held" "$haproxy_rss" "$(cat "$work/held.json")" >> "$results" <<'PY'
+import json, sys
+idle, held, haproxy_rss, h = sys.argv[1:5]
+print(json.dumps({"path": "memory", "proxy_idle_rss_kb": int(idle), "proxy_10k_idle_rss_kb": int(held),
+                  "haproxy_idle_rss_kb": int(haproxy_rss), "held": json.loads(h)}))
+PY
+python3 benches/summarize.py "$results" "$out"
