@@ -245,6 +245,10 @@ pub struct Cli {
     )]
     pub insecure_plaintext_upstream_for_benchmarks: bool,
 
+    /// Runtime worker threads (0 = one per CPU core).
+    #[arg(long, env = "KEYSPACES_PROXY_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Address of the /metrics, /livez and /readyz endpoints.
     #[arg(
         long,

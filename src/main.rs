@@ -175,10 +175,11 @@ fn main() -> ExitCode {
     if !checking {
         init_logging(cli.log_format);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cli.worker_threads > 0 {
+        builder.worker_threads(cli.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyspaces-proxy: cannot start the runtime: {e}");

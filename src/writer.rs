@@ -22,6 +22,64 @@ pub const QUEUE_DEPTH: usize = 1024;
 
 pub type FrameSender = mpsc::Sender<Frame>;
 
+/// Coalesces frames onto one writer: small frames are gathered into one buffer and written with
+/// one call; large bodies are written from their own buffer instead of being copied.
+pub struct FrameWriter<W> {
+    w: W,
+    // Allocated on first use and released after a burst made it large: an idle connection
+    // should cost a few hundred bytes, not a 64 KiB buffer.
+    batch: BytesMut,
+    counter: Option<Counter>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(w: W, counter: Option<Counter>) -> Self {
+        FrameWriter {
+            w,
+            batch: BytesMut::new(),
+            counter,
+        }
+    }
+
+    /// Queues one frame, writing out what is queued when needed.
+    pub async fn push(&mut self, frame: &Frame) -> std::io::Result<()> {
+        if let Some(c) = &self.counter {
+            c.inc_by((HEADER_LEN + frame.body.len()) as u64);
+        }
+        if frame.body.len() >= DIRECT_WRITE_MIN {
+            let mut header = frame.header;
+            header.length = frame.body.len() as u32;
+            self.batch.extend_from_slice(&header.to_bytes());
+            self.w.write_all(&self.batch).await?;
+            self.batch.clear();
+            self.w.write_all(&frame.body).await?;
+        } else {
+            encode_into(frame, &mut self.batch);
+            if self.batch.len() >= BATCH_MAX {
+                self.w.write_all(&self.batch).await?;
+                self.batch.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes out everything queued and flushes the stream.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.batch.is_empty() {
+            self.w.write_all(&self.batch).await?;
+            self.batch.clear();
+        }
+        if self.batch.capacity() > BATCH_MAX {
+            self.batch = BytesMut::new();
+        }
+        self.w.flush().await
+    }
+
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.w.shutdown().await
+    }
+}
+
 /// Writes frames from `rx` to `w` until the channel closes or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     rx: mpsc::Receiver<Frame>,
@@ -33,39 +91,22 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 /// As `write_frames`, adding the bytes written to `counter`.
 pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Frame>,
-    mut w: W,
+    w: W,
     counter: Option<Counter>,
 ) -> std::io::Result<()> {
-    let mut batch = BytesMut::with_capacity(64 * 1024);
+    let mut out = FrameWriter::new(w, counter);
     while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            if let Some(c) = &counter {
-                c.inc_by((HEADER_LEN + frame.body.len()) as u64);
+        out.push(&first).await?;
+        // Everything already queued goes out with the same flush.
+        for _ in 0..1024 {
+            match rx.try_recv() {
+                Ok(f) => out.push(&f).await?,
+                Err(_) => break,
             }
-            if frame.body.len() >= DIRECT_WRITE_MIN {
-                let mut header = frame.header;
-                header.length = frame.body.len() as u32;
-                batch.extend_from_slice(&header.to_bytes());
-                w.write_all(&batch).await?;
-                batch.clear();
-                w.write_all(&frame.body).await?;
-            } else {
-                batch.reserve(HEADER_LEN + frame.body.len());
-                encode_into(&frame, &mut batch);
-            }
-            if batch.len() >= BATCH_MAX {
-                break;
-            }
-            next = rx.try_recv().ok();
         }
-        if !batch.is_empty() {
-            w.write_all(&batch).await?;
-            batch.clear();
-        }
-        w.flush().await?;
+        out.flush().await?;
     }
-    w.shutdown().await
+    out.shutdown().await
 }
 
 #[cfg(test)]

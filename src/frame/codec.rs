@@ -8,6 +8,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::{Header, HEADER_LEN};
 
+/// Read-buffer growth step once a connection carries traffic.
+const READ_CHUNK: usize = 8 * 1024;
+
 /// The protocol's own ceiling on a body (256 MiB).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 256 * 1024 * 1024;
 
@@ -111,6 +114,11 @@ impl Decoder for FrameCodec {
         }
         let mut frame = src.split_to(total);
         let body = frame.split_off(HEADER_LEN).freeze();
+        // A connection that carries traffic reads in large chunks; one that sits idle after its
+        // handshake keeps the small buffer it started with.
+        if src.capacity() - src.len() < READ_CHUNK / 4 {
+            src.reserve(READ_CHUNK);
+        }
         Ok(Some(Frame { header, body }))
     }
 }

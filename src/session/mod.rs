@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -60,6 +60,9 @@ enum Upstream {
 
 type ClientFramed = Framed<TcpStream, FrameCodec>;
 
+/// Initial read buffer per client connection; it grows to fit larger frames.
+const CLIENT_BUFFER: usize = 512;
+
 /// Serves one accepted client connection to the end.
 pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     let span = tracing::info_span!("client", %peer);
@@ -70,7 +73,9 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
             (None, Ok(local)) => local.ip(),
             (None, Err(_)) => IpAddr::from([127, 0, 0, 1]),
         };
-        let mut client = Framed::new(socket, FrameCodec::new(ctx.max_frame_len));
+        // Small buffers that grow with traffic: thousands of idle clients must stay cheap.
+        let mut client =
+            Framed::with_capacity(socket, FrameCodec::new(ctx.max_frame_len), CLIENT_BUFFER);
         match handshake(&ctx, &mut client).await {
             Ok(Some((accepted, upstream))) => {
                 tracing::debug!(
@@ -231,12 +236,40 @@ struct ClientIo {
     writer: JoinHandle<std::io::Result<()>>,
 }
 
+/// The client socket's halves after the handshake, keeping bytes already read.
+fn split_client(
+    client: ClientFramed,
+    max_frame_len: usize,
+) -> (FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf) {
+    let parts = client.into_parts();
+    let (read, write) = parts.io.into_split();
+    let mut frames = FramedRead::with_capacity(read, FrameCodec::new(max_frame_len), CLIENT_BUFFER);
+    frames.read_buffer_mut().extend_from_slice(&parts.read_buf);
+    (frames, write)
+}
+
+/// The next client frame from `frames`; `None` when the session should end, with the frame
+/// that tells the client why, if any.
+async fn next_client_frame(
+    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+) -> Result<Frame, Option<Frame>> {
+    match frames.next().await {
+        None => Err(None),
+        Some(Ok(f)) => {
+            metrics().request(f.opcode(), f.body.len() + crate::frame::header::HEADER_LEN);
+            Ok(f)
+        }
+        Some(Err(FrameDecodeError::Frame(e))) => Err(Some(decode_error_frame(&e))),
+        Some(Err(FrameDecodeError::Io(e))) => {
+            tracing::debug!(error = %e, "client read failed");
+            Err(None)
+        }
+    }
+}
+
 impl ClientIo {
     fn split(client: ClientFramed, max_frame_len: usize) -> ClientIo {
-        let parts = client.into_parts();
-        let (read, write) = parts.io.into_split();
-        let mut frames = FramedRead::new(read, FrameCodec::new(max_frame_len));
-        frames.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let (frames, write) = split_client(client, max_frame_len);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         ClientIo {
             frames,
@@ -252,19 +285,13 @@ impl ClientIo {
     /// The next client frame; `None` when the session should end (after telling the client why,
     /// for frames the decoder refused).
     async fn next(&mut self) -> Option<Frame> {
-        match self.frames.next().await? {
-            Ok(f) => {
-                metrics().request(f.opcode(), f.body.len() + crate::frame::header::HEADER_LEN);
-                Some(f)
-            }
-            Err(FrameDecodeError::Frame(e)) => {
-                let _ = self.tx.send(decode_error_frame(&e)).await;
+        match next_client_frame(&mut self.frames).await {
+            Ok(f) => Some(f),
+            Err(Some(why)) => {
+                let _ = self.tx.send(why).await;
                 None
             }
-            Err(FrameDecodeError::Io(e)) => {
-                tracing::debug!(error = %e, "client read failed");
-                None
-            }
+            Err(None) => None,
         }
     }
 

@@ -1,17 +1,25 @@
 //! Pooled mode: the client's requests are multiplexed over the shared upstream pool. Responses
-//! come back through a per-client queue, where the router rewrites what it must.
+//! come back through a per-client queue; this task rewrites what it must and writes them to the
+//! client itself, coalescing whatever is ready into one write (no writer task per client).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use super::{upstream_error_frame, ClientFramed, ClientIo, ProxyContext};
-use crate::frame::Compression;
+use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed, ProxyContext};
+use crate::frame::compression::compressed;
+use crate::frame::{Compression, Frame};
 use crate::handshake::Accepted;
+use crate::metrics::metrics;
 use crate::route::{Route, Router};
 use crate::upstream::pool::{Group, Pool};
 use crate::upstream::streams::{Pending, ReplyTo};
+use crate::writer::FrameWriter;
+
+/// Responses written per flush at most, so one busy client cannot starve its own reads.
+const MAX_BATCH: usize = 256;
 
 pub(super) async fn forward(
     ctx: &ProxyContext,
@@ -31,9 +39,11 @@ pub(super) async fn forward(
     )
     .split_use(true)
     .consistency_guard(guard);
-    let mut client = ClientIo::split(client, ctx.max_frame_len);
+    let (mut frames, write) = split_client(client, ctx.max_frame_len);
+    let mut out: FrameWriter<OwnedWriteHalf> =
+        FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
     // Unbounded, but bounded in practice by the client's own in-flight requests: while the
-    // client is not reading, this loop is blocked on its writer and reads no new requests.
+    // client is not reading, this task is blocked writing to it and reads no new requests.
     let (responses_tx, mut responses) = mpsc::unbounded_channel();
     let mut shutdown = ctx.shutdown.clone();
     let (mut in_flight, mut draining) = (0usize, false);
@@ -43,64 +53,80 @@ pub(super) async fn forward(
         }
         tokio::select! {
             _ = super::stopping(&mut shutdown), if !draining => draining = true,
-            next = client.next(), if !draining => {
-                let Some(frame) = next else { break };
+            next = next_client_frame(&mut frames), if !draining => {
+                let frame = match next {
+                    Ok(f) => f,
+                    Err(why) => {
+                        if let Some(f) = why {
+                            let _ = out.push(&f).await;
+                            let _ = out.flush().await;
+                        }
+                        break;
+                    }
+                };
                 let reply = |stream| ReplyTo::Client { tx: responses_tx.clone(), stream };
-                match router.on_client_frame(frame) {
+                let local = match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
                         in_flight += 1;
                         let r = reply(f.stream());
                         pool.dispatch(&group, Pending::new(f, r)).await;
+                        continue;
                     }
-                    Route::Use { keyspace, frame } => {
-                        match switch_keyspace(&pool, accepted.version, &keyspace).await {
-                            Ok(g) => {
-                                group = g;
-                                in_flight += 1;
-                                let r = reply(frame.stream());
-                                pool.dispatch(&group, Pending::new(frame, r)).await;
-                            }
-                            Err(f) => {
-                                let f = crate::frame::compression::compressed(f.with_stream(frame.stream()), accepted.compression);
-                                if client.tx.send(f).await.is_err() {
-                                    break;
-                                }
-                            }
+                    Route::Use { keyspace, frame } => match switch_keyspace(&pool, accepted.version, &keyspace).await {
+                        Ok(g) => {
+                            group = g;
+                            in_flight += 1;
+                            let r = reply(frame.stream());
+                            pool.dispatch(&group, Pending::new(frame, r)).await;
+                            continue;
                         }
-                    }
-                    Route::Client(f) => {
-                        if client.tx.send(f).await.is_err() {
-                            break;
-                        }
-                    }
+                        Err(f) => compressed(f.with_stream(frame.stream()), accepted.compression),
+                    },
+                    Route::Client(f) => f,
                     Route::Close(f) => {
-                        let _ = client.tx.send(f).await;
+                        let _ = out.push(&f).await;
+                        let _ = out.flush().await;
                         break;
                     }
+                };
+                if out.push(&local).await.is_err() || out.flush().await.is_err() {
+                    break;
                 }
             }
-            Some(frame) = responses.recv() => {
-                in_flight = in_flight.saturating_sub(1);
-                match router.on_upstream_frame(frame) {
-                    Ok(Some(f)) => {
-                        if client.tx.send(f).await.is_err() {
-                            break;
-                        }
+            Some(first) = responses.recv() => {
+                let mut next = Some(first);
+                let mut written = 0;
+                let (mut failed, mut yielded) = (false, false);
+                while let Some(frame) = next.take() {
+                    in_flight = in_flight.saturating_sub(1);
+                    match router.on_upstream_frame(frame) {
+                        Ok(Some(f)) => failed = out.push(&f).await.is_err(),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
+                    written += 1;
+                    if failed || written >= MAX_BATCH {
+                        break;
+                    }
+                    next = responses.try_recv().ok();
+                    if next.is_none() && in_flight > 0 && !yielded {
+                        // More answers are on their way: let the upstream readers run once so
+                        // they go out in this write instead of one syscall each.
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        next = responses.try_recv().ok();
+                    }
+                }
+                if failed || out.flush().await.is_err() {
+                    break;
                 }
             }
         }
     }
-    client.finish().await;
+    let _ = out.shutdown().await;
 }
 
-async fn switch_keyspace(
-    pool: &Pool,
-    version: u8,
-    keyspace: &str,
-) -> Result<Arc<Group>, crate::frame::Frame> {
+async fn switch_keyspace(pool: &Pool, version: u8, keyspace: &str) -> Result<Arc<Group>, Frame> {
     pool.group(version, Some(keyspace))
         .await
         .map_err(|e| upstream_error_frame(version, 0, &e))

@@ -43,6 +43,10 @@ pub struct MuxConn {
     table: Mutex<StreamTable>,
     bucket: Mutex<TokenBucket>,
     in_flight: AtomicUsize,
+    /// Stream ids free to use (mirrors the table, read without its lock).
+    free: AtomicUsize,
+    /// No rate budget: the bucket is never consulted.
+    unlimited: bool,
     state: AtomicU8,
     sent: AtomicU64,
     cancel: CancellationToken,
@@ -101,6 +105,8 @@ impl MuxConn {
             table: Mutex::new(StreamTable::new(params.max_streams)),
             bucket: Mutex::new(TokenBucket::new(params.max_rate, now)),
             in_flight: AtomicUsize::new(0),
+            free: AtomicUsize::new(params.max_streams.clamp(1, 32768)),
+            unlimited: params.max_rate == 0,
             state: AtomicU8::new(ConnState::Ready as u8),
             sent: AtomicU64::new(0),
             cancel: CancellationToken::new(),
@@ -126,11 +132,20 @@ impl MuxConn {
             }
             me.state.store(ConnState::Dead as u8, Ordering::Release);
             writer.abort();
-            let in_flight = me.lock_table().drain();
-            me.in_flight.store(0, Ordering::Release);
+            let in_flight = {
+                let mut t = me.lock_table();
+                let drained = t.drain();
+                me.mirror(&t);
+                drained
+            };
             owner.on_closed(&me, in_flight);
         });
         Ok(conn)
+    }
+
+    fn mirror(&self, t: &StreamTable) {
+        self.in_flight.store(t.in_flight(), Ordering::Release);
+        self.free.store(t.free_count(), Ordering::Release);
     }
 
     fn lock_table(&self) -> MutexGuard<'_, StreamTable> {
@@ -173,6 +188,9 @@ impl MuxConn {
 
     /// Takes a send permit from the rate limiter, if one is available now.
     pub fn try_acquire(&self) -> bool {
+        if self.unlimited {
+            return true;
+        }
         self.bucket
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -187,7 +205,7 @@ impl MuxConn {
     }
 
     pub fn has_free_stream(&self) -> bool {
-        self.lock_table().has_free()
+        self.free.load(Ordering::Acquire) > 0
     }
 
     /// Sends a request; gives it back if this connection cannot take it.
@@ -199,7 +217,7 @@ impl MuxConn {
         let id = {
             let mut t = self.lock_table();
             let id = t.insert(pending)?;
-            self.in_flight.store(t.in_flight(), Ordering::Release);
+            self.mirror(&t);
             id
         };
         frame.header.stream = id;
@@ -213,7 +231,7 @@ impl MuxConn {
             // The writer is gone: the reader will drain the table; take ours back if still there.
             let mut t = self.lock_table();
             let p = t.take(id);
-            self.in_flight.store(t.in_flight(), Ordering::Release);
+            self.mirror(&t);
             return p.map_or(Ok(()), Err);
         }
         Ok(())
@@ -223,7 +241,7 @@ impl MuxConn {
     pub fn take(&self, stream: i16) -> Option<Pending> {
         let mut t = self.lock_table();
         let p = t.take(stream);
-        self.in_flight.store(t.in_flight(), Ordering::Release);
+        self.mirror(&t);
         p
     }
 
@@ -231,7 +249,7 @@ impl MuxConn {
     pub fn expire(&self, timeout: std::time::Duration) -> Vec<Pending> {
         let mut t = self.lock_table();
         let out = t.expire(Instant::now(), timeout);
-        self.in_flight.store(t.in_flight(), Ordering::Release);
+        self.mirror(&t);
         out
     }
 }

@@ -145,6 +145,17 @@ impl Group {
     /// The least busy ready connection with a free stream id and rate budget.
     fn pick(&self) -> Option<Arc<MuxConn>> {
         let conns = self.conns.load();
+        // Fast path, without allocating: the least busy usable connection, if it has budget.
+        let best = conns
+            .iter()
+            .filter(|c| c.is_ready() && c.has_free_stream())
+            .min_by_key(|c| c.in_flight());
+        match best {
+            Some(c) if c.try_acquire() => return Some(c.clone()),
+            None => return None,
+            Some(_) => {}
+        }
+        // Rate-limited: try the others, least busy first.
         // Snapshot the counts first: they change under our feet, and sorting on live values
         // would not be a total order.
         let mut candidates: Vec<(usize, &Arc<MuxConn>)> = conns

@@ -100,6 +100,10 @@ impl StreamTable {
         !self.free.is_empty()
     }
 
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
     /// Registers `p`; returns its stream id, or gives it back when every id is taken.
     pub fn insert(&mut self, p: Pending) -> Result<i16, Pending> {
         let Some(id) = self.free.pop() else {
