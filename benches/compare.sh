@@ -60,7 +60,7 @@ start_proxy() { # $1 = tls|plain; sets port_of[proxy_$1] and pid_of[proxy_$1]
     extra=(--endpoint "$emu_plain" --insecure-plaintext-upstream-for-benchmarks)
   fi
   $bin/keyspaces-proxy --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics" --region us-east-1 \
-    --max-rate-per-connection 0 --max-connections 20000 "${extra[@]}" >/dev/null 2>"$work/proxy-$1.log" &
+    --max-rate-per-connection 0 --max-connections 20000 "${extra[@]}" ${PROXY_ARGS:-} >/dev/null 2>"$work/proxy-$1.log" &
   pid_of[proxy_$1]=$!
   pids+=($!)
   wait_port "$port" "${pid_of[proxy_$1]}"

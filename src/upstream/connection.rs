@@ -181,7 +181,11 @@ impl From<FrameDecodeError> for UpstreamError {
 
 const HANDSHAKE_STREAM: i16 = 0;
 
-async fn roundtrip(framed: &mut UpstreamFramed, frame: Frame) -> Result<Frame, UpstreamError> {
+/// Sends one handshake-time request and waits for its answer on the handshake stream.
+pub(crate) async fn roundtrip(
+    framed: &mut UpstreamFramed,
+    frame: Frame,
+) -> Result<Frame, UpstreamError> {
     framed
         .send(frame)
         .await

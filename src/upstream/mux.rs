@@ -259,32 +259,17 @@ async fn use_keyspace(
     version: u8,
     keyspace: &str,
 ) -> Result<(), UpstreamError> {
-    use futures_util::SinkExt;
     let quoted = format!("USE \"{}\"", keyspace.replace('"', "\"\""));
-    framed
-        .send(messages::query(version, 0, &quoted, consistency::ONE))
-        .await
-        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-    loop {
-        match framed.next().await {
-            None => return Err(UpstreamError::Closed),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(f)) if f.stream() != 0 => continue,
-            Some(Ok(f))
-                if f.opcode() == opcode::RESULT
-                    && result_kind(&f.body).ok() == Some(kind::SET_KEYSPACE) =>
-            {
-                return Ok(())
-            }
-            Some(Ok(f)) => {
-                return Err(match ErrorInfo::parse(&f.body) {
-                    Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
-                    _ => UpstreamError::Protocol(format!(
-                        "unexpected {} to USE",
-                        opcode::name(f.opcode())
-                    )),
-                })
-            }
-        }
+    let f = super::connection::roundtrip(
+        framed,
+        messages::query(version, 0, &quoted, consistency::ONE),
+    )
+    .await?;
+    if f.opcode() == opcode::RESULT && result_kind(&f.body).ok() == Some(kind::SET_KEYSPACE) {
+        return Ok(());
     }
+    Err(match ErrorInfo::parse(&f.body) {
+        Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
+        _ => UpstreamError::Protocol(format!("unexpected {} to USE", opcode::name(f.opcode()))),
+    })
 }
