@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::frame::compression::{compressed, decompressed, transcode, CompressionError};
-use crate::frame::header::{flags, opcode};
+use crate::frame::header::opcode;
 use crate::frame::messages::{self, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
@@ -262,16 +262,15 @@ impl Router {
     }
 }
 
-/// True when a frame carries the compression flag (for callers deciding whether to inspect).
-pub fn is_compressed(frame: &Frame) -> bool {
-    frame.header.has_flag(flags::COMPRESSION)
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::{BufMut, BytesMut};
 
     use super::*;
+
+    fn is_compressed(frame: &Frame) -> bool {
+        frame.header.has_flag(crate::frame::flags::COMPRESSION)
+    }
     use crate::frame::result::test_bodies::rows_body;
     use crate::frame::result::{metadata_flags, Rows, TYPE_INET};
     use crate::frame::types::WriteExt;

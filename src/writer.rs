@@ -20,8 +20,6 @@ const BATCH_MAX: usize = 256 * 1024;
 /// own upstream reads (TCP backpressure) rather than growing memory.
 pub const QUEUE_DEPTH: usize = 1024;
 
-pub type FrameSender = mpsc::Sender<Frame>;
-
 /// Coalesces frames onto one writer: small frames are gathered into one buffer and written with
 /// one call; large bodies are written from their own buffer instead of being copied.
 pub struct FrameWriter<W> {
