@@ -42,13 +42,16 @@ pub(super) async fn forward(
     let upstream_writer = tokio::spawn(write_frames(up_rx, up_write));
 
     let mut shutdown = ctx.shutdown.clone();
+    // Created once: a fresh watch future on every loop turn costs more than the work it guards.
+    let stop = super::stopping(&mut shutdown);
+    tokio::pin!(stop);
     let (mut in_flight, mut draining) = (0usize, false);
     loop {
         if draining && in_flight == 0 {
             break;
         }
         tokio::select! {
-            _ = super::stopping(&mut shutdown), if !draining => draining = true,
+            _ = &mut stop, if !draining => draining = true,
             next = client.next(), if !draining => {
                 let Some(frame) = next else { break };
                 match router.on_client_frame(frame) {

@@ -46,13 +46,16 @@ pub(super) async fn forward(
     // client is not reading, this task is blocked writing to it and reads no new requests.
     let (responses_tx, mut responses) = mpsc::unbounded_channel();
     let mut shutdown = ctx.shutdown.clone();
+    // Created once: a fresh watch future on every loop turn costs more than the work it guards.
+    let stop = super::stopping(&mut shutdown);
+    tokio::pin!(stop);
     let (mut in_flight, mut draining) = (0usize, false);
     loop {
         if draining && in_flight == 0 {
             break;
         }
         tokio::select! {
-            _ = super::stopping(&mut shutdown), if !draining => draining = true,
+            _ = &mut stop, if !draining => draining = true,
             next = next_client_frame(&mut frames), if !draining => {
                 let frame = match next {
                     Ok(f) => f,

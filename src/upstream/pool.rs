@@ -391,7 +391,8 @@ impl Pool {
     /// Sends a request on the least busy connection of `group`, waiting briefly for capacity.
     /// Never hangs: without a usable connection the requester gets an OVERLOADED error.
     pub async fn dispatch(&self, group: &Arc<Group>, mut pending: Pending) {
-        let deadline = Instant::now() + self.target.connect_timeout;
+        // Only computed when no connection can take the request at once.
+        let mut deadline = None;
         loop {
             if let Some(conn) = group.pick() {
                 if conn.in_flight() > self.settings.max_streams_per_connection / 2 {
@@ -416,6 +417,8 @@ impl Pool {
                     return;
                 }
             }
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + self.target.connect_timeout);
             if Instant::now() >= deadline {
                 let f =
                     unavailable_frame(&pending, "no upstream capacity within the connect timeout");
