@@ -148,11 +148,22 @@ impl<'a> Rows<'a> {
     }
 
     /// Iterates over rows as vectors of cell values (`None` = null).
+    ///
+    /// Both counts come from the peer: allocations are bounded by the bytes actually present
+    /// (every cell takes at least four), and rows without columns carry no data to return.
     pub fn cells(&self) -> BodyResult<Vec<Vec<Option<&'a [u8]>>>> {
         let mut r = Reader::new(self.rows);
-        let mut out = Vec::with_capacity((self.rows_count as usize).min(4096));
+        let columns = self.columns_count.max(0) as usize;
+        if columns == 0 {
+            return Ok(Vec::new());
+        }
+        let max_cells = self.rows.len() / 4;
+        if columns > max_cells || (self.rows_count as usize).saturating_mul(columns) > max_cells {
+            return Err(BodyError::Truncated("rows"));
+        }
+        let mut out = Vec::with_capacity(self.rows_count as usize);
         for _ in 0..self.rows_count {
-            let mut row = Vec::with_capacity(self.columns_count.max(0) as usize);
+            let mut row = Vec::with_capacity(columns);
             for _ in 0..self.columns_count {
                 row.push(r.bytes()?);
             }
@@ -290,6 +301,28 @@ mod tests {
         let p = Prepared::parse(&b, 4).unwrap();
         assert_eq!(&p.id[..], &[1, 2, 3]);
         assert_eq!(p.result_columns.unwrap()[0].name, "rpc_address");
+    }
+
+    #[test]
+    fn hostile_counts_do_not_allocate() {
+        // Found by the frame_decoder fuzz target: a huge column count made `cells` reserve
+        // gigabytes, and a huge row count with no columns looped for billions of rows.
+        let mut b = BytesMut::new();
+        b.put_i32(kind::ROWS);
+        b.put_i32(metadata_flags::NO_METADATA);
+        b.put_i32(0x7fff_ffff);
+        b.put_i32(1);
+        b.put_slice(&[0; 16]);
+        assert!(Rows::parse(&b).unwrap().cells().is_err());
+        let mut b = BytesMut::new();
+        b.put_i32(kind::ROWS);
+        b.put_i32(metadata_flags::NO_METADATA);
+        b.put_i32(0);
+        b.put_i32(0x7fff_ffff);
+        assert!(Rows::parse(&b).unwrap().cells().unwrap().is_empty());
+        // The artifact itself.
+        let artifact = hex::decode("8e280f000000000027000000000000029696969696969600000000000027000000000000000000000000000000009e0000000000000000000000000000000000000000000000006600000000000000000a0196").unwrap();
+        let _ = Rows::parse(&artifact[9..]).map(|r| r.cells());
     }
 
     #[test]
