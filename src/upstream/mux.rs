@@ -228,7 +228,10 @@ impl MuxConn {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
         };
         if sent.is_err() {
-            // The writer is gone: the reader will drain the table; take ours back if still there.
+            // The writer is gone: stop choosing this connection at once (the pool would otherwise
+            // retry on it until the reader notices), close it, and take our request back.
+            self.drain();
+            self.close();
             let mut t = self.lock_table();
             let p = t.take(id);
             self.mirror(&t);
