@@ -201,7 +201,8 @@ impl Conn {
             }
         };
         let body = match messages::message_body(&frame.header, &frame.body) {
-            Ok(b) => Bytes::copy_from_slice(b),
+            // A view of the frame's body past its prefixes, not a copy.
+            Ok(b) => frame.body.slice(frame.body.len() - b.len()..),
             Err(e) => {
                 return self
                     .error(h.stream, error_code::PROTOCOL_ERROR, &e.to_string())

@@ -186,14 +186,7 @@ impl Engine {
     pub fn classify(&self, op: u8, body: &[u8]) -> StatementKind {
         match op {
             opcode::QUERY => match parse_query(body) {
-                Ok(q)
-                    if q.text
-                        .trim_start()
-                        .to_ascii_lowercase()
-                        .starts_with("select") =>
-                {
-                    StatementKind::Read
-                }
+                Ok(q) if keyspaces_proxy::statement::is_select(q.text) => StatementKind::Read,
                 _ => StatementKind::Write,
             },
             opcode::EXECUTE => {
