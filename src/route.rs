@@ -163,7 +163,7 @@ impl Router {
                 .and_then(|b| parse_query(b).ok())
                 .and_then(|q| parse_use(q.text));
             if let Some(keyspace) = keyspace {
-                self.pending.remove(&stream);
+                self.forget(stream);
                 return Route::Use {
                     keyspace,
                     frame: compressed(plain, self.upstream_compression),
@@ -187,6 +187,7 @@ impl Router {
                     .map(Pending::Prepare),
                 _ => parse_execute(body)
                     .ok()
+                    .filter(|_| !self.system_prepared.is_empty())
                     .and_then(|e| self.system_prepared.get(e.id))
                     .map(|(t, cols)| Pending::Rewrite(*t, cols.clone())),
             },
@@ -197,11 +198,15 @@ impl Router {
             Some(p) => {
                 self.pending.insert(stream, p);
             }
-            None => {
-                self.pending.remove(&stream);
-            }
+            None => self.forget(stream),
         }
         Route::Upstream(compressed(plain, self.upstream_compression))
+    }
+
+    fn forget(&mut self, stream: i16) {
+        if !self.pending.is_empty() {
+            self.pending.remove(&stream);
+        }
     }
 
     /// A frame from the upstream, translated for the client; `None` to drop it.
@@ -209,7 +214,12 @@ impl Router {
         if frame.stream() < 0 {
             return Ok(None);
         }
-        let Some(pending) = self.pending.remove(&frame.stream()) else {
+        // Almost always empty: skip hashing the stream id for ordinary traffic.
+        let pending = match self.pending.is_empty() {
+            true => None,
+            false => self.pending.remove(&frame.stream()),
+        };
+        let Some(pending) = pending else {
             return transcode(
                 frame,
                 self.upstream_compression,

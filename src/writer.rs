@@ -78,9 +78,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// Either kind of tokio channel: upstream connections use an unbounded one (their stream table
+/// already caps what can be queued, and the bounded channel's semaphore showed up in profiles);
+/// client-facing queues stay bounded.
+pub trait FrameSource {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send;
+    fn try_recv(&mut self) -> Option<Frame>;
+}
+
+impl FrameSource for mpsc::Receiver<Frame> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send {
+        mpsc::Receiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Frame> {
+        mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl FrameSource for mpsc::UnboundedReceiver<Frame> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send {
+        mpsc::UnboundedReceiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Frame> {
+        mpsc::UnboundedReceiver::try_recv(self).ok()
+    }
+}
+
 /// Writes frames from `rx` to `w` until the channel closes or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
-    rx: mpsc::Receiver<Frame>,
+    rx: impl FrameSource,
     w: W,
 ) -> std::io::Result<()> {
     write_frames_counted(rx, w, None).await
@@ -88,7 +114,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 
 /// As `write_frames`, adding the bytes written to `counter`.
 pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: impl FrameSource,
     w: W,
     counter: Option<Counter>,
 ) -> std::io::Result<()> {
@@ -98,8 +124,8 @@ pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
         // Everything already queued goes out with the same flush.
         for _ in 0..1024 {
             match rx.try_recv() {
-                Ok(f) => out.push(&f).await?,
-                Err(_) => break,
+                Some(f) => out.push(&f).await?,
+                None => break,
             }
         }
         out.flush().await?;

@@ -15,7 +15,7 @@ use super::streams::{Pending, StreamTable, TokenBucket};
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
-use crate::writer::{write_frames, QUEUE_DEPTH};
+use crate::writer::write_frames;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -39,7 +39,8 @@ pub struct MuxConn {
     pub created: Instant,
     /// When the credentials that signed this connection expire (STS), if they do.
     pub credentials_expiry: Option<SystemTime>,
-    writer: mpsc::Sender<Frame>,
+    /// Unbounded: at most one queued frame per stream id in the table.
+    writer: mpsc::UnboundedSender<Frame>,
     table: Mutex<StreamTable>,
     bucket: Mutex<TokenBucket>,
     in_flight: AtomicUsize,
@@ -93,7 +94,7 @@ impl MuxConn {
         let (read, write) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(read, FrameCodec::new(target.max_frame_len));
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let conn = Arc::new(MuxConn {
             id: params.id,
@@ -209,7 +210,7 @@ impl MuxConn {
     }
 
     /// Sends a request; gives it back if this connection cannot take it.
-    pub async fn send(&self, pending: Pending) -> Result<(), Pending> {
+    pub fn send(&self, pending: Pending) -> Result<(), Pending> {
         if self.state() == ConnState::Dead {
             return Err(pending);
         }
@@ -222,11 +223,7 @@ impl MuxConn {
         };
         frame.header.stream = id;
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let sent = match self.writer.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(f)) => self.writer.send(f).await.map_err(|_| ()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-        };
+        let sent = self.writer.send(frame).map_err(|_| ());
         if sent.is_err() {
             // The writer is gone: stop choosing this connection at once (the pool would otherwise
             // retry on it until the reader notices), close it, and take our request back.

@@ -398,7 +398,7 @@ impl Pool {
                 if conn.in_flight() > self.settings.max_streams_per_connection / 2 {
                     self.grow(group);
                 }
-                match conn.send(pending).await {
+                match conn.send(pending) {
                     Ok(()) => return,
                     Err(p) => {
                         pending = p;
@@ -556,7 +556,7 @@ impl Pool {
         tokio::spawn(async move {
             let (tx, rx) = oneshot::channel();
             let p = Pending::new(messages::options(conn.version, 0), ReplyTo::Internal(tx));
-            if conn.send(p).await.is_err() {
+            if conn.send(p).is_err() {
                 return;
             }
             if !matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(_))) {
@@ -606,7 +606,6 @@ impl Pool {
         let prepare = prepare_frame(conn.version, &statement.query);
         if target
             .send(Pending::new(prepare, ReplyTo::Internal(tx)))
-            .await
             .is_err()
         {
             pending.reply.deliver(unprepared);
@@ -626,7 +625,7 @@ impl Pool {
         metrics().reprepares.inc();
         pending.attempt += 1;
         pending.sent_at = Instant::now();
-        if let Err(p) = target.send(pending).await {
+        if let Err(p) = target.send(pending) {
             p.reply.deliver(unprepared);
         }
     }
