@@ -164,6 +164,23 @@ pub struct Cli {
     #[arg(long, env = "KEYSPACES_PROXY_HANDSHAKE_TIMEOUT", default_value_t = 30)]
     pub handshake_timeout: u64,
 
+    /// Requests one client may have unanswered before the proxy stops reading from it
+    /// (back-pressure, not an error).
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_MAX_CLIENT_IN_FLIGHT",
+        default_value_t = 4096
+    )]
+    pub max_client_in_flight: usize,
+
+    /// Bytes of answers a client may leave unread before the proxy closes it.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_MAX_CLIENT_BUFFER",
+        default_value_t = 64 << 20
+    )]
+    pub max_client_buffer: usize,
+
     /// Most client connections served at once; more are closed on accept.
     #[arg(
         long,
@@ -493,6 +510,8 @@ impl Cli {
                 advertise_address: self.advertise_address,
                 max_frame_len: self.max_frame_len,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+                max_client_in_flight: self.max_client_in_flight.max(1),
+                max_client_buffer: self.max_client_buffer.max(1),
             },
             credentials,
             region,

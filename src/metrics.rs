@@ -30,6 +30,7 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub client_connections_opened: Counter,
     pub client_connections_rejected: Family<Labels, Counter>,
+    pub client_closed: Family<Labels, Counter>,
     pub client_handshakes: Family<Labels, Counter>,
     pub upstream_connections: Family<Labels, Gauge>,
     pub upstream_handshakes: Family<Labels, Counter>,
@@ -85,6 +86,12 @@ impl Metrics {
             "client_connections_rejected",
             "Client connections closed on accept, by reason",
             client_connections_rejected.clone(),
+        );
+        let client_closed = Family::<Labels, Counter>::default();
+        registry.register(
+            "client_connections_closed_by_proxy",
+            "Client connections the proxy closed, by reason",
+            client_closed.clone(),
         );
         let client_handshakes = Family::<Labels, Counter>::default();
         registry.register(
@@ -182,6 +189,9 @@ impl Metrics {
         // Known series start at zero, so dashboards and alerts see them before the first event.
         let _ =
             client_connections_rejected.get_or_create_owned(&vec![("reason", "connection_limit")]);
+        for reason in ["not_reading", "protocol_error", "handshake_timeout"] {
+            let _ = client_closed.get_or_create_owned(&vec![("reason", reason)]);
+        }
         for result in ["ok", "bad_credentials", "upstream_error", "protocol_error"] {
             let _ = client_handshakes.get_or_create_owned(&vec![("result", result)]);
         }
@@ -223,6 +233,7 @@ impl Metrics {
             client_connections,
             client_connections_opened,
             client_connections_rejected,
+            client_closed,
             client_handshakes,
             upstream_connections,
             upstream_handshakes,

@@ -20,6 +20,9 @@ pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
 /// are picked up without a restart.
 pub const STATIC_REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60);
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// A provider slower than this (IMDS or STS not answering) counts as failed, so a handshake
+/// gets an error instead of hanging.
+pub const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error, Clone)]
 #[error("could not load AWS credentials: {0}")]
@@ -27,6 +30,7 @@ pub struct CredentialsError(pub String);
 
 pub struct CredentialCache {
     provider: SharedCredentialsProvider,
+    timeout: Duration,
     current: ArcSwapOption<Credentials>,
     refreshing: tokio::sync::Mutex<()>,
 }
@@ -46,10 +50,20 @@ fn is_fresh(c: &Credentials, now: SystemTime) -> bool {
     }
 }
 
+fn is_expired(c: &Credentials, now: SystemTime) -> bool {
+    c.expiry().is_some_and(|exp| exp <= now)
+}
+
 impl CredentialCache {
     pub fn new(provider: SharedCredentialsProvider) -> Arc<CredentialCache> {
+        CredentialCache::with_timeout(provider, PROVIDER_TIMEOUT)
+    }
+
+    /// As `new`, giving up on the provider after `timeout`.
+    pub fn with_timeout(provider: SharedCredentialsProvider, timeout: Duration) -> Arc<Self> {
         Arc::new(CredentialCache {
             provider,
+            timeout,
             current: ArcSwapOption::empty(),
             refreshing: tokio::sync::Mutex::new(()),
         })
@@ -99,10 +113,31 @@ impl CredentialCache {
                 return Ok(c);
             }
         }
-        let loaded = self.provider.provide_credentials().await;
+        let loaded = tokio::time::timeout(self.timeout, self.provider.provide_credentials()).await;
+        let loaded = match loaded {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(CredentialsError(DisplayErrorContext(&e).to_string())),
+            Err(_) => Err(CredentialsError(format!(
+                "the credentials provider did not answer within {} s",
+                self.timeout.as_secs_f32()
+            ))),
+        };
         let result = if loaded.is_ok() { "ok" } else { "error" };
         Metrics::count(&metrics().credential_refreshes, vec![("result", result)]);
-        let loaded = loaded.map_err(|e| CredentialsError(DisplayErrorContext(&e).to_string()))?;
+        let loaded = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                // Credentials that are due for refresh but not yet expired still sign: a
+                // provider hiccup must not fail handshakes while they last.
+                if let Some(c) = self.current.load_full() {
+                    if !is_expired(&c, SystemTime::now()) {
+                        tracing::warn!(error = %e, "credential refresh failed; still using the current credentials until they expire");
+                        return Ok(c);
+                    }
+                }
+                return Err(e);
+            }
+        };
         let loaded = Arc::new(loaded);
         self.current.store(Some(loaded.clone()));
         tracing::debug!(
@@ -244,5 +279,81 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         c.refresh(true).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// First answers with credentials expiring in 2 minutes, then fails or hangs.
+    #[derive(Debug)]
+    struct ThenBroken {
+        calls: AtomicUsize,
+        hang: bool,
+    }
+
+    impl ProvideCredentials for ThenBroken {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                let expiry = SystemTime::now() + Duration::from_secs(120);
+                return future::ProvideCredentials::ready(Ok(Credentials::new(
+                    "AKIDFIRST",
+                    "secret",
+                    None,
+                    Some(expiry),
+                    "test",
+                )));
+            }
+            if self.hang {
+                return future::ProvideCredentials::new(std::future::pending());
+            }
+            future::ProvideCredentials::ready(Err(
+                aws_credential_types::provider::error::CredentialsError::provider_error(
+                    "metadata service said no",
+                ),
+            ))
+        }
+    }
+
+    fn broken(hang: bool) -> Arc<CredentialCache> {
+        let p = ThenBroken {
+            calls: AtomicUsize::new(0),
+            hang,
+        };
+        CredentialCache::with_timeout(
+            SharedCredentialsProvider::new(p),
+            Duration::from_millis(200),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_hanging_provider_keeps_unexpired_credentials_in_use() {
+        for hang in [false, true] {
+            let c = broken(hang);
+            assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDFIRST");
+            // Due for refresh (2 min left < 5 min ahead); the refresh fails, the key still signs.
+            assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDFIRST");
+            assert_eq!(c.refresh(true).await.unwrap().access_key_id(), "AKIDFIRST");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_provider_is_an_error_not_a_hang() {
+        let p = ThenBroken {
+            calls: AtomicUsize::new(1),
+            hang: true,
+        };
+        let c = CredentialCache::with_timeout(
+            SharedCredentialsProvider::new(p),
+            Duration::from_millis(100),
+        );
+        let e = c.get().await.unwrap_err();
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        let p = ThenBroken {
+            calls: AtomicUsize::new(1),
+            hang: false,
+        };
+        let c = CredentialCache::new(SharedCredentialsProvider::new(p));
+        let e = c.get().await.unwrap_err();
+        assert!(e.to_string().contains("metadata service said no"), "{e}");
     }
 }

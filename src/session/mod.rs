@@ -35,6 +35,11 @@ pub struct ProxyContext {
     pub advertise_address: Option<IpAddr>,
     pub max_frame_len: usize,
     pub handshake_timeout: Duration,
+    /// Requests read from one client ahead of their answers (pooled mode); beyond it the
+    /// proxy stops reading that client, which pushes back through TCP.
+    pub max_client_in_flight: usize,
+    /// Bytes of unwritten answers one client may pin before it is closed as not reading.
+    pub max_client_buffer: usize,
     /// Shared upstream connections; `None` gives each client its own (debugging mode).
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
@@ -76,7 +81,21 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
         // Small buffers that grow with traffic: thousands of idle clients must stay cheap.
         let mut client =
             Framed::with_capacity(socket, FrameCodec::new(ctx.max_frame_len), CLIENT_BUFFER);
-        match handshake(&ctx, &mut client).await {
+        // One deadline for the whole handshake, not one per frame: a client trickling OPTIONS
+        // or a byte at a time must not hold a connection slot for ever.
+        let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client));
+        let handshake = match handshake.await {
+            Ok(h) => h,
+            Err(_) => {
+                tracing::debug!("client handshake timed out");
+                Metrics::count(
+                    &metrics().client_closed,
+                    vec![("reason", "handshake_timeout")],
+                );
+                Ok(None)
+            }
+        };
+        match handshake {
             Ok(Some((accepted, upstream))) => {
                 tracing::debug!(
                     version = accepted.version,
@@ -154,17 +173,11 @@ async fn handshake(
 ) -> std::io::Result<Option<(Accepted, Upstream)>> {
     let mut hs = ClientHandshake::new(ctx.client_auth.load_full());
     loop {
-        let next = match tokio::time::timeout(ctx.handshake_timeout, client.next()).await {
-            Ok(n) => n,
-            Err(_) => {
-                tracing::debug!("client handshake timed out");
-                return Ok(None);
-            }
-        };
-        let frame = match next {
+        let frame = match client.next().await {
             None => return Ok(None),
             Some(Ok(f)) => f,
             Some(Err(FrameDecodeError::Frame(e))) => {
+                Metrics::count(&metrics().client_closed, vec![("reason", "protocol_error")]);
                 client.send(decode_error_frame(&e)).await?;
                 return Ok(None);
             }
@@ -259,7 +272,10 @@ async fn next_client_frame(
             metrics().request(f.opcode(), f.body.len() + crate::frame::header::HEADER_LEN);
             Ok(f)
         }
-        Some(Err(FrameDecodeError::Frame(e))) => Err(Some(decode_error_frame(&e))),
+        Some(Err(FrameDecodeError::Frame(e))) => {
+            Metrics::count(&metrics().client_closed, vec![("reason", "protocol_error")]);
+            Err(Some(decode_error_frame(&e)))
+        }
         Some(Err(FrameDecodeError::Io(e))) => {
             tracing::debug!(error = %e, "client read failed");
             Err(None)

@@ -6,16 +6,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
 
 use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed, ProxyContext};
 use crate::frame::compression::compressed;
 use crate::frame::{Compression, Frame};
 use crate::handshake::Accepted;
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Metrics};
 use crate::route::{Route, Router};
 use crate::upstream::pool::{Group, Pool};
-use crate::upstream::streams::{Pending, ReplyTo};
+use crate::upstream::streams::{ClientInbox, Pending, ReplyTo};
 use crate::writer::FrameWriter;
 
 /// Responses written per flush at most, so one busy client cannot starve its own reads.
@@ -42,9 +41,9 @@ pub(super) async fn forward(
     let (mut frames, write) = split_client(client, ctx.max_frame_len);
     let mut out: FrameWriter<OwnedWriteHalf> =
         FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
-    // Unbounded, but bounded in practice by the client's own in-flight requests: while the
-    // client is not reading, this task is blocked writing to it and reads no new requests.
-    let (responses_tx, mut responses) = mpsc::unbounded_channel();
+    // Bounded twice: no more than `max_client_in_flight` requests are read ahead of their
+    // answers, and a client whose unwritten answers pass `max_client_buffer` bytes is dropped.
+    let (inbox, mut responses) = ClientInbox::new(ctx.max_client_buffer);
     let mut shutdown = ctx.shutdown.clone();
     // Created once: a fresh watch future on every loop turn costs more than the work it guards.
     let stop = super::stopping(&mut shutdown);
@@ -54,9 +53,14 @@ pub(super) async fn forward(
         if draining && in_flight == 0 {
             break;
         }
+        let may_read = !draining && in_flight < ctx.max_client_in_flight;
         tokio::select! {
             _ = &mut stop, if !draining => draining = true,
-            next = next_client_frame(&mut frames), if !draining => {
+            _ = inbox.overflowed() => {
+                not_reading(&inbox);
+                break;
+            }
+            next = next_client_frame(&mut frames), if may_read => {
                 let frame = match next {
                     Ok(f) => f,
                     Err(why) => {
@@ -67,7 +71,7 @@ pub(super) async fn forward(
                         break;
                     }
                 };
-                let reply = |stream| ReplyTo::Client { tx: responses_tx.clone(), stream };
+                let reply = |stream| ReplyTo::Client { inbox: inbox.clone(), stream };
                 let local = match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
                         in_flight += 1;
@@ -92,7 +96,7 @@ pub(super) async fn forward(
                         break;
                     }
                 };
-                if out.push(&local).await.is_err() || out.flush().await.is_err() {
+                if !wrote(&inbox, out.push(&local)).await || !wrote(&inbox, out.flush()).await {
                     break;
                 }
             }
@@ -102,8 +106,9 @@ pub(super) async fn forward(
                 let (mut failed, mut yielded) = (false, false);
                 while let Some(frame) = next.take() {
                     in_flight = in_flight.saturating_sub(1);
+                    inbox.written(&frame);
                     match router.on_upstream_frame(frame) {
-                        Ok(Some(f)) => failed = out.push(&f).await.is_err(),
+                        Ok(Some(f)) => failed = !wrote(&inbox, out.push(&f)).await,
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
                     }
@@ -120,13 +125,37 @@ pub(super) async fn forward(
                         next = responses.try_recv().ok();
                     }
                 }
-                if failed || out.flush().await.is_err() {
+                if failed || !wrote(&inbox, out.flush()).await {
+                    if inbox.is_overflowed() {
+                        not_reading(&inbox);
+                    }
                     break;
                 }
             }
         }
     }
     let _ = out.shutdown().await;
+}
+
+/// Runs one write to the client; false if it failed or the client's inbox overflowed while it
+/// was blocked (a client that does not read would otherwise hold this task forever).
+async fn wrote(
+    inbox: &ClientInbox,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> bool {
+    tokio::select! {
+        biased;
+        r = write => r.is_ok(),
+        _ = inbox.overflowed() => false,
+    }
+}
+
+fn not_reading(inbox: &ClientInbox) {
+    tracing::warn!(
+        queued_bytes = inbox.queued_bytes(),
+        "closing a client that does not read its responses (--max-client-buffer reached)"
+    );
+    Metrics::count(&metrics().client_closed, vec![("reason", "not_reading")]);
 }
 
 async fn switch_keyspace(pool: &Pool, version: u8, keyspace: &str) -> Result<Arc<Group>, Frame> {

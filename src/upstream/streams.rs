@@ -1,18 +1,86 @@
 //! Per-connection bookkeeping for multiplexing: which upstream stream ids are in flight, for
 //! whom, and how fast requests may be sent. Pure data structures, unit-tested without sockets.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::frame::header::HEADER_LEN;
 use crate::frame::Frame;
+
+/// Responses waiting to be written to one client, with the bytes they hold.
+///
+/// Upstream readers serve many clients and must never wait for one, so a client that stops
+/// reading cannot be slowed down from here: once its unwritten responses pass `limit` bytes it
+/// is marked overflowed and its session closes the connection, which bounds the memory one
+/// client can pin.
+#[derive(Debug)]
+pub struct ClientInbox {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: AtomicUsize,
+    limit: usize,
+    overflowed: AtomicBool,
+    wake: Notify,
+}
+
+impl ClientInbox {
+    pub fn new(limit: usize) -> (Arc<ClientInbox>, mpsc::UnboundedReceiver<Frame>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inbox = ClientInbox {
+            tx,
+            queued: AtomicUsize::new(0),
+            limit,
+            overflowed: AtomicBool::new(false),
+            wake: Notify::new(),
+        };
+        (Arc::new(inbox), rx)
+    }
+
+    fn push(&self, frame: Frame) {
+        let len = HEADER_LEN + frame.body.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        // One response is always accepted, however large (the frame limit bounds it).
+        if before > 0 && before + len > self.limit {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            if !self.overflowed.swap(true, Ordering::AcqRel) {
+                self.wake.notify_one();
+            }
+            return;
+        }
+        let _ = self.tx.send(frame);
+    }
+
+    /// The session has written (or dropped) `frame`: its bytes no longer count.
+    pub fn written(&self, frame: &Frame) {
+        self.queued
+            .fetch_sub(HEADER_LEN + frame.body.len(), Ordering::AcqRel);
+    }
+
+    /// Bytes of responses not yet written to the client.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a response had to be dropped because the client was not reading.
+    pub async fn overflowed(&self) {
+        while !self.is_overflowed() {
+            self.wake.notified().await;
+        }
+    }
+}
 
 /// Where a response goes once its upstream stream id comes back.
 #[derive(Debug)]
 pub enum ReplyTo {
     /// A client connection; the response is given the client's own stream id.
     Client {
-        tx: mpsc::UnboundedSender<Frame>,
+        inbox: Arc<ClientInbox>,
         stream: i16,
     },
     /// The proxy itself (heartbeats, re-prepares).
@@ -23,9 +91,9 @@ impl ReplyTo {
     /// Delivers `frame` to its requester. A client that has gone away is not an error.
     pub fn deliver(self, mut frame: Frame) {
         match self {
-            ReplyTo::Client { tx, stream } => {
+            ReplyTo::Client { inbox, stream } => {
                 frame.header.stream = stream;
-                let _ = tx.send(frame);
+                inbox.push(frame);
             }
             ReplyTo::Internal(tx) => {
                 let _ = tx.send(frame);
@@ -232,6 +300,32 @@ mod tests {
         )
     }
 
+    #[tokio::test]
+    async fn a_client_that_stops_reading_overflows_its_inbox() {
+        let (inbox, mut rx) = ClientInbox::new(100);
+        let big = Frame::new(
+            messages::ready(4, 0).header,
+            bytes::Bytes::from(vec![0u8; 300]),
+        );
+        let reply = |s| ReplyTo::Client {
+            inbox: inbox.clone(),
+            stream: s,
+        };
+        reply(1).deliver(big.clone()); // the first one always fits
+        assert!(!inbox.is_overflowed());
+        reply(2).deliver(messages::ready(4, 0)); // 300+ bytes already queued: dropped
+        assert!(inbox.is_overflowed());
+        inbox.overflowed().await; // resolves at once
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.stream(), 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "the overflowing response was not queued"
+        );
+        inbox.written(&got);
+        assert_eq!(inbox.queued_bytes(), 0);
+    }
+
     #[test]
     fn ids_are_allocated_and_recycled() {
         let mut t = StreamTable::new(2);
@@ -270,8 +364,8 @@ mod tests {
 
     #[test]
     fn delivery_restores_the_client_stream() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        ReplyTo::Client { tx, stream: 77 }.deliver(messages::ready(4, 3));
+        let (inbox, mut rx) = ClientInbox::new(1 << 20);
+        ReplyTo::Client { inbox, stream: 77 }.deliver(messages::ready(4, 3));
         assert_eq!(rx.try_recv().unwrap().stream(), 77);
     }
 

@@ -61,6 +61,11 @@ pub struct ProxyOptions {
     /// `None`: dedicated mode (one upstream connection per client).
     pub pool: Option<PoolSettings>,
     pub consistency_guard: bool,
+    pub max_frame_len: usize,
+    pub handshake_timeout: Duration,
+    pub max_client_in_flight: usize,
+    pub max_client_buffer: usize,
+    pub max_connections: usize,
 }
 
 impl ProxyOptions {
@@ -72,6 +77,11 @@ impl ProxyOptions {
             client_auth: ClientAuth::None,
             pool: Some(PoolSettings::default()),
             consistency_guard: false,
+            max_frame_len: 1 << 24,
+            handshake_timeout: Duration::from_secs(5),
+            max_client_in_flight: 4096,
+            max_client_buffer: 64 << 20,
+            max_connections: 1000,
         }
     }
 
@@ -108,15 +118,17 @@ pub async fn proxy_with_pool(
         shutdown: tokio::sync::watch::channel(false).1,
         client_auth: arc_swap::ArcSwap::from_pointee(opts.client_auth),
         advertise_address: None,
-        max_frame_len: 1 << 24,
-        handshake_timeout: Duration::from_secs(5),
+        max_frame_len: opts.max_frame_len,
+        handshake_timeout: opts.handshake_timeout,
+        max_client_in_flight: opts.max_client_in_flight,
+        max_client_buffer: opts.max_client_buffer,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(keyspaces_proxy::server::serve(
         listener,
         Arc::new(ctx),
-        1000,
+        opts.max_connections,
         Duration::from_secs(5),
     ));
     (addr, pool)
@@ -132,6 +144,23 @@ impl Client {
         Client {
             framed: Framed::new(tcp, FrameCodec::default()),
         }
+    }
+
+    pub fn from_stream(tcp: TcpStream) -> Client {
+        Client {
+            framed: Framed::new(tcp, FrameCodec::default()),
+        }
+    }
+
+    pub fn into_framed(self) -> Framed<TcpStream, FrameCodec> {
+        self.framed
+    }
+
+    /// Drops the connection with a TCP reset instead of a FIN.
+    #[allow(deprecated)]
+    pub fn reset(self) {
+        let _ = self.framed.get_ref().set_linger(Some(Duration::ZERO));
+        drop(self);
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {

@@ -1,0 +1,540 @@
+//! Hostile clients over real sockets. For every case the offending connection gets a CQL ERROR
+//! or a clean close, a bystander client that stays connected throughout keeps working, and a
+//! fresh client can still connect; memory is bounded by the configured limits.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
+use keyspaces_proxy::frame::{opcode, Frame, Header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What a hostile connection ended with.
+#[derive(Debug)]
+enum Outcome {
+    Error(ErrorInfo),
+    Closed,
+    Other(Frame),
+}
+
+async fn outcome(c: &mut Client) -> Outcome {
+    match c.recv().await {
+        None => Outcome::Closed,
+        Some(f) if f.opcode() == opcode::ERROR => {
+            Outcome::Error(ErrorInfo::parse(&f.body).unwrap())
+        }
+        Some(f) => Outcome::Other(f),
+    }
+}
+
+fn assert_error_or_close(o: &Outcome, case: &str) {
+    assert!(
+        matches!(o, Outcome::Error(_) | Outcome::Closed),
+        "{case}: expected an ERROR or a close, got {o:?}"
+    );
+}
+
+fn protocol_error(o: &Outcome, case: &str) {
+    match o {
+        Outcome::Error(e) => assert_eq!(e.code, error_code::PROTOCOL_ERROR, "{case}: {e:?}"),
+        other => panic!("{case}: expected a protocol error, got {other:?}"),
+    }
+}
+
+/// After an ERROR that closes, the connection ends cleanly (EOF, no hang).
+async fn closes(c: &mut Client, case: &str) {
+    loop {
+        match c.recv().await {
+            None => return,
+            Some(f) if f.opcode() == opcode::ERROR => continue,
+            Some(f) => panic!("{case}: expected the connection to close, got {f:?}"),
+        }
+    }
+}
+
+async fn ready_client(addr: SocketAddr) -> Client {
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
+    c
+}
+
+fn local(stream: i16) -> Frame {
+    messages::query(4, stream, "SELECT key FROM system.local", consistency::ONE)
+}
+
+/// The bystander and a newcomer both still get answers.
+async fn others_fine(addr: SocketAddr, bystander: &mut Client, case: &str) {
+    let r = bystander.call(local(7)).await;
+    assert_eq!(r.opcode(), opcode::RESULT, "{case}: bystander");
+    assert_eq!(r.stream(), 7);
+    let mut fresh = ready_client(addr).await;
+    assert_eq!(
+        fresh.call(local(1)).await.opcode(),
+        opcode::RESULT,
+        "{case}: newcomer"
+    );
+}
+
+/// A v4 request header with any length field.
+fn header(flags: u8, stream: i16, op: u8, length: u32) -> Vec<u8> {
+    let mut h = vec![0x04, flags];
+    h.extend_from_slice(&stream.to_be_bytes());
+    h.push(op);
+    h.extend_from_slice(&length.to_be_bytes());
+    h
+}
+
+fn string_map(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut b = (entries.len() as u16).to_be_bytes().to_vec();
+    for (k, v) in entries {
+        b.extend_from_slice(&(k.len() as u16).to_be_bytes());
+        b.extend_from_slice(k);
+        b.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        b.extend_from_slice(v);
+    }
+    b
+}
+
+fn raw_frame(op: u8, stream: i16, flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = header(flags, stream, op, body.len() as u32);
+    f.extend_from_slice(body);
+    f
+}
+
+#[tokio::test]
+async fn malformed_frames_before_and_after_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.max_frame_len = 1 << 20;
+    let addr = proxy(&emu, opts).await;
+    let mut bystander = ready_client(addr).await;
+
+    // A truncated header, then the client closes its side: the proxy closes too.
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&[0x04, 0x00, 0x00]).await;
+    c.framed_mut().get_mut().shutdown().await.unwrap();
+    assert!(matches!(outcome(&mut c).await, Outcome::Closed));
+    others_fine(addr, &mut bystander, "truncated header").await;
+
+    // Length fields: 2^31-1, "negative" (top bit set), just over the configured limit.
+    for (case, len) in [
+        ("length 2^31-1", i32::MAX as u32),
+        ("negative length", 0x8000_0000u32),
+        ("length -1", u32::MAX),
+        ("over the frame limit", (1 << 20) + 1),
+    ] {
+        for started in [false, true] {
+            let mut c = if started {
+                ready_client(addr).await
+            } else {
+                Client::connect(addr).await
+            };
+            c.send_raw(&header(0, 3, opcode::QUERY, len)).await;
+            let o = outcome(&mut c).await;
+            protocol_error(&o, case);
+            closes(&mut c, case).await;
+            others_fine(addr, &mut bystander, case).await;
+        }
+    }
+
+    // Length 0: an empty STARTUP is refused; an empty QUERY is answered with an error and
+    // the connection stays usable.
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&header(0, 1, opcode::STARTUP, 0)).await;
+    protocol_error(&outcome(&mut c).await, "empty STARTUP");
+    let mut c = ready_client(addr).await;
+    c.send_raw(&header(0, 2, opcode::QUERY, 0)).await;
+    assert_error_or_close(&outcome(&mut c).await, "empty QUERY");
+    others_fine(addr, &mut bystander, "length 0").await;
+
+    // Unknown opcodes, before and after the handshake.
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&raw_frame(0x77, 1, 0, b"")).await;
+    protocol_error(&outcome(&mut c).await, "unknown opcode before STARTUP");
+    let mut c = ready_client(addr).await;
+    c.send_raw(&raw_frame(0x77, 1, 0, b"")).await;
+    protocol_error(&outcome(&mut c).await, "unknown opcode");
+    closes(&mut c, "unknown opcode").await;
+
+    // Response-direction frames from a client.
+    for started in [false, true] {
+        let mut c = if started {
+            ready_client(addr).await
+        } else {
+            Client::connect(addr).await
+        };
+        c.send_raw(&messages::ready(4, 5).to_bytes()).await;
+        protocol_error(&outcome(&mut c).await, "response frame");
+        closes(&mut c, "response frame").await;
+    }
+
+    // Another protocol version in the middle of a v4 connection.
+    let mut c = ready_client(addr).await;
+    c.send(messages::query(3, 4, "SELECT key FROM system.local", 1))
+        .await;
+    protocol_error(&outcome(&mut c).await, "v3 frame on a v4 connection");
+    closes(&mut c, "version switch").await;
+
+    // The compressed flag without negotiated compression.
+    let mut c = ready_client(addr).await;
+    let mut q = local(6);
+    q.header.flags |= 0x01;
+    c.send(q).await;
+    protocol_error(&outcome(&mut c).await, "compressed flag");
+    closes(&mut c, "compressed flag").await;
+
+    // A request before STARTUP: an error, and the connection can still start properly.
+    let mut c = Client::connect(addr).await;
+    protocol_error(&outcome_of(&mut c, local(1)).await, "QUERY before STARTUP");
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::READY);
+
+    // Garbage after a valid STARTUP.
+    let mut c = Client::connect(addr).await;
+    let mut bytes = messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])
+        .to_bytes()
+        .to_vec();
+    bytes.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    c.send_raw(&bytes).await;
+    let first = outcome(&mut c).await;
+    assert!(
+        matches!(&first, Outcome::Other(f) if f.opcode() == opcode::READY),
+        "{first:?}"
+    );
+    // Whatever the garbage decodes to, it ends in an error or a close, never a hang.
+    loop {
+        match c.recv().await {
+            None => break,
+            Some(f) if f.opcode() == opcode::ERROR => continue,
+            Some(f) => panic!("garbage produced {f:?}"),
+        }
+    }
+    others_fine(addr, &mut bystander, "garbage").await;
+
+    // A STARTUP map with 20,000 entries and one with a string longer than its frame.
+    let keys: Vec<Vec<u8>> = (0..20_000).map(|i| format!("K{i}").into_bytes()).collect();
+    let entries: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (&k[..], &b"v"[..])).collect();
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&raw_frame(opcode::STARTUP, 1, 0, &string_map(&entries)))
+        .await;
+    let o = outcome(&mut c).await;
+    assert!(
+        matches!(&o, Outcome::Error(_) | Outcome::Closed)
+            || matches!(&o, Outcome::Other(f) if f.opcode() == opcode::READY),
+        "{o:?}"
+    );
+    let mut lying = 1u16.to_be_bytes().to_vec();
+    lying.extend_from_slice(&u16::MAX.to_be_bytes());
+    lying.extend_from_slice(b"CQL_VERSION");
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&raw_frame(opcode::STARTUP, 1, 0, &lying)).await;
+    protocol_error(&outcome(&mut c).await, "string longer than its frame");
+
+    // Invalid UTF-8: in STARTUP, in a QUERY string, in a PLAIN token.
+    let mut c = Client::connect(addr).await;
+    c.send_raw(&raw_frame(
+        opcode::STARTUP,
+        1,
+        0,
+        &string_map(&[(b"CQL_VERSION", b"3.\xff\xfe")]),
+    ))
+    .await;
+    protocol_error(&outcome(&mut c).await, "invalid UTF-8 in STARTUP");
+    let mut c = ready_client(addr).await;
+    let mut body = 14u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"SELECT \xc3\x28 FROM");
+    body.extend_from_slice(&1u16.to_be_bytes());
+    body.push(0);
+    c.send_raw(&raw_frame(opcode::QUERY, 9, 0, &body)).await;
+    assert_error_or_close(&outcome(&mut c).await, "invalid UTF-8 in QUERY");
+    others_fine(addr, &mut bystander, "invalid UTF-8").await;
+}
+
+async fn outcome_of(c: &mut Client, f: Frame) -> Outcome {
+    c.send(f).await;
+    outcome(c).await
+}
+
+#[tokio::test]
+async fn password_mode_refuses_malformed_plain_tokens() {
+    use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.client_auth = ClientAuth::Password(UserStore::parse("app:app-pw\n").unwrap());
+    let addr = proxy(&emu, opts).await;
+    for token in [
+        &b""[..],
+        b"\0",
+        b"no-separators",
+        b"\0app\0\xff\xfe",
+        b"\0\xc3\x28\0app-pw",
+    ] {
+        let mut c = Client::connect(addr).await;
+        let r = c
+            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        assert_eq!(r.opcode(), opcode::AUTHENTICATE);
+        let o = outcome_of(&mut c, messages::auth_response(4, 0, token)).await;
+        assert_error_or_close(&o, "bad PLAIN token");
+    }
+    let mut c = Client::connect(addr).await;
+    c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    let r = c
+        .call(messages::auth_response(
+            4,
+            0,
+            &messages::plain_token("app", "app-pw"),
+        ))
+        .await;
+    assert_eq!(r.opcode(), opcode::AUTH_SUCCESS);
+}
+
+#[tokio::test]
+async fn more_than_32768_pipelined_requests_are_all_answered_with_bounded_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.max_client_in_flight = 512;
+    let addr = proxy(&emu, opts).await;
+    let mut bystander = ready_client(addr).await;
+
+    let c = ready_client(addr).await;
+    let (mut sink, mut frames) = futures_util::StreamExt::split(c.into_framed());
+    const TOTAL: usize = 40_000;
+    // Every stream id, then reused ids while earlier ones may still be in flight.
+    let writer = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        for i in 0..TOTAL {
+            let stream = (i % 32_768) as i16;
+            sink.feed(messages::options(4, stream)).await.unwrap();
+            sink.feed(local(stream)).await.unwrap();
+        }
+        sink.flush().await.unwrap();
+        sink
+    });
+    let mut results = 0;
+    let mut supported = 0;
+    while results + supported < 2 * TOTAL {
+        let f = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::StreamExt::next(&mut frames),
+        )
+        .await
+        .expect("answers keep coming")
+        .expect("connection open")
+        .unwrap();
+        match f.opcode() {
+            opcode::RESULT => results += 1,
+            opcode::SUPPORTED => supported += 1,
+            other => panic!("unexpected {}", opcode::name(other)),
+        }
+    }
+    assert_eq!((results, supported), (TOTAL, TOTAL));
+    let _sink = writer.await.unwrap();
+    others_fine(addr, &mut bystander, "40,000 pipelined").await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_at_its_buffer_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.max_client_buffer = 1 << 20;
+    let addr = proxy(&emu, opts).await;
+    let mut bystander = ready_client(addr).await;
+
+    let mut setup = ready_client(addr).await;
+    for cql in [
+        "CREATE KEYSPACE IF NOT EXISTS hostile WITH replication = {'class': 'SingleRegionStrategy'}",
+        "CREATE TABLE IF NOT EXISTS hostile.big (k int PRIMARY KEY, v text)",
+    ] {
+        let r = setup.call(messages::query(4, 1, cql, consistency::ONE)).await;
+        assert_eq!(r.opcode(), opcode::RESULT, "{:?}", ErrorInfo::parse(&r.body));
+    }
+    let value = "x".repeat(200_000);
+    let insert = format!("INSERT INTO hostile.big (k, v) VALUES (1, '{value}')");
+    let r = setup
+        .call(messages::query(4, 1, &insert, consistency::LOCAL_QUORUM))
+        .await;
+    assert_eq!(
+        r.opcode(),
+        opcode::RESULT,
+        "{:?}",
+        ErrorInfo::parse(&r.body)
+    );
+
+    // 400 requests for 200 KB each (80 MB of answers) and not a byte read.
+    let mut lazy = TcpStream::connect(addr).await.unwrap();
+    lazy.write_all(&messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]).to_bytes())
+        .await
+        .unwrap();
+    let select = messages::query(
+        4,
+        0,
+        "SELECT v FROM hostile.big WHERE k = 1",
+        consistency::LOCAL_ONE,
+    );
+    let mut batch = Vec::new();
+    for i in 0..400i16 {
+        batch.extend_from_slice(&select.clone().with_stream(i).to_bytes());
+    }
+    lazy.write_all(&batch).await.unwrap();
+
+    // The proxy gives up on it; meanwhile everyone else is served.
+    others_fine(addr, &mut bystander, "non-reading client").await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), lazy.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the non-reading client was never closed"),
+        }
+    }
+    assert!(
+        got < 400 * 200_000,
+        "closed before all answers were buffered ({got} bytes)"
+    );
+    let metrics = keyspaces_proxy::metrics::metrics().encode();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "keyspaces_proxy_client_connections_closed_by_proxy_total{reason=\"not_reading\"}"
+        ) && !l.ends_with(" 0")),
+        "counted"
+    );
+    others_fine(addr, &mut bystander, "after the close").await;
+}
+
+#[tokio::test]
+async fn slow_handshakes_are_cut_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.handshake_timeout = Duration::from_millis(800);
+    let addr = proxy(&emu, opts).await;
+    let mut bystander = ready_client(addr).await;
+
+    // Slowloris: a STARTUP one byte at a time, 100 ms apart (6 s for the frame).
+    let startup = messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]).to_bytes();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let mut sent_all = true;
+    for b in startup.iter() {
+        if slow.write_all(&[*b]).await.is_err() {
+            sent_all = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::ZERO, slow.peek(&mut probe)).await {
+            sent_all = false;
+            break;
+        }
+    }
+    assert!(
+        !sent_all,
+        "the trickled handshake was cut before it finished"
+    );
+
+    // OPTIONS every 100 ms, never a STARTUP: also cut.
+    let mut chatty = Client::connect(addr).await;
+    let mut answered = 0;
+    loop {
+        chatty.send(messages::options(4, 1)).await;
+        match chatty.recv().await {
+            Some(f) if f.opcode() == opcode::SUPPORTED => answered += 1,
+            _ => break,
+        }
+        assert!(answered < 60, "OPTIONS kept the handshake open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    others_fine(addr, &mut bystander, "slow handshakes").await;
+}
+
+#[tokio::test]
+async fn resets_and_the_connection_limit_leave_others_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.max_connections = 6;
+    let (addr, pool) = proxy_with_pool(&emu, opts).await;
+    let pool = pool.unwrap();
+    let mut bystander = ready_client(addr).await;
+
+    // Resets mid-handshake, mid-frame and with requests in flight.
+    for stage in 0..3 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut c = Client::from_stream(s);
+        if stage >= 1 {
+            c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+                .await;
+        }
+        if stage == 1 {
+            c.send_raw(&header(0, 1, opcode::QUERY, 100)).await;
+        }
+        if stage == 2 {
+            let mut batch = Vec::new();
+            for i in 0..2000i16 {
+                batch.extend_from_slice(&local(i).to_bytes());
+            }
+            c.send_raw(&batch).await;
+        }
+        c.reset();
+    }
+    others_fine(addr, &mut bystander, "resets").await;
+    // Answers for reset clients are dropped; nothing stays in flight.
+    for _ in 0..100 {
+        if pool.stats().streams_in_use == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pool.stats().streams_in_use, 0);
+
+    // The limit: the bystander plus five more; the seventh is closed on accept.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(ready_client(addr).await);
+    }
+    let mut extra = Client::connect(addr).await;
+    extra.send(messages::options(4, 0)).await;
+    assert!(matches!(outcome(&mut extra).await, Outcome::Closed));
+    let r = bystander.call(local(3)).await;
+    assert_eq!(r.opcode(), opcode::RESULT);
+    drop(held);
+    // Slots come back once clients leave.
+    let mut again = None;
+    for _ in 0..100 {
+        let mut c = Client::connect(addr).await;
+        c.send(messages::options(4, 0)).await;
+        if let Outcome::Other(f) = outcome(&mut c).await {
+            assert_eq!(f.opcode(), opcode::SUPPORTED);
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.is_some(), "a slot was freed");
+}
+
+#[tokio::test]
+async fn header_helper_matches_the_codec() {
+    let h = Header::request(4, 3, opcode::QUERY);
+    let mut expected = h;
+    expected.length = 10;
+    assert_eq!(
+        header(0, 3, opcode::QUERY, 10),
+        expected.to_bytes().to_vec()
+    );
+}
