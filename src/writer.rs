@@ -73,6 +73,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.w.flush().await
     }
 
+    /// Writes bytes that are not a frame, after whatever is queued (test peers cutting a frame).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.flush().await?;
+        self.w.write_all(bytes).await?;
+        self.w.flush().await
+    }
+
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
         self.w.shutdown().await
     }

@@ -472,7 +472,7 @@ impl Pool {
         let conns = group.connections();
         for c in conns.iter() {
             for p in c.expire(self.settings.request_timeout) {
-                let secs = self.settings.request_timeout.as_secs();
+                let secs = self.settings.request_timeout.as_secs_f32();
                 let f = messages::error(
                     p.request.header.protocol_version(),
                     0,

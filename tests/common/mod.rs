@@ -66,6 +66,8 @@ pub struct ProxyOptions {
     pub max_client_in_flight: usize,
     pub max_client_buffer: usize,
     pub max_connections: usize,
+    /// Dial this instead of the emulator (a fake upstream).
+    pub endpoint: Option<String>,
 }
 
 impl ProxyOptions {
@@ -82,6 +84,7 @@ impl ProxyOptions {
             max_client_in_flight: 4096,
             max_client_buffer: 64 << 20,
             max_connections: 1000,
+            endpoint: None,
         }
     }
 
@@ -102,7 +105,7 @@ pub async fn proxy_with_pool(
     opts: ProxyOptions,
 ) -> (SocketAddr, Option<Arc<Pool>>) {
     let upstream = UpstreamTarget {
-        address: emu.addr.to_string(),
+        address: opts.endpoint.unwrap_or_else(|| emu.addr.to_string()),
         server_name: server_name(&opts.server_name).unwrap(),
         tls: client_config(Some(&opts.ca)).unwrap(),
         insecure_plaintext: false,

@@ -14,7 +14,7 @@ use keyspaces_proxy::frame::messages::{
 };
 use keyspaces_proxy::frame::request::{parse_execute, parse_query};
 use keyspaces_proxy::frame::{opcode, Compression, Frame, FrameCodec};
-use keyspaces_proxy::writer::{write_frames, QUEUE_DEPTH};
+use keyspaces_proxy::writer::{FrameWriter, QUEUE_DEPTH};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -65,7 +65,46 @@ struct Conn {
     keyspace: Option<String>,
     requests: u64,
     limiter: RateLimiter,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Out>,
+}
+
+/// What the connection's writer task is given.
+pub enum Out {
+    Frame(Frame),
+    /// Write these bytes (part of a frame), then close: a connection lost mid-response.
+    Cut(Bytes),
+}
+
+/// Coalesces queued frames into one write, like the proxy's own writer.
+async fn write_out<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, w: W) {
+    let mut out = FrameWriter::new(w, None);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut batched = 0;
+        while let Some(o) = next.take() {
+            match o {
+                Out::Frame(f) => {
+                    if out.push(&f).await.is_err() {
+                        return;
+                    }
+                }
+                Out::Cut(bytes) => {
+                    let _ = out.flush().await;
+                    let _ = out.write_raw(&bytes).await;
+                    let _ = out.shutdown().await;
+                    return;
+                }
+            }
+            batched += 1;
+            if batched < 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if out.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = out.shutdown().await;
 }
 
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
@@ -94,7 +133,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
     let (read, write) = tokio::io::split(io);
     let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_len));
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let writer = tokio::spawn(write_frames(rx, write));
+    let writer = tokio::spawn(write_out(rx, write));
     let mut conn = Conn {
         id,
         state: State::AwaitStartup,
@@ -125,12 +164,12 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
             Err(e) => {
                 let _ = conn
                     .tx
-                    .send(messages::error(
+                    .send(Out::Frame(messages::error(
                         4,
                         0,
                         error_code::PROTOCOL_ERROR,
                         &e.to_string(),
-                    ))
+                    )))
                     .await;
                 break;
             }
@@ -154,7 +193,7 @@ impl Conn {
         } else {
             f
         };
-        self.tx.send(f).await.is_ok()
+        self.tx.send(Out::Frame(f)).await.is_ok()
     }
 
     async fn reply(&self, stream: i16, op: u8, body: Bytes) -> bool {
@@ -179,7 +218,7 @@ impl Conn {
                 error_code::PROTOCOL_ERROR,
                 &unsupported_version_message(v),
             );
-            return self.tx.send(f).await.is_ok();
+            return self.tx.send(Out::Frame(f)).await.is_ok();
         }
         if matches!(self.state, State::AwaitStartup) {
             self.version = v;
@@ -416,6 +455,16 @@ impl Conn {
             self.keyspace = keyspace;
         }
         let header = Header::response(self.version, stream, rop);
+        let cut_at = self.shared.faults.cut_response_at();
+        if cut_at != 0 && self.requests >= cut_at {
+            self.shared
+                .events
+                .record(json!({"event": "fault_cut_response", "conn": self.id}));
+            let whole = compressed(Frame::new(header, rbody), self.compression).to_bytes();
+            let half = whole.slice(..whole.len() / 2);
+            let _ = self.tx.send(Out::Cut(half)).await;
+            return false;
+        }
         let latency = self.shared.faults.latency();
         if latency.is_zero() {
             return self.send(header, rbody, true).await;
@@ -423,7 +472,9 @@ impl Conn {
         let (tx, algo) = (self.tx.clone(), self.compression);
         tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            let _ = tx.send(compressed(Frame::new(header, rbody), algo)).await;
+            let _ = tx
+                .send(Out::Frame(compressed(Frame::new(header, rbody), algo)))
+                .await;
         });
         true
     }

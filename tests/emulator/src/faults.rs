@@ -13,6 +13,7 @@ pub struct Faults {
     refuse_connections: AtomicBool,
     fail_auth: AtomicBool,
     handshake_delay_ms: AtomicU64,
+    cut_response_at: AtomicU64,
 }
 
 impl Default for Faults {
@@ -24,6 +25,7 @@ impl Default for Faults {
             refuse_connections: AtomicBool::new(false),
             fail_auth: AtomicBool::new(false),
             handshake_delay_ms: AtomicU64::new(0),
+            cut_response_at: AtomicU64::new(0),
         }
     }
 }
@@ -72,5 +74,13 @@ impl Faults {
     }
     pub fn handshake_delay(&self) -> Duration {
         Duration::from_millis(self.handshake_delay_ms.load(Ordering::Relaxed))
+    }
+    /// From its Nth request after authentication on, a connection answers with half a frame and
+    /// closes (0 = never).
+    pub fn set_cut_response_at(&self, n: u64) {
+        self.cut_response_at.store(n, Ordering::Relaxed);
+    }
+    pub fn cut_response_at(&self) -> u64 {
+        self.cut_response_at.load(Ordering::Relaxed)
     }
 }

@@ -63,6 +63,8 @@ pub struct EmulatorConfig {
     pub max_frame_len: usize,
     /// BENCHMARKS ONLY: accept plaintext instead of TLS (the emulator listens on loopback only).
     pub insecure_plaintext: bool,
+    /// Serve a certificate that expired in 2020 (clients must refuse it).
+    pub expired_certificate: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -83,6 +85,7 @@ impl Default for EmulatorConfig {
             event_log: None,
             max_frame_len: keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN,
             insecure_plaintext: false,
+            expired_certificate: false,
         }
     }
 }
@@ -175,7 +178,7 @@ impl Emulator {
         let mut tls_ips = vec![addr.ip()];
         tls_ips.extend(peers.iter().copied());
         let names = tls::subject_alt_names(&config.region, &tls_ips);
-        let material = tls::load_or_create(&config.state_dir, &names)?;
+        let material = tls::load_or_create(&config.state_dir, &names, config.expired_certificate)?;
         let topology = engine::Topology {
             region: config.region.clone(),
             partitioner: config.partitioner,

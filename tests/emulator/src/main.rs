@@ -58,6 +58,12 @@ struct Cli {
     /// Fault: close each connection at its Nth request.
     #[arg(long, default_value_t = 0)]
     close_after: u64,
+    /// Fault: from its Nth request on, a connection sends half an answer, then closes.
+    #[arg(long, default_value_t = 0)]
+    cut_response_at: u64,
+    /// Fault: serve a server certificate that expired in 2020.
+    #[arg(long)]
+    expired_certificate: bool,
     /// Fault: accept and immediately close every connection.
     #[arg(long)]
     refuse_connections: bool,
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
         record_events: cli.event_log.is_some(),
         event_log: cli.event_log,
         insecure_plaintext: cli.insecure_plaintext_for_benchmarks,
+        expired_certificate: cli.expired_certificate,
         ..EmulatorConfig::default()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
         let f = &emulator.faults;
         f.set_latency(std::time::Duration::from_millis(cli.latency_ms));
         f.set_close_after(cli.close_after);
+        f.set_cut_response_at(cli.cut_response_at);
         f.set_refuse_connections(cli.refuse_connections);
         f.set_fail_auth(cli.fail_auth);
         f.set_handshake_delay(std::time::Duration::from_millis(cli.handshake_delay_ms));

@@ -55,7 +55,13 @@ fn ca_params() -> Result<CertificateParams, EmulatorError> {
 
 /// Loads the CA and certificate from `dir`, creating whichever is missing. The server
 /// certificate is re-issued (by the same CA) when the names it must cover change.
-pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, EmulatorError> {
+///
+/// With `expired`, the server certificate is a fresh one (not stored) that expired in 2020.
+pub fn load_or_create(
+    dir: &Path,
+    names: &[String],
+    expired: bool,
+) -> Result<TlsMaterial, EmulatorError> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     let (ca_pem_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
     let (cert_path, key_path, names_path) = (
@@ -79,6 +85,15 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<TlsMaterial, Emula
 
     let reusable = read(&names_path).as_deref() == Some(wanted_names.as_str());
     let (cert_pem, key_pem) = match (read(&cert_path), read(&key_path)) {
+        _ if expired => {
+            let issuer = Issuer::new(ca_params()?, ca_key);
+            let key = KeyPair::generate().map_err(err)?;
+            let mut params = CertificateParams::new(names.to_vec()).map_err(err)?;
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 2, 1);
+            let cert = params.signed_by(&key, &issuer).map_err(err)?;
+            (cert.pem(), key.serialize_pem())
+        }
         (Some(c), Some(k)) if reusable => (c, k),
         _ => {
             let issuer = Issuer::new(ca_params()?, ca_key);

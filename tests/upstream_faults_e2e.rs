@@ -1,0 +1,354 @@
+//! Faults on the Keyspaces side: bad TLS peers, failing credential providers, connections cut
+//! mid-response, stalls and throttling. The client always gets an answer (never a hang) and the
+//! proxy recovers once the fault is gone.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
+use keyspaces_proxy::frame::{opcode, Frame};
+use keyspaces_proxy::upstream::pool::PoolSettings;
+use keyspaces_proxy::upstream::UpstreamAuth;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn startup() -> Frame {
+    messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])
+}
+
+fn error_of(f: &Frame) -> ErrorInfo {
+    assert_eq!(
+        f.opcode(),
+        opcode::ERROR,
+        "expected an ERROR, got {}",
+        opcode::name(f.opcode())
+    );
+    ErrorInfo::parse(&f.body).unwrap()
+}
+
+fn local(stream: i16) -> Frame {
+    messages::query(4, stream, "SELECT key FROM system.local", consistency::ONE)
+}
+
+/// The error a fresh client gets at STARTUP.
+async fn startup_error(addr: std::net::SocketAddr) -> ErrorInfo {
+    let mut c = Client::connect(addr).await;
+    error_of(&c.call(startup()).await)
+}
+
+/// A one-shot fake upstream: accepts, hands the first bytes it reads to `reply`, writes what
+/// it returns, and closes. Returns its address and what the proxy sent first.
+async fn fake_upstream(
+    reply: fn(&[u8]) -> Vec<u8>,
+) -> (String, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let _ = s.write_all(&reply(&buf[..n])).await;
+        let _ = tx.send(buf[..n].to_vec());
+        let _ = s.shutdown().await;
+    });
+    (addr, rx)
+}
+
+/// A ServerHello choosing TLS 1.1 (0x0302), which must be refused.
+fn tls11_server_hello(_: &[u8]) -> Vec<u8> {
+    let mut hello = vec![0x03, 0x02];
+    hello.extend_from_slice(&[7u8; 32]);
+    hello.extend_from_slice(&[0x00, 0x00, 0x2f, 0x00]); // no session id, AES128-SHA, no compression
+    let mut hs = vec![0x02, 0x00, 0x00, hello.len() as u8];
+    hs.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x02, 0x00, hs.len() as u8];
+    record.extend_from_slice(&hs);
+    record
+}
+
+/// The versions a ClientHello offers in its supported_versions extension.
+fn offered_versions(hello: &[u8]) -> Vec<u16> {
+    let mut p = 5 + 4 + 2 + 32; // record header, handshake header, legacy version, random
+    p += 1 + hello[p] as usize; // session id
+    p += 2 + u16::from_be_bytes([hello[p], hello[p + 1]]) as usize; // cipher suites
+    p += 1 + hello[p] as usize; // compression methods
+    let end = p + 2 + u16::from_be_bytes([hello[p], hello[p + 1]]) as usize;
+    p += 2;
+    while p + 4 <= end {
+        let kind = u16::from_be_bytes([hello[p], hello[p + 1]]);
+        let len = u16::from_be_bytes([hello[p + 2], hello[p + 3]]) as usize;
+        if kind == 0x002b {
+            let list = &hello[p + 5..p + 4 + len];
+            return list
+                .chunks(2)
+                .map(|v| u16::from_be_bytes([v[0], v[1]]))
+                .collect();
+        }
+        p += 4 + len;
+    }
+    Vec::new()
+}
+
+#[tokio::test]
+async fn bad_tls_peers_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+
+    // Not TLS at all.
+    let (endpoint, _) = fake_upstream(|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.endpoint = Some(endpoint);
+    let e = startup_error(proxy(&emu, opts).await).await;
+    assert_eq!(e.code, error_code::SERVER_ERROR);
+    assert!(e.message.contains("TLS"), "{}", e.message);
+
+    // A server that picks TLS 1.1; and what the proxy offered in the first place.
+    let (endpoint, hello) = fake_upstream(tls11_server_hello).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.endpoint = Some(endpoint);
+    let e = startup_error(proxy(&emu, opts).await).await;
+    assert_eq!(e.code, error_code::SERVER_ERROR);
+    assert!(e.message.contains("TLS"), "{}", e.message);
+    let hello = hello.await.unwrap();
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    let mut offered = offered_versions(&hello);
+    offered.sort();
+    assert_eq!(
+        offered,
+        vec![0x0303, 0x0304],
+        "only TLS 1.2 and 1.3 are offered"
+    );
+
+    // An expired certificate from the right CA.
+    let expired_dir = tempfile::tempdir().unwrap();
+    let expired = emulator(expired_dir.path(), |c| c.expired_certificate = true).await;
+    let e = startup_error(proxy(&expired, ProxyOptions::for_emulator(&expired)).await).await;
+    assert_eq!(e.code, error_code::SERVER_ERROR);
+    assert!(
+        e.message.to_lowercase().contains("expired"),
+        "{}",
+        e.message
+    );
+    assert!(!expired
+        .events
+        .snapshot()
+        .iter()
+        .any(|e| e["event"] == "auth"));
+}
+
+/// Answers once, then fails or never answers.
+#[derive(Debug)]
+struct Broken {
+    hang: bool,
+}
+
+impl ProvideCredentials for Broken {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        if self.hang {
+            return future::ProvideCredentials::new(std::future::pending());
+        }
+        future::ProvideCredentials::ready(Err(
+            aws_credential_types::provider::error::CredentialsError::provider_error(
+                "no credentials anywhere",
+            ),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn failing_or_hanging_credential_providers_give_errors_not_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    for (hang, expected) in [(false, "no credentials anywhere"), (true, "did not answer")] {
+        let mut opts = ProxyOptions::for_emulator(&emu);
+        opts.auth = UpstreamAuth::SigV4 {
+            credentials: CredentialCache::with_timeout(
+                SharedCredentialsProvider::new(Broken { hang }),
+                Duration::from_millis(300),
+            ),
+            region: REGION.into(),
+        };
+        let addr = proxy(&emu, opts).await;
+        let e = startup_error(addr).await;
+        // An authentication error: drivers report it at once instead of retrying for ever.
+        assert_eq!(e.code, error_code::BAD_CREDENTIALS);
+        assert!(
+            e.message.contains("AWS credentials") && e.message.contains(expected),
+            "{}",
+            e.message
+        );
+    }
+}
+
+fn small_pool() -> PoolSettings {
+    PoolSettings {
+        min_connections: 1,
+        max_connections: 2,
+        max_rate_per_connection: 0,
+        request_timeout: Duration::from_millis(400),
+        ..PoolSettings::default()
+    }
+}
+
+async fn ready(addr: std::net::SocketAddr) -> Client {
+    let mut c = Client::connect(addr).await;
+    assert_eq!(c.call(startup()).await.opcode(), opcode::READY);
+    c
+}
+
+/// Retries `local` until the proxy answers with rows again.
+async fn recovers(c: &mut Client) {
+    for _ in 0..100 {
+        if c.call(local(1)).await.opcode() == opcode::RESULT {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the proxy did not recover");
+}
+
+#[tokio::test]
+async fn upstream_cut_mid_response_and_stalls_answer_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(small_pool());
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    let r = c
+        .call(messages::query(
+            4,
+            1,
+            "CREATE KEYSPACE IF NOT EXISTS f WITH replication = {'class': 'SingleRegionStrategy'}",
+            consistency::ONE,
+        ))
+        .await;
+    assert_eq!(r.opcode(), opcode::RESULT);
+    let r = c
+        .call(messages::query(
+            4,
+            1,
+            "CREATE TABLE IF NOT EXISTS f.t (k int PRIMARY KEY, v int)",
+            consistency::ONE,
+        ))
+        .await;
+    assert_eq!(r.opcode(), opcode::RESULT);
+
+    // Every answer is cut in half: reads (retried once) and writes both end in an error frame
+    // for the client, on the request's own stream.
+    emu.faults.set_cut_response_at(1);
+    for q in [
+        local(2),
+        messages::query(
+            4,
+            3,
+            "INSERT INTO f.t (k, v) VALUES (1, 1)",
+            consistency::LOCAL_QUORUM,
+        ),
+    ] {
+        let stream = q.stream();
+        let r = c.call(q).await;
+        let e = error_of(&r);
+        assert_eq!(r.stream(), stream);
+        assert!(
+            matches!(e.code, error_code::SERVER_ERROR | error_code::OVERLOADED),
+            "{e:?}"
+        );
+    }
+    assert!(emu
+        .events
+        .snapshot()
+        .iter()
+        .any(|e| e["event"] == "fault_cut_response"));
+    emu.faults.set_cut_response_at(0);
+    recovers(&mut c).await;
+
+    // A stall: the proxy's request timeout answers, and the late answer is dropped.
+    emu.faults.set_latency(Duration::from_secs(2));
+    let e = error_of(&c.call(local(4)).await);
+    assert_eq!(e.code, error_code::SERVER_ERROR);
+    assert!(
+        e.message.contains("no answer from Keyspaces"),
+        "{}",
+        e.message
+    );
+    emu.faults.set_latency(Duration::ZERO);
+    recovers(&mut c).await;
+    // Nothing from the stalled request shows up afterwards.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = c.call(local(5)).await;
+    assert_eq!((r.opcode(), r.stream()), (opcode::RESULT, 5));
+}
+
+#[tokio::test]
+async fn throttling_errors_pass_through_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| c.rate_limit = 50).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 1,
+        max_connections: 1,
+        max_rate_per_connection: 0,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+
+    // The same burst directly and through the proxy; the throttling errors are byte-identical.
+    let target = keyspaces_proxy::upstream::UpstreamTarget {
+        address: emu.addr.to_string(),
+        server_name: keyspaces_proxy::upstream::tls::server_name(
+            "cassandra.us-east-1.amazonaws.com",
+        )
+        .unwrap(),
+        tls: keyspaces_proxy::upstream::tls::client_config(Some(&emu.ca_pem)).unwrap(),
+        insecure_plaintext: false,
+        auth: sigv4(SECRET),
+        connect_timeout: Duration::from_secs(5),
+        max_frame_len: 1 << 24,
+    };
+    let mut direct = target.connect(4, Default::default()).await.unwrap().framed;
+    let proxied = ready(addr).await;
+    let mut proxied = proxied.into_framed();
+    let mut bodies = Vec::new();
+    for (i, conn) in [0, 1].into_iter().enumerate() {
+        let mut throttled = None;
+        for s in 0..200i16 {
+            let q = local(s);
+            if conn == 0 {
+                direct.feed(q).await.unwrap();
+            } else {
+                proxied.feed(q).await.unwrap();
+            }
+        }
+        if conn == 0 {
+            direct.flush().await.unwrap();
+        } else {
+            proxied.flush().await.unwrap();
+        }
+        for _ in 0..200 {
+            let f = if conn == 0 {
+                direct.next().await.unwrap().unwrap()
+            } else {
+                proxied.next().await.unwrap().unwrap()
+            };
+            if f.opcode() == opcode::ERROR {
+                throttled.get_or_insert(f.body.clone());
+            }
+        }
+        bodies.push(throttled.unwrap_or_else(|| panic!("path {i} was never throttled")));
+    }
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(
+        ErrorInfo::parse(&bodies[1]).unwrap().code,
+        error_code::READ_TIMEOUT
+    );
+}
