@@ -379,6 +379,15 @@ pub struct Resolved {
 }
 
 impl Cli {
+    /// Anyone who can reach a non-loopback port without client auth acts with this proxy's
+    /// AWS identity: say so loudly (it stays allowed for pods sharing a network namespace).
+    pub fn exposure_warning(&self) -> Option<&'static str> {
+        (!self.listen.ip().is_loopback() && self.client_auth == ClientAuthMode::None).then_some(
+            "listening on a non-loopback address without client authentication: anyone who can \
+             reach it uses this proxy's AWS identity (use --client-auth password or bind to 127.0.0.1)",
+        )
+    }
+
     /// The clap command with every option global, so `keyspaces-proxy check --region X` and
     /// `keyspaces-proxy --region X check` both work.
     pub fn command_with_globals() -> clap::Command {
@@ -461,7 +470,7 @@ impl Cli {
                 (Some(u), Some(p)) => (
                     UpstreamAuth::Plain {
                         username: u.clone(),
-                        password: p.clone(),
+                        password: zeroize::Zeroizing::new(p.clone()),
                     },
                     None,
                 ),
@@ -615,6 +624,44 @@ mod tests {
         assert!(matches!(err, ConfigError::PlaintextNotLoopback(_)), "{err}");
         let ok = args("127.0.0.1:19142").resolve().await.unwrap();
         assert!(ok.context.upstream.insecure_plaintext);
+    }
+
+    #[test]
+    fn exposed_listeners_without_client_auth_are_warned_about() {
+        let cli = Cli::parse_from(["keyspaces-proxy"]);
+        assert_eq!(
+            cli.listen.to_string(),
+            "127.0.0.1:9042",
+            "loopback by default"
+        );
+        assert!(cli.exposure_warning().is_none());
+        let cli = Cli::parse_from(["keyspaces-proxy", "--listen", "10.1.2.3:9042"]);
+        assert!(cli.exposure_warning().is_some());
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--listen",
+            "10.1.2.3:9042",
+            "--client-auth",
+            "password",
+        ]);
+        assert!(cli.exposure_warning().is_none());
+    }
+
+    #[test]
+    fn no_flag_turns_certificate_verification_off() {
+        use clap::CommandFactory;
+        for arg in Cli::command().get_arguments() {
+            let name = arg.get_long().unwrap_or_default();
+            for word in [
+                "verify",
+                "insecure-skip",
+                "no-tls",
+                "accept-invalid",
+                "danger",
+            ] {
+                assert!(!name.contains(word), "--{name}");
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keyspaces_proxy::admin::AdminState;
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::config::{Cli, ClientAuthMode, Command, LogFormat};
+use keyspaces_proxy::config::{Cli, Command, LogFormat};
 use keyspaces_proxy::session::ProxyContext;
 use keyspaces_proxy::{check, server};
 use tokio::net::TcpListener;
@@ -111,8 +111,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         cache.spawn_refresher();
     }
-    if !cli.listen.ip().is_loopback() && cli.client_auth == ClientAuthMode::None {
-        tracing::warn!(listen = %cli.listen, "listening on a non-loopback address without client authentication");
+    if let Some(w) = cli.exposure_warning() {
+        tracing::warn!(listen = %cli.listen, "{w}");
     }
     if let Some(pool) = resolved.context.pool.clone() {
         // Warm the pool now so the first client's STARTUP needs no upstream round trip; a

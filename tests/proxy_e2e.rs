@@ -160,7 +160,7 @@ async fn password_clients_and_plain_upstream() {
     opts.client_auth = ClientAuth::Password(UserStore::parse("app:app-pw").unwrap());
     opts.auth = UpstreamAuth::Plain {
         username: "svc".into(),
-        password: "svc-pw".into(),
+        password: String::from("svc-pw").into(),
     };
     let addr = proxy(&emu, opts).await;
 

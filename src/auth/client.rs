@@ -55,10 +55,13 @@ impl UserStore {
     }
 
     pub fn load(path: &Path) -> Result<UserStore, UserFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| UserFileError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // The file may hold plaintext passwords: wipe its text once the digests are made.
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            UserFileError::Read {
+                path: path.display().to_string(),
+                source,
+            }
+        })?);
         UserStore::parse(&text)
     }
 

@@ -28,8 +28,12 @@ pub enum UpstreamAuth {
         credentials: Arc<CredentialCache>,
         region: String,
     },
-    /// Keyspaces service-specific credentials or a Cassandra PasswordAuthenticator user.
-    Plain { username: String, password: String },
+    /// Keyspaces service-specific credentials or a Cassandra PasswordAuthenticator user. The
+    /// password is wiped from memory when dropped.
+    Plain {
+        username: String,
+        password: zeroize::Zeroizing<String>,
+    },
 }
 
 impl std::fmt::Debug for UpstreamAuth {
@@ -341,7 +345,7 @@ impl UpstreamTarget {
     ) -> Result<(), UpstreamError> {
         let reply = match &self.auth {
             UpstreamAuth::Plain { username, password } => {
-                let token = messages::plain_token(username, password);
+                let token = zeroize::Zeroizing::new(messages::plain_token(username, password));
                 roundtrip(
                     framed,
                     messages::auth_response(version, HANDSHAKE_STREAM, &token),
