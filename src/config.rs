@@ -290,10 +290,17 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
     /// Diagnose the connection to Keyspaces step by step (exit status 0 only if all pass).
     Check,
+    /// Ask a running proxy's health endpoint (on --metrics-listen) and exit 0 if it answers 200:
+    /// a HEALTHCHECK for images without a shell or curl.
+    Probe {
+        /// /livez (the process answers) or /readyz (Keyspaces is reachable).
+        #[arg(long, default_value = "/livez")]
+        path: String,
+    },
 }
 
 /// Secrets never leave the process, not even in --print-config or a Debug dump.

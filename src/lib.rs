@@ -9,6 +9,7 @@ pub mod config_file;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;
+pub mod probe;
 pub mod route;
 pub mod server;
 pub mod session;

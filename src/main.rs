@@ -171,6 +171,9 @@ fn main() -> ExitCode {
         print!("{}", cli.effective_toml());
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Probe { path }) = &cli.command {
+        return keyspaces_proxy::probe::run(cli.metrics_listen, path);
+    }
     let checking = cli.command == Some(Command::Check);
     if !checking {
         init_logging(cli.log_format);

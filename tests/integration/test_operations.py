@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -75,6 +76,16 @@ def test_metrics_move_with_real_traffic(start_emulator, start_proxy):
     assert http_get(proxy.metrics_port, "/livez")[0] == 200
 
 
+def probe(proxy, path):
+    from conftest import BIN_DIR
+
+    return subprocess.run(
+        [str(BIN_DIR / "keyspaces-proxy"), "--metrics-listen", f"127.0.0.1:{proxy.metrics_port}",
+         "probe", "--path", path],
+        capture_output=True, timeout=30,
+    )
+
+
 def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
     from conftest import free_port
 
@@ -95,6 +106,9 @@ def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
         time.sleep(0.2)
     assert status == 503, body
     assert json.loads(body)["ready"] is False and json.loads(body)["reason"]
+    # The image's HEALTHCHECK: the binary probes its own endpoints (no shell or curl needed).
+    assert probe(proxy, "/readyz").returncode == 1
+    assert probe(proxy, "/livez").returncode == 0
 
     start_emulator(listen_on_peers=False, listen=f"127.0.0.1:{port}", state_dir=state)
     deadline = time.time() + 30
@@ -104,6 +118,7 @@ def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
             break
         time.sleep(0.2)
     assert status == 200, body
+    assert probe(proxy, "/readyz").returncode == 0
 
 
 def test_sigterm_during_load_loses_no_acknowledged_write(start_emulator, start_proxy):
