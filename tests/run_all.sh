@@ -25,6 +25,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Advisories (against the RustSec snapshot in .ci/), licences, bans and sources.
+command -v cargo-deny >/dev/null || cargo install cargo-deny --version 0.20.2 --locked
+KSP_ADVISORY_DBS=$(bash .ci/advisory-db.sh "$aws_tmp/advisory-dbs") cargo deny --offline check
 cargo build --workspace --locked
 cargo test --workspace --locked
 "$venv/bin/python" -m pytest tests/integration -q -p no:cacheprovider

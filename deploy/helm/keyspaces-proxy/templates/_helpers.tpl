@@ -1,0 +1,104 @@
+{{- define "keyspaces-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "keyspaces-proxy.fullname" -}}
+{{- printf "%s-%s" .Release.Name (include "keyspaces-proxy.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "keyspaces-proxy.serviceAccountName" -}}
+{{- default (include "keyspaces-proxy.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "keyspaces-proxy.labels" -}}
+app.kubernetes.io/name: {{ include "keyspaces-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "keyspaces-proxy.selector" -}}
+app.kubernetes.io/name: {{ include "keyspaces-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "keyspaces-proxy.image" -}}
+{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
+
+{{/*
+The proxy container. Shared mode listens on all interfaces with client authentication; the
+sidecar stays on the pod's loopback, where only its own application can reach it.
+Use from an application chart (a native sidecar, Kubernetes 1.29+):
+  initContainers:
+    {{- include "keyspaces-proxy.sidecar" (dict "Values" .Values.keyspacesProxy "Chart" .Chart "Release" .Release) | nindent 4 }}
+*/}}
+{{- define "keyspaces-proxy.container" -}}
+- name: keyspaces-proxy
+  image: {{ include "keyspaces-proxy.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if eq .Values.mode "sidecar" }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    - --region={{ .Values.region }}
+    - --worker-threads={{ .Values.workerThreads }}
+    {{- if eq .Values.mode "shared" }}
+    - --listen=0.0.0.0:9042
+    - --client-auth=password
+    - --client-credentials-file=/etc/keyspaces-proxy/users
+    {{- end }}
+    {{- range .Values.extraArgs }}
+    - {{ . }}
+    {{- end }}
+  env:
+    - name: RUST_LOG
+      value: {{ .Values.logLevel | quote }}
+    {{- if eq .Values.mode "shared" }}
+    - name: KEYSPACES_PROXY_ADVERTISE_ADDRESS
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
+    {{- end }}
+    {{- with .Values.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    {{- if eq .Values.mode "shared" }}
+    - name: cql
+      containerPort: 9042
+    {{- end }}
+    - name: metrics
+      containerPort: 9464
+  {{- if eq .Values.mode "sidecar" }}
+  startupProbe:
+    httpGet: {path: /readyz, port: metrics}
+    periodSeconds: 1
+    failureThreshold: 30
+  {{- end }}
+  readinessProbe:
+    httpGet: {path: /readyz, port: metrics}
+    periodSeconds: 5
+  livenessProbe:
+    httpGet: {path: /livez, port: metrics}
+    periodSeconds: 10
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    runAsNonRoot: true
+    capabilities:
+      drop: ["ALL"]
+  {{- if eq .Values.mode "shared" }}
+  volumeMounts:
+    - name: users
+      mountPath: /etc/keyspaces-proxy
+      readOnly: true
+  {{- end }}
+{{- end -}}
+
+{{- define "keyspaces-proxy.sidecar" -}}
+{{- $values := merge (dict "mode" "sidecar") (deepCopy .Values) -}}
+{{- include "keyspaces-proxy.container" (dict "Values" $values "Chart" .Chart "Release" .Release) -}}
+{{- end -}}

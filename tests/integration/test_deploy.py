@@ -1,0 +1,146 @@
+"""The deployment artifacts in deploy/, checked by the tools their platforms use (or their schemas),
+and against the metrics a real proxy exports."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+VENV_BIN = Path(sys.executable).parent
+
+
+def tool(name):
+    """A checker on PATH or in the venv; CI (KSP_REQUIRE_ALL_TOOLS=1) must have every one."""
+    path = shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
+    if path is None:
+        if os.environ.get("KSP_REQUIRE_ALL_TOOLS") == "1":
+            pytest.fail(f"{name} is not installed")
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    return path
+
+
+def run(*args, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, **kw)
+    assert r.returncode == 0, f"{args[0]} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def test_dockerfile_lints_clean():
+    run(tool("hadolint"), "--failure-threshold", "info", DEPLOY / "Dockerfile")
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "distroless" in text and re.search(r"^USER 65532", text, re.M)
+    assert "EXPOSE 9042 9464" in text and "HEALTHCHECK" in text
+
+
+def test_kubernetes_manifests_validate():
+    run(tool("kubernetes-validate"), "--strict", *sorted((DEPLOY / "kubernetes").glob("*.yaml")))
+    docs = [d for f in (DEPLOY / "kubernetes").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())]
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert all("eks.amazonaws.com/role-arn" in a["metadata"]["annotations"] for a in accounts)
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        proxies = [c for c in pod.get("containers", []) + pod.get("initContainers", [])
+                   if c["name"] == "keyspaces-proxy"]
+        assert len(proxies) == 1
+        p = proxies[0]
+        assert p["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert p["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert p["resources"]["requests"]
+
+
+def test_helm_chart_values_match_its_schema():
+    import jsonschema
+
+    chart = DEPLOY / "helm" / "keyspaces-proxy"
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    assert meta["apiVersion"] == "v2" and meta["name"] == "keyspaces-proxy"
+    schema = json.loads((chart / "values.schema.json").read_text())
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    # Shared mode needs a users Secret; sidecar mode does not.
+    assert list(validator.iter_errors(values)), "shared mode without clientAuth.existingSecret"
+    shared = {**values, "clientAuth": {"existingSecret": "users"}}
+    assert not list(validator.iter_errors(shared))
+    sidecar = {**values, "mode": "sidecar"}
+    assert not list(validator.iter_errors(sidecar))
+    assert list(validator.iter_errors({**shared, "region": "US East"}))
+    # Every template's braces balance (helm itself is not installable here).
+    for t in (chart / "templates").glob("*"):
+        text = t.read_text()
+        assert text.count("{{") == text.count("}}"), t.name
+
+
+def test_systemd_unit_verifies():
+    analyze = tool("systemd-analyze")
+    unit = (DEPLOY / "systemd" / "keyspaces-proxy.service").read_text()
+    for key in ["DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="]:
+        assert key in unit
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-unit-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    local = tmp / "keyspaces-proxy.service"
+    local.write_text(unit.replace("/usr/local/bin/keyspaces-proxy", str(BIN_DIR / "keyspaces-proxy")))
+    run(analyze, "verify", local)
+
+
+def test_prometheus_rules_and_scrape_config():
+    promtool = tool("promtool")
+    run(promtool, "check", "rules", DEPLOY / "prometheus" / "alerts.yml")
+    # Debian builds Prometheus without Kubernetes discovery: check the other jobs with promtool
+    # and the Kubernetes one's shape here.
+    config = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yml").read_text())
+    k8s = [j for j in config["scrape_configs"] if "kubernetes_sd_configs" in j]
+    assert k8s and all(j["kubernetes_sd_configs"] == [{"role": "pod"}] for j in k8s)
+    rest = {"scrape_configs": [j for j in config["scrape_configs"] if j not in k8s]}
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-scrape-{os.getpid()}.yml"
+    tmp.write_text(yaml.safe_dump(rest))
+    run(promtool, "check", "config", "--syntax-only", tmp)
+
+
+def test_ecs_task_definition_matches_the_ecs_api():
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    task = json.loads((DEPLOY / "ecs" / "task-definition.json").read_text())
+    model = botocore.session.get_session().get_service_model("ecs")
+    shape = model.operation_model("RegisterTaskDefinition").input_shape
+    report = ParamValidator().validate(task, shape)
+    assert not report.has_errors(), report.generate_report()
+    proxy = next(c for c in task["containerDefinitions"] if c["name"] == "keyspaces-proxy")
+    assert proxy["healthCheck"]["command"][1:3] == ["/usr/local/bin/keyspaces-proxy", "probe"]
+    app = next(c for c in task["containerDefinitions"] if c["name"] == "app")
+    assert app["dependsOn"] == [{"containerName": "keyspaces-proxy", "condition": "HEALTHY"}]
+    assert task["taskRoleArn"].startswith("arn:aws:iam::")
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_proxy_exports(start_emulator, start_proxy):
+    import urllib.request
+
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=10).read().decode()
+    exported = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            exported.add(name)
+            if kind == "counter":
+                exported.add(name + "_total")
+            if kind == "histogram":
+                exported.update({name + "_bucket", name + "_sum", name + "_count"})
+    used = set()
+    dashboard = (DEPLOY / "grafana" / "keyspaces-proxy.json").read_text()
+    json.loads(dashboard)
+    for source in [dashboard, (DEPLOY / "prometheus" / "alerts.yml").read_text()]:
+        used |= set(re.findall(r"keyspaces_proxy_[a-z_]+", source))
+    assert used and used <= exported, sorted(used - exported)
