@@ -10,6 +10,8 @@ use serde::Serialize;
 
 use crate::auth::client::{ClientAuth, UserFileError, UserStore};
 use crate::auth::credentials::{provider_from_chain, CredentialCache, CredentialsError};
+use crate::auth::kmsauth::{KmsAuthSettings, KmsAuthValidator};
+use crate::auth::sessions::{SessionCache, MAX_SESSIONS};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
 use crate::session::ProxyContext;
 use crate::upstream::pool::{Pool, PoolSettings};
@@ -25,6 +27,9 @@ pub enum ClientAuthMode {
     None,
     /// Require a PasswordAuthenticator user from --client-credentials-file / --client-user.
     Password,
+    /// PasswordAuthenticator carrying lyft kmsauth tokens (username = kmsauth username,
+    /// password = token), validated with KMS.
+    Kmsauth,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -117,6 +122,58 @@ pub struct Cli {
     )]
     #[serde(rename = "client-user", serialize_with = "mask_users")]
     pub client_users: Vec<String>,
+
+    /// kmsauth: this proxy's name, the `to` every token must be addressed to.
+    #[arg(long, env = "KEYSPACES_PROXY_KMSAUTH_TO")]
+    pub kmsauth_to: Option<String>,
+
+    /// kmsauth: KMS keys (ARNs or aliases) accepted for service tokens (repeatable).
+    #[arg(
+        long = "kmsauth-service-key",
+        env = "KEYSPACES_PROXY_KMSAUTH_SERVICE_KEYS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "kmsauth-service-key")]
+    pub kmsauth_service_keys: Vec<String>,
+
+    /// kmsauth: KMS keys (ARNs or aliases) accepted for user tokens (repeatable).
+    #[arg(
+        long = "kmsauth-user-key",
+        env = "KEYSPACES_PROXY_KMSAUTH_USER_KEYS",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "kmsauth-user-key")]
+    pub kmsauth_user_keys: Vec<String>,
+
+    /// kmsauth: extra encryption context every token must carry, KEY=VALUE (repeatable).
+    #[arg(
+        long = "kmsauth-context",
+        env = "KEYSPACES_PROXY_KMSAUTH_CONTEXT",
+        value_delimiter = ','
+    )]
+    #[serde(rename = "kmsauth-context")]
+    pub kmsauth_context: Vec<String>,
+
+    /// kmsauth: the longest token lifetime accepted, in minutes.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_KMSAUTH_MAX_LIFETIME",
+        default_value_t = 60
+    )]
+    pub kmsauth_max_lifetime: u64,
+
+    /// kmsauth: oldest token version accepted (1 or 2).
+    #[arg(long, env = "KEYSPACES_PROXY_KMSAUTH_MIN_VERSION", default_value_t = 1)]
+    pub kmsauth_min_version: u8,
+
+    /// KMS endpoint URL (a VPC endpoint; default: the region's).
+    #[arg(long, env = "KEYSPACES_PROXY_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+
+    /// Seconds a validated client is remembered after its last use, so reconnecting clients
+    /// are not re-checked (with KMS) each time; 0 checks every connection.
+    #[arg(long, env = "KEYSPACES_PROXY_AUTH_SESSION_TTL", default_value_t = 1800)]
+    pub auth_session_ttl: u64,
 
     /// How the proxy authenticates to Keyspaces.
     #[arg(
@@ -339,6 +396,8 @@ pub enum ConfigError {
     PlaintextNotLoopback(String),
     #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
     NoUpstreamCredentials,
+    #[error("--client-auth kmsauth: {0}")]
+    Kmsauth(String),
     #[error(transparent)]
     Users(#[from] UserFileError),
     #[error(transparent)]
@@ -418,8 +477,9 @@ impl Cli {
             .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 
-    pub fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
+    pub async fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
         match self.client_auth {
+            ClientAuthMode::Kmsauth => Ok(ClientAuth::KmsAuth(Arc::new(self.kmsauth().await?))),
             ClientAuthMode::None => Ok(ClientAuth::None),
             ClientAuthMode::Password => {
                 let mut users = match &self.client_credentials_file {
@@ -437,6 +497,61 @@ impl Cli {
         }
     }
 
+    /// The kmsauth settings (pure, so the checks are unit-tested).
+    pub fn kmsauth_settings(&self) -> Result<KmsAuthSettings, ConfigError> {
+        let bad = |m: &str| ConfigError::Kmsauth(m.to_owned());
+        let to = self
+            .kmsauth_to
+            .clone()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| bad("--kmsauth-to (this proxy's name in tokens) is required"))?;
+        if self.kmsauth_service_keys.is_empty() && self.kmsauth_user_keys.is_empty() {
+            return Err(bad("give --kmsauth-service-key and/or --kmsauth-user-key"));
+        }
+        let mut extra_context = Vec::new();
+        for entry in &self.kmsauth_context {
+            let (k, v) = entry
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| bad(&format!("--kmsauth-context {entry:?}: expected KEY=VALUE")))?;
+            if ["to", "from", "user_type"].contains(&k) {
+                return Err(bad(&format!("--kmsauth-context cannot set {k:?}")));
+            }
+            extra_context.push((k.to_owned(), v.to_owned()));
+        }
+        if !(1..=2).contains(&self.kmsauth_min_version) {
+            return Err(bad("--kmsauth-min-version is 1 or 2"));
+        }
+        Ok(KmsAuthSettings {
+            to,
+            service_keys: self.kmsauth_service_keys.clone(),
+            user_keys: self.kmsauth_user_keys.clone(),
+            extra_context,
+            max_lifetime: Duration::from_secs(self.kmsauth_max_lifetime.max(1) * 60),
+            min_version: self.kmsauth_min_version,
+            max_version: 2,
+        })
+    }
+
+    async fn kmsauth(&self) -> Result<KmsAuthValidator, ConfigError> {
+        let settings = self.kmsauth_settings()?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(p) = &self.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &self.region {
+            loader = loader.region(aws_config::Region::new(r.to_ascii_lowercase()));
+        }
+        if let Some(url) = &self.kms_endpoint {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk = loader.load().await;
+        Ok(KmsAuthValidator::new(
+            settings,
+            aws_sdk_kms::Client::new(&sdk),
+        ))
+    }
+
     pub fn pool_settings(&self) -> PoolSettings {
         PoolSettings {
             min_connections: self.pool_min_connections.max(1),
@@ -452,7 +567,7 @@ impl Cli {
 
     /// Resolves region, credentials, endpoint and TLS. Reaches the AWS chain only for SigV4.
     pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
-        let client_auth = self.client_auth()?;
+        let client_auth = self.client_auth().await?;
         let mut region = self.region.as_deref().map(str::to_ascii_lowercase);
         let (auth, credentials) = match self.upstream_auth {
             UpstreamAuthMode::Sigv4 => {
@@ -528,6 +643,10 @@ impl Cli {
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
                 max_client_in_flight: self.max_client_in_flight.max(1),
                 max_client_buffer: self.max_client_buffer.max(1),
+                sessions: SessionCache::new(
+                    Duration::from_secs(self.auth_session_ttl),
+                    MAX_SESSIONS,
+                ),
             },
             credentials,
             region,
@@ -671,10 +790,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn password_mode_needs_users() {
+    #[tokio::test]
+    async fn password_mode_needs_users() {
         let cli = Cli::parse_from(["keyspaces-proxy", "--client-auth", "password"]);
-        assert!(matches!(cli.client_auth(), Err(ConfigError::NoClientUsers)));
+        assert!(matches!(
+            cli.client_auth().await,
+            Err(ConfigError::NoClientUsers)
+        ));
         let cli = Cli::parse_from([
             "keyspaces-proxy",
             "--client-auth",
@@ -682,6 +804,9 @@ mod tests {
             "--client-user",
             "a:b",
         ]);
-        assert!(matches!(cli.client_auth(), Ok(ClientAuth::Password(_))));
+        assert!(matches!(
+            cli.client_auth().await,
+            Ok(ClientAuth::Password(_))
+        ));
     }
 }

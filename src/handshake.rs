@@ -21,6 +21,27 @@ pub enum Step {
     /// The client is accepted: open the upstream, then answer with `success` (READY or
     /// AUTH_SUCCESS) or, if the upstream fails, with an error on the same stream.
     Connect(Accepted),
+    /// Check these credentials (locally, from a session, or with KMS), then call
+    /// `ClientHandshake::verified` with the outcome.
+    Verify(Credentials),
+}
+
+/// PLAIN credentials awaiting a check. The secret is wiped when dropped and never printed.
+#[derive(PartialEq, Eq)]
+pub struct Credentials {
+    pub version: u8,
+    pub compression: Compression,
+    pub stream: i16,
+    pub user: String,
+    pub secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -152,7 +173,7 @@ impl ClientHandshake {
                 success: messages::ready(version, stream),
                 user: None,
             }),
-            ClientAuth::Password(_) => {
+            ClientAuth::Password(_) | ClientAuth::KmsAuth(_) => {
                 self.state = State::AwaitCredentials {
                     version,
                     compression,
@@ -168,9 +189,9 @@ impl ClientHandshake {
 
     fn on_credentials(&mut self, frame: &Frame, version: u8, compression: Compression) -> Step {
         let stream = frame.stream();
-        let ClientAuth::Password(users) = self.auth.as_ref() else {
+        if matches!(self.auth.as_ref(), ClientAuth::None) {
             return Step::Close(protocol_error(version, stream, "Unexpected AUTH_RESPONSE"));
-        };
+        }
         let token = messages::parse_auth_token(&frame.body).unwrap_or_default();
         let Ok((user, password)) = messages::parse_plain_token(token) else {
             return Step::Reply(messages::error(
@@ -180,20 +201,37 @@ impl ClientHandshake {
                 "Authentication failure: malformed PLAIN credentials",
             ));
         };
-        if users.verify(user, password) {
-            Step::Connect(Accepted {
-                version,
-                compression,
-                success: messages::auth_success(version, stream, None),
-                user: Some(user.to_owned()),
-            })
-        } else {
-            Step::Reply(messages::error(
-                version,
-                stream,
-                error_code::BAD_CREDENTIALS,
-                &bad_credentials_message(user),
-            ))
+        Step::Verify(Credentials {
+            version,
+            compression,
+            stream,
+            user: user.to_owned(),
+            secret: zeroize::Zeroizing::new(password.to_vec()),
+        })
+    }
+
+    /// The outcome of checking `creds`: the accepted identity, or why not (shown to the client
+    /// after Cassandra's usual words, so drivers report it as bad credentials).
+    pub fn verified(&mut self, creds: &Credentials, outcome: Result<String, String>) -> Step {
+        match outcome {
+            Ok(identity) => Step::Connect(Accepted {
+                version: creds.version,
+                compression: creds.compression,
+                success: messages::auth_success(creds.version, creds.stream, None),
+                user: Some(identity),
+            }),
+            Err(why) => {
+                let mut message = bad_credentials_message(&creds.user);
+                if !why.is_empty() {
+                    message = format!("{message}: {why}");
+                }
+                Step::Reply(messages::error(
+                    creds.version,
+                    creds.stream,
+                    error_code::BAD_CREDENTIALS,
+                    &message,
+                ))
+            }
         }
     }
 }
@@ -262,19 +300,37 @@ mod tests {
             messages::PASSWORD_AUTHENTICATOR
         );
 
+        // The credentials are handed to the session to check, then the outcome comes back.
         let wrong = messages::auth_response(4, 2, &messages::plain_token("app", "nope"));
-        let e = error_of(&hs.on_frame(&wrong));
+        let Step::Verify(creds) = hs.on_frame(&wrong) else {
+            panic!()
+        };
+        assert_eq!(
+            (creds.user.as_str(), &creds.secret[..]),
+            ("app", &b"nope"[..])
+        );
+        assert!(
+            !format!("{creds:?}").contains("nope"),
+            "the secret is never printed"
+        );
+        let e = error_of(&hs.verified(&creds, Err(String::new())));
         assert_eq!(e.code, error_code::BAD_CREDENTIALS);
         assert_eq!(
             e.message,
             "Provided username app and/or password are incorrect"
         );
+        let e = error_of(&hs.verified(&creds, Err("Token lifetime exceeded.".into())));
+        assert!(e.message.ends_with(": Token lifetime exceeded."));
 
         let right = messages::auth_response(4, 3, &messages::plain_token("app", "pw"));
-        let Step::Connect(a) = hs.on_frame(&right) else {
+        let Step::Verify(creds) = hs.on_frame(&right) else {
+            panic!()
+        };
+        let Step::Connect(a) = hs.verified(&creds, Ok("app".into())) else {
             panic!()
         };
         assert_eq!(a.success.opcode(), opcode::AUTH_SUCCESS);
+        assert_eq!(a.success.stream(), 3);
         assert_eq!(a.user.as_deref(), Some("app"));
     }
 

@@ -73,9 +73,16 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
             return;
         };
         while hup.recv().await.is_some() {
-            match parse_cli(std::env::args_os().collect()).map(|cli| cli.client_auth()) {
+            let parsed = parse_cli(std::env::args_os().collect()).map_err(|e| e.to_string());
+            let reloaded = match parsed {
+                Ok(cli) => Ok(cli.client_auth().await),
+                Err(e) => Err(e),
+            };
+            match reloaded {
                 Ok(Ok(auth)) => {
                     ctx.client_auth.store(Arc::new(auth));
+                    // Sessions vouched for by the old users must be checked again.
+                    ctx.sessions.clear();
                     tracing::info!("SIGHUP: client authentication reloaded");
                 }
                 Ok(Err(e)) => {

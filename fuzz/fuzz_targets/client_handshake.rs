@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
     } else {
         ClientAuth::Password(UserStore::parse("app:pw").unwrap())
     };
-    let mut hs = ClientHandshake::new(Arc::new(auth));
+    let users = Arc::new(auth);
+    let mut hs = ClientHandshake::new(users.clone());
     let mut router: Option<Router> = None;
     let mut buf = BytesMut::from(rest);
     let mut codec = FrameCodec::new(1 << 20);
@@ -28,7 +29,18 @@ fuzz_target!(|data: &[u8]| {
                 let _ = r.on_client_frame(frame);
             }
             None => {
-                if let Step::Connect(a) = hs.on_frame(&frame) {
+                let mut step = hs.on_frame(&frame);
+                if let Step::Verify(creds) = &step {
+                    // What the session does for password users (no sessions, no KMS here).
+                    let ok = match &*users {
+                        ClientAuth::Password(u) if u.verify(&creds.user, &creds.secret) => {
+                            Ok(creds.user.clone())
+                        }
+                        _ => Err(String::new()),
+                    };
+                    step = hs.verified(creds, ok);
+                }
+                if let Step::Connect(a) = step {
                     let upstream = if mode & 2 == 0 { Compression::None } else { Compression::Lz4 };
                     router = Some(
                         Router::new(a.version, a.compression, upstream, "127.0.0.1".parse().unwrap(), 1 << 20)

@@ -112,6 +112,44 @@ pub enum ClientAuth {
     None,
     /// Present PasswordAuthenticator and check PLAIN credentials.
     Password(UserStore),
+    /// Present PasswordAuthenticator; the username is a kmsauth username, the password a token.
+    KmsAuth(std::sync::Arc<crate::auth::kmsauth::KmsAuthValidator>),
+}
+
+/// Checks PLAIN credentials: a live sliding session first, then the users or KMS. Returns the
+/// identity, or the reason (empty when Cassandra's usual message says it all).
+pub async fn verify(
+    auth: &ClientAuth,
+    sessions: &crate::auth::sessions::SessionCache,
+    user: &str,
+    secret: &[u8],
+) -> Result<String, String> {
+    use crate::auth::sessions::session_key;
+    let key = session_key(user, secret);
+    let now = std::time::Instant::now();
+    if let Some(identity) = sessions.touch(&key, now) {
+        return Ok(identity);
+    }
+    match auth {
+        ClientAuth::None => Ok(user.to_owned()),
+        ClientAuth::Password(users) => {
+            if !users.verify(user, secret) {
+                return Err(String::new());
+            }
+            sessions.insert(key, user, now, None);
+            Ok(user.to_owned())
+        }
+        ClientAuth::KmsAuth(validator) => {
+            let wall = std::time::SystemTime::now();
+            let id = validator
+                .validate(user, secret, wall)
+                .await
+                .map_err(|e| e.to_string())?;
+            let left = id.not_after.duration_since(wall).unwrap_or_default();
+            sessions.insert(key, &id.name, now, Some(left));
+            Ok(id.name)
+        }
+    }
 }
 
 /// The message Cassandra sends for bad credentials; drivers show it to users verbatim.

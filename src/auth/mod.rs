@@ -2,4 +2,6 @@
 
 pub mod client;
 pub mod credentials;
+pub mod kmsauth;
+pub mod sessions;
 pub mod sigv4;

@@ -40,6 +40,8 @@ pub struct ProxyContext {
     pub max_client_in_flight: usize,
     /// Bytes of unwritten answers one client may pin before it is closed as not reading.
     pub max_client_buffer: usize,
+    /// Sliding-TTL sessions of authenticated clients (cleared when users are reloaded).
+    pub sessions: crate::auth::sessions::SessionCache,
     /// Shared upstream connections; `None` gives each client its own (debugging mode).
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
@@ -187,7 +189,16 @@ async fn handshake(
             frame.opcode(),
             frame.body.len() + crate::frame::header::HEADER_LEN,
         );
-        match hs.on_frame(&frame) {
+        let mut step = hs.on_frame(&frame);
+        if let Step::Verify(creds) = &step {
+            let auth = ctx.client_auth.load_full();
+            let outcome =
+                crate::auth::client::verify(&auth, &ctx.sessions, &creds.user, &creds.secret).await;
+            step = hs.verified(creds, outcome);
+        }
+        match step {
+            // `verified` never asks for another check.
+            Step::Verify(_) => return Ok(None),
             Step::Reply(r) => {
                 if is_bad_credentials(&r) {
                     Metrics::count(

@@ -68,6 +68,7 @@ pub struct ProxyOptions {
     pub max_connections: usize,
     /// Dial this instead of the emulator (a fake upstream).
     pub endpoint: Option<String>,
+    pub session_ttl: Duration,
 }
 
 impl ProxyOptions {
@@ -85,6 +86,7 @@ impl ProxyOptions {
             max_client_buffer: 64 << 20,
             max_connections: 1000,
             endpoint: None,
+            session_ttl: Duration::from_secs(1800),
         }
     }
 
@@ -125,6 +127,7 @@ pub async fn proxy_with_pool(
         handshake_timeout: opts.handshake_timeout,
         max_client_in_flight: opts.max_client_in_flight,
         max_client_buffer: opts.max_client_buffer,
+        sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
