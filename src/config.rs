@@ -39,6 +39,8 @@ pub enum UpstreamAuthMode {
     Sigv4,
     /// Service-specific credentials or a Cassandra user (--upstream-username/--upstream-password).
     Plain,
+    /// A DataStax Astra application token in --upstream-password (PLAIN user name `token`).
+    Astra,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -396,6 +398,8 @@ pub enum ConfigError {
     PlaintextNotLoopback(String),
     #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
     NoUpstreamCredentials,
+    #[error("--upstream-auth astra needs an application token (AstraCS:…) in --upstream-password or KEYSPACES_PROXY_UPSTREAM_PASSWORD")]
+    NoAstraToken,
     #[error("--client-auth kmsauth: {0}")]
     Kmsauth(String),
     #[error(transparent)]
@@ -597,6 +601,16 @@ impl Cli {
                     None,
                 ),
                 _ => return Err(ConfigError::NoUpstreamCredentials),
+            },
+            UpstreamAuthMode::Astra => match &self.upstream_password {
+                Some(p) if p.starts_with("AstraCS:") => (
+                    UpstreamAuth::Plain {
+                        username: "token".into(),
+                        password: zeroize::Zeroizing::new(p.clone()),
+                    },
+                    None,
+                ),
+                _ => return Err(ConfigError::NoAstraToken),
             },
         };
         let (host, port) = match &self.endpoint {

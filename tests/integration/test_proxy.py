@@ -101,6 +101,28 @@ def test_password_mode(start_emulator, start_proxy, tmp_path):
     assert "Provided username app and/or password are incorrect" in str(err.value)
 
 
+@pytest.mark.parametrize("mode", ["plain", "astra"])
+def test_plain_credential_upstreams(start_emulator, start_proxy, aws_env, mode):
+    """Keyspaces service-specific credentials / Cassandra users, and Astra application tokens
+    (PLAIN user `token`), chosen per deployment; the secret comes from the environment."""
+    token = "AstraCS:abc:0123456789abcdef"
+    emu = start_emulator("--plain-user", f"token:{token}", listen_on_peers=False)
+    if mode == "plain":
+        args, secret = ["--upstream-auth", "plain", "--upstream-username", "svc-user"], "svc-pass"
+    else:
+        args, secret = ["--upstream-auth", "astra"], token
+    env = dict(aws_env, KEYSPACES_PROXY_UPSTREAM_PASSWORD=secret)
+    port = start_proxy(emu, *args, env=env).port
+    c = default_cluster(port)
+    try:
+        assert c.connect().execute("SELECT release_version FROM system.local").one()
+    finally:
+        c.shutdown()
+    auths = [e for e in emu.events() if e.get("event") == "auth"]
+    who = "svc-user" if mode == "plain" else "token"
+    assert auths and all(e["mode"] == "plain" and e["who"] == who and e["ok"] for e in auths)
+
+
 def test_cqlsh_through_proxy(start_emulator, start_proxy, aws_env):
     emu = start_emulator(listen_on_peers=False)
     port = start_proxy(emu).port
