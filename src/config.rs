@@ -10,10 +10,12 @@ use serde::Serialize;
 
 use crate::auth::client::{ClientAuth, UserFileError, UserStore};
 use crate::auth::credentials::{provider_from_chain, CredentialCache, CredentialsError};
+use crate::auth::identity_roles::{IdentityRoles, IdentityRolesError};
 use crate::auth::kmsauth::{KmsAuthSettings, KmsAuthValidator};
 use crate::auth::sessions::{SessionCache, MAX_SESSIONS};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
 use crate::session::ProxyContext;
+use crate::upstream::identity_pools::IdentityPools;
 use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::tls::{client_config, server_name, TlsConfigError};
 use crate::upstream::{UpstreamAuth, UpstreamTarget};
@@ -171,6 +173,15 @@ pub struct Cli {
     /// KMS endpoint URL (a VPC endpoint; default: the region's).
     #[arg(long, env = "KEYSPACES_PROXY_KMS_ENDPOINT")]
     pub kms_endpoint: Option<String>,
+
+    /// TOML mapping client identities to IAM roles: each mapped identity is signed upstream
+    /// with its own assumed role, in a pool of its own (reloaded on SIGHUP).
+    #[arg(long, env = "KEYSPACES_PROXY_IDENTITY_ROLES")]
+    pub identity_roles: Option<PathBuf>,
+
+    /// STS endpoint URL for --identity-roles (a VPC endpoint; default: the region's).
+    #[arg(long, env = "KEYSPACES_PROXY_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
 
     /// Seconds a validated client is remembered after its last use, so reconnecting clients
     /// are not re-checked (with KMS) each time; 0 checks every connection.
@@ -400,6 +411,10 @@ pub enum ConfigError {
     NoUpstreamCredentials,
     #[error("--upstream-auth astra needs an application token (AstraCS:…) in --upstream-password or KEYSPACES_PROXY_UPSTREAM_PASSWORD")]
     NoAstraToken,
+    #[error("--identity-roles needs --upstream-mode pooled and --upstream-auth sigv4")]
+    IdentityRolesNeedPooledSigv4,
+    #[error(transparent)]
+    IdentityRoles(#[from] IdentityRolesError),
     #[error("--client-auth kmsauth: {0}")]
     Kmsauth(String),
     #[error(transparent)]
@@ -644,6 +659,34 @@ impl Cli {
             UpstreamMode::Dedicated => None,
             UpstreamMode::Pooled => Some(Pool::new(upstream.clone(), self.pool_settings())),
         };
+        let identity_pools = match &self.identity_roles {
+            None => None,
+            Some(path) => {
+                if self.upstream_mode != UpstreamMode::Pooled
+                    || self.upstream_auth != UpstreamAuthMode::Sigv4
+                {
+                    return Err(ConfigError::IdentityRolesNeedPooledSigv4);
+                }
+                let roles = IdentityRoles::load(path)?;
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+                if let Some(p) = &self.profile {
+                    loader = loader.profile_name(p);
+                }
+                if let Some(r) = &region {
+                    loader = loader.region(aws_config::Region::new(r.clone()));
+                }
+                if let Some(url) = &self.sts_endpoint {
+                    loader = loader.endpoint_url(url);
+                }
+                Some(Arc::new(IdentityPools::new(
+                    upstream.clone(),
+                    region.clone().ok_or(ConfigError::NoRegion)?,
+                    self.pool_settings(),
+                    loader.load().await,
+                    roles,
+                )))
+            }
+        };
         Ok(Resolved {
             context: ProxyContext {
                 pool,
@@ -661,6 +704,7 @@ impl Cli {
                     Duration::from_secs(self.auth_session_ttl),
                     MAX_SESSIONS,
                 ),
+                identity_pools,
             },
             credentials,
             region,
@@ -764,6 +808,101 @@ mod tests {
         assert!(matches!(err, ConfigError::PlaintextNotLoopback(_)), "{err}");
         let ok = args("127.0.0.1:19142").resolve().await.unwrap();
         assert!(ok.context.upstream.insecure_plaintext);
+    }
+
+    #[test]
+    fn kmsauth_settings_are_checked() {
+        let base = ["keyspaces-proxy", "--client-auth", "kmsauth"];
+        let cli = |extra: &[&str]| Cli::parse_from(base.iter().chain(extra));
+        assert!(
+            cli(&[]).kmsauth_settings().is_err(),
+            "--kmsauth-to is required"
+        );
+        assert!(
+            cli(&["--kmsauth-to", "p"]).kmsauth_settings().is_err(),
+            "keys are required"
+        );
+        let ok = cli(&[
+            "--kmsauth-to",
+            "p",
+            "--kmsauth-service-key",
+            "alias/a,alias/b",
+            "--kmsauth-context",
+            "env=prod",
+        ])
+        .kmsauth_settings()
+        .unwrap();
+        assert_eq!(ok.service_keys, ["alias/a", "alias/b"]);
+        assert_eq!(ok.extra_context, [("env".into(), "prod".into())]);
+        assert_eq!(ok.max_lifetime, Duration::from_secs(3600));
+        for bad in ["to=x", "novalue", "=x"] {
+            let c = cli(&[
+                "--kmsauth-to",
+                "p",
+                "--kmsauth-user-key",
+                "k",
+                "--kmsauth-context",
+                bad,
+            ]);
+            assert!(c.kmsauth_settings().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn astra_tokens_are_plain_user_token() {
+        let cli = |pw: &str| {
+            Cli::parse_from([
+                "keyspaces-proxy",
+                "--region",
+                "us-east-1",
+                "--endpoint",
+                "127.0.0.1:29042",
+                "--upstream-auth",
+                "astra",
+                "--upstream-password",
+                pw,
+            ])
+        };
+        let r = cli("AstraCS:abc:123").resolve().await.unwrap();
+        match &r.context.upstream.auth {
+            UpstreamAuth::Plain { username, password } => {
+                assert_eq!(
+                    (username.as_str(), password.as_str()),
+                    ("token", "AstraCS:abc:123")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            cli("not-a-token").resolve().await,
+            Err(ConfigError::NoAstraToken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn identity_roles_need_the_pooled_sigv4_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let roles = dir.path().join("roles.toml");
+        std::fs::write(&roles, "").unwrap();
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--region",
+            "us-east-1",
+            "--upstream-mode",
+            "dedicated",
+            "--upstream-auth",
+            "plain",
+            "--upstream-username",
+            "u",
+            "--upstream-password",
+            "p",
+            "--identity-roles",
+            roles.to_str().unwrap(),
+        ]);
+        assert!(matches!(
+            cli.resolve().await,
+            Err(ConfigError::IdentityRolesNeedPooledSigv4)
+        ));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use keyspaces_proxy::admin::AdminState;
 use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::auth::identity_roles::IdentityRoles;
 use keyspaces_proxy::config::{Cli, Command, LogFormat};
 use keyspaces_proxy::session::ProxyContext;
 use keyspaces_proxy::{check, server};
@@ -74,6 +75,18 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
         };
         while hup.recv().await.is_some() {
             let parsed = parse_cli(std::env::args_os().collect()).map_err(|e| e.to_string());
+            if let (Ok(cli), Some(pools)) = (&parsed, &ctx.identity_pools) {
+                match cli.identity_roles.as_deref().map(IdentityRoles::load) {
+                    Some(Ok(roles)) => {
+                        pools.replace_roles(roles).await;
+                        tracing::info!("SIGHUP: identity roles reloaded");
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "SIGHUP: keeping the previous identity roles")
+                    }
+                    None => pools.replace_roles(IdentityRoles::default()).await,
+                }
+            }
             let reloaded = match parsed {
                 Ok(cli) => Ok(cli.client_auth().await),
                 Err(e) => Err(e),

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod credentials;
+pub mod identity_roles;
 pub mod kmsauth;
 pub mod sessions;
 pub mod sigv4;

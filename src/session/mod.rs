@@ -40,6 +40,8 @@ pub struct ProxyContext {
     pub max_client_in_flight: usize,
     /// Bytes of unwritten answers one client may pin before it is closed as not reading.
     pub max_client_buffer: usize,
+    /// Per-identity pools (`--identity-roles`); other clients use `pool`.
+    pub identity_pools: Option<Arc<crate::upstream::identity_pools::IdentityPools>>,
     /// Sliding-TTL sessions of authenticated clients (cleared when users are reloaded).
     pub sessions: crate::auth::sessions::SessionCache,
     /// Shared upstream connections; `None` gives each client its own (debugging mode).
@@ -62,7 +64,7 @@ pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
 /// What the client is connected to once its handshake is done.
 enum Upstream {
     Dedicated(Box<UpstreamConnection>),
-    Pooled(Arc<Group>),
+    Pooled(Arc<Pool>, Arc<Group>),
 }
 
 type ClientFramed = Framed<TcpStream, FrameCodec>;
@@ -108,8 +110,8 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
                     Upstream::Dedicated(up) => {
                         dedicated::forward(&ctx, client, accepted, *up, proxy_ip).await
                     }
-                    Upstream::Pooled(group) => {
-                        pooled::forward(&ctx, client, accepted, group, proxy_ip).await
+                    Upstream::Pooled(pool, group) => {
+                        pooled::forward(&ctx, client, accepted, pool, group, proxy_ip).await
                     }
                 }
             }
@@ -219,10 +221,17 @@ async fn handshake(
             Step::Connect(accepted) => {
                 let connected = match &ctx.pool {
                     // A warm pool answers at once: no upstream round trip before READY.
-                    Some(pool) => pool
-                        .group(accepted.version, None)
-                        .await
-                        .map(Upstream::Pooled),
+                    Some(shared) => {
+                        // An identity with a role of its own gets its own pool.
+                        let own = match (&ctx.identity_pools, &accepted.user) {
+                            (Some(ip), Some(user)) => ip.pool_for(user).await,
+                            _ => None,
+                        };
+                        let pool = own.unwrap_or_else(|| shared.clone());
+                        pool.group(accepted.version, None)
+                            .await
+                            .map(|g| Upstream::Pooled(pool, g))
+                    }
                     None => ctx
                         .upstream
                         .connect(accepted.version, accepted.compression)

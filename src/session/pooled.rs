@@ -24,10 +24,10 @@ pub(super) async fn forward(
     ctx: &ProxyContext,
     client: ClientFramed,
     accepted: Accepted,
+    pool: Arc<Pool>,
     mut group: Arc<Group>,
     proxy_ip: IpAddr,
 ) {
-    let Some(pool) = ctx.pool.clone() else { return };
     let guard = ctx.consistency_guard.then(|| pool.prepared.clone());
     let mut router = Router::new(
         accepted.version,

@@ -2,6 +2,7 @@
 //! multiplexes every client over a few of them.
 
 pub mod connection;
+pub mod identity_pools;
 pub mod mux;
 pub mod pool;
 pub mod prepared;

@@ -128,6 +128,7 @@ pub async fn proxy_with_pool(
         max_client_in_flight: opts.max_client_in_flight,
         max_client_buffer: opts.max_client_buffer,
         sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
+        identity_pools: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

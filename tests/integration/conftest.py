@@ -157,3 +157,15 @@ def start_proxy(processes, aws_env, tmp_path):
         return Proxy(port, metrics_port, proc, log_path)
 
     return start
+
+
+@pytest.fixture
+def moto(processes, aws_env):
+    """moto's AWS API emulator (KMS, STS) on loopback; its URL. Never AWS itself."""
+    import sys
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = processes.start([str(server), "-H", "127.0.0.1", "-p", str(port)], aws_env)
+    wait_for_port(port, proc)
+    return f"http://127.0.0.1:{port}", proc

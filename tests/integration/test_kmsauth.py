@@ -5,9 +5,6 @@ KMS is moto's server on loopback (never AWS): the proxy decrypts tokens there wi
 """
 import base64
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import kmsauth
@@ -16,19 +13,14 @@ from cassandra import AuthenticationFailed
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import Cluster, NoHostAvailable
 
-from conftest import REGION, free_port, wait_for_port
+from conftest import REGION
 
 TO = "keyspaces-proxy"
 
 
 @pytest.fixture
-def kms(processes, aws_env):
-    port = free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = processes.start([str(server), "-H", "127.0.0.1", "-p", str(port)], aws_env,
-                           stderr=subprocess.DEVNULL)
-    wait_for_port(port, proc)
-    url = f"http://127.0.0.1:{port}"
+def kms(moto, aws_env):
+    url, proc = moto
     client = boto3.client("kms", region_name=REGION, endpoint_url=url,
                           aws_access_key_id=aws_env["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=aws_env["AWS_SECRET_ACCESS_KEY"])

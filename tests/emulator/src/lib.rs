@@ -65,6 +65,8 @@ pub struct EmulatorConfig {
     pub insecure_plaintext: bool,
     /// Serve a certificate that expired in 2020 (clients must refuse it).
     pub expired_certificate: bool,
+    /// Accept SigV4 from access keys it does not know (issued by a test STS), unverified.
+    pub accept_unknown_keys: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -86,6 +88,7 @@ impl Default for EmulatorConfig {
             max_frame_len: keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN,
             insecure_plaintext: false,
             expired_certificate: false,
+            accept_unknown_keys: false,
         }
     }
 }

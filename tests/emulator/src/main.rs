@@ -64,6 +64,10 @@ struct Cli {
     /// Fault: serve a server certificate that expired in 2020.
     #[arg(long)]
     expired_certificate: bool,
+    /// TESTS: accept SigV4 from unknown access keys (issued by a local STS such as moto's)
+    /// without checking the signature; they are logged by key id.
+    #[arg(long)]
+    accept_unknown_keys: bool,
     /// Fault: accept and immediately close every connection.
     #[arg(long)]
     refuse_connections: bool,
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
         event_log: cli.event_log,
         insecure_plaintext: cli.insecure_plaintext_for_benchmarks,
         expired_certificate: cli.expired_certificate,
+        accept_unknown_keys: cli.accept_unknown_keys,
         ..EmulatorConfig::default()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
