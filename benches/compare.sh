@@ -5,34 +5,20 @@
 # loopback only). Rounds are interleaved; medians and ratios are printed and written to
 # benches/results/. Needs haproxy (Debian: apt-get install haproxy).
 #   ROUNDS=5 DURATION=5 bash benches/compare.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 rounds=${ROUNDS:-5}
 duration=${DURATION:-5}
 out=${OUT:-benches/results}
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-: > "$work/aws-config"
-export AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIDBENCH AWS_SECRET_ACCESS_KEY=bench-secret
-export AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/aws-config"
-unset AWS_PROFILE AWS_SESSION_TOKEN
 command -v haproxy >/dev/null || { echo "haproxy is needed: apt-get install haproxy" >&2; exit 1; }
 
-cargo build --release --locked --workspace -q
-bin=target/release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # $1 port, $2 pid that must stay alive
   until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
     kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
     sleep 0.1
   done
 }
-listen_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["listen"])' "$1"; }
 name=cassandra.us-east-1.amazonaws.com
 
 start_emulator() { # $1 = tls|plain

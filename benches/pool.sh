@@ -4,28 +4,16 @@
 #   1. connect→READY time: direct TLS+SigV4 to the emulator vs through the warm proxy;
 #   2. one client connection's throughput: direct vs through the proxy.
 # Rounds are interleaved; the script prints each run's JSON and the medians.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 rounds=${ROUNDS:-5}
 duration=${DURATION:-5}
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
 
-: > "$work/aws-config"
-export AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIDBENCH AWS_SECRET_ACCESS_KEY=bench-secret
-export AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/aws-config"
-unset AWS_PROFILE AWS_SESSION_TOKEN
-
-cargo build --release --locked --workspace -q
-bin=target/release
 $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners \
   --credential AKIDBENCH:bench-secret > "$work/emu.json" 2>/dev/null &
 pids+=($!)
 until [ -s "$work/emu.json" ]; do sleep 0.1; done
-emu=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["listen"])' "$work/emu.json")
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+emu=$(listen_of "$work/emu.json")
+port=$(free_port)
 $bin/keyspaces-proxy --listen "127.0.0.1:$port" --region us-east-1 --endpoint "$emu" \
   --tls-server-name cassandra.us-east-1.amazonaws.com --ca-file "$work/emu/ca.pem" 2>"$work/proxy.log" &
 pids+=($!)

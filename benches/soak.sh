@@ -5,32 +5,17 @@
 # Reports errors per workload, the proxy's RSS drift (mean of minute 2-3 against the last
 # minute), CPU, and what holding 10,000 clients costs. Results: benches/results/soak.json.
 #   DURATION=1800 bash benches/soak.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 duration=${DURATION:-1800}
 [ "$duration" -ge 300 ] || { echo "DURATION must be at least 300 s" >&2; exit 2; }
 out=${OUT:-benches/results}
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
-: > "$work/aws-config"
-export AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIDSOAK AWS_SECRET_ACCESS_KEY=soak-secret
-export AWS_CONFIG_FILE="$work/aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/aws-config"
-unset AWS_PROFILE AWS_SESSION_TOKEN
-
-cargo build --release --locked --workspace -q
-bin=target/release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners \
-  --credential AKIDSOAK:soak-secret > "$work/emu.json" 2>/dev/null &
+  --credential AKIDBENCH:bench-secret > "$work/emu.json" 2>/dev/null &
 pids+=($!)
 until [ -s "$work/emu.json" ]; do sleep 0.1; done
-emu=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["listen"])' "$work/emu.json")
+emu=$(listen_of "$work/emu.json")
 
 port=$(free_port); metrics=$(free_port)
 $bin/keyspaces-proxy --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics" --region us-east-1 \

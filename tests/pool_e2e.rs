@@ -119,19 +119,7 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
 type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
-    let target = keyspaces_proxy::upstream::UpstreamTarget {
-        address: emu.addr.to_string(),
-        server_name: keyspaces_proxy::upstream::tls::server_name(
-            "cassandra.us-east-1.amazonaws.com",
-        )
-        .unwrap(),
-        tls: keyspaces_proxy::upstream::tls::client_config(Some(&emu.ca_pem)).unwrap(),
-        insecure_plaintext: false,
-        auth: sigv4(SECRET),
-        connect_timeout: Duration::from_secs(5),
-        max_frame_len: 1 << 24,
-    };
-    target.connect(4, Default::default()).await.unwrap().framed
+    direct_tls(emu).await
 }
 
 /// Sends `total` pipelined reads on one direct connection; returns how many were throttled.

@@ -10,16 +10,6 @@ use keyspaces_proxy::frame::result::Rows;
 use keyspaces_proxy::frame::{opcode, Compression, Frame, Header};
 use keyspaces_proxy::upstream::UpstreamAuth;
 
-fn error_of(f: &Frame) -> ErrorInfo {
-    assert_eq!(
-        f.opcode(),
-        opcode::ERROR,
-        "expected an ERROR, got {}",
-        opcode::name(f.opcode())
-    );
-    ErrorInfo::parse(&f.body).unwrap()
-}
-
 async fn ready_client(addr: std::net::SocketAddr) -> Client {
     let mut c = Client::connect(addr).await;
     let r = c

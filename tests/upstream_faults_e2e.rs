@@ -21,16 +21,6 @@ fn startup() -> Frame {
     messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])
 }
 
-fn error_of(f: &Frame) -> ErrorInfo {
-    assert_eq!(
-        f.opcode(),
-        opcode::ERROR,
-        "expected an ERROR, got {}",
-        opcode::name(f.opcode())
-    );
-    ErrorInfo::parse(&f.body).unwrap()
-}
-
 fn local(stream: i16) -> Frame {
     messages::query(4, stream, "SELECT key FROM system.local", consistency::ONE)
 }
@@ -224,24 +214,12 @@ async fn upstream_cut_mid_response_and_stalls_answer_every_request() {
     opts.pool = Some(small_pool());
     let addr = proxy(&emu, opts).await;
     let mut c = ready(addr).await;
-    let r = c
-        .call(messages::query(
-            4,
-            1,
-            "CREATE KEYSPACE IF NOT EXISTS f WITH replication = {'class': 'SingleRegionStrategy'}",
-            consistency::ONE,
-        ))
+    c.run_ok(
+        "CREATE KEYSPACE IF NOT EXISTS f WITH replication = {'class': 'SingleRegionStrategy'}",
+    )
+    .await;
+    c.run_ok("CREATE TABLE IF NOT EXISTS f.t (k int PRIMARY KEY, v int)")
         .await;
-    assert_eq!(r.opcode(), opcode::RESULT);
-    let r = c
-        .call(messages::query(
-            4,
-            1,
-            "CREATE TABLE IF NOT EXISTS f.t (k int PRIMARY KEY, v int)",
-            consistency::ONE,
-        ))
-        .await;
-    assert_eq!(r.opcode(), opcode::RESULT);
 
     // Every answer is cut in half: reads (retried once) and writes both end in an error frame
     // for the client, on the request's own stream.
@@ -303,19 +281,7 @@ async fn throttling_errors_pass_through_unchanged() {
     let addr = proxy(&emu, opts).await;
 
     // The same burst directly and through the proxy; the throttling errors are byte-identical.
-    let target = keyspaces_proxy::upstream::UpstreamTarget {
-        address: emu.addr.to_string(),
-        server_name: keyspaces_proxy::upstream::tls::server_name(
-            "cassandra.us-east-1.amazonaws.com",
-        )
-        .unwrap(),
-        tls: keyspaces_proxy::upstream::tls::client_config(Some(&emu.ca_pem)).unwrap(),
-        insecure_plaintext: false,
-        auth: sigv4(SECRET),
-        connect_timeout: Duration::from_secs(5),
-        max_frame_len: 1 << 24,
-    };
-    let mut direct = target.connect(4, Default::default()).await.unwrap().framed;
+    let mut direct = direct_tls(&emu).await;
     let proxied = ready(addr).await;
     let mut proxied = proxied.into_framed();
     let mut bodies = Vec::new();

@@ -141,6 +141,32 @@ pub async fn proxy_with_pool(
     (addr, pool)
 }
 
+/// The error in `f`, which must be an ERROR frame.
+pub fn error_of(f: &Frame) -> keyspaces_proxy::frame::messages::ErrorInfo {
+    use keyspaces_proxy::frame::opcode;
+    assert_eq!(
+        f.opcode(),
+        opcode::ERROR,
+        "expected an ERROR, got {}",
+        opcode::name(f.opcode())
+    );
+    keyspaces_proxy::frame::messages::ErrorInfo::parse(&f.body).unwrap()
+}
+
+/// A direct TLS + SigV4 connection to the emulator, as a driver with the official plugin makes.
+pub async fn direct_tls(emu: &Emulator) -> keyspaces_proxy::upstream::connection::UpstreamFramed {
+    let target = UpstreamTarget {
+        address: emu.addr.to_string(),
+        server_name: server_name(&format!("cassandra.{REGION}.amazonaws.com")).unwrap(),
+        tls: client_config(Some(&emu.ca_pem)).unwrap(),
+        insecure_plaintext: false,
+        auth: sigv4(SECRET),
+        connect_timeout: Duration::from_secs(5),
+        max_frame_len: 1 << 24,
+    };
+    target.connect(4, Default::default()).await.unwrap().framed
+}
+
 pub struct Client {
     framed: Framed<TcpStream, FrameCodec>,
 }
@@ -190,6 +216,21 @@ impl Client {
             Ok(_) => None,
             Err(_) => panic!("no reply within 10 s"),
         }
+    }
+
+    /// Runs one CQL statement and asserts it succeeded.
+    pub async fn run_ok(&mut self, cql: &str) -> Frame {
+        use keyspaces_proxy::frame::messages::{self, consistency, ErrorInfo};
+        let r = self
+            .call(messages::query(4, 1, cql, consistency::LOCAL_QUORUM))
+            .await;
+        assert_eq!(
+            r.opcode(),
+            keyspaces_proxy::frame::opcode::RESULT,
+            "{cql}: {:?}",
+            ErrorInfo::parse(&r.body)
+        );
+        r
     }
 
     pub async fn call(&mut self, f: Frame) -> Frame {
