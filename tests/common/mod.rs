@@ -106,6 +106,22 @@ pub async fn proxy_with_pool(
     emu: &Emulator,
     opts: ProxyOptions,
 ) -> (SocketAddr, Option<Arc<Pool>>) {
+    let max_connections = opts.max_connections;
+    let ctx = context(emu, opts);
+    let pool = ctx.pool.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(keyspaces_proxy::server::serve(
+        listener,
+        Arc::new(ctx),
+        max_connections,
+        Duration::from_secs(5),
+    ));
+    (addr, pool)
+}
+
+/// What a proxy in front of `emu` shares between its sessions.
+pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
     let upstream = UpstreamTarget {
         address: opts.endpoint.unwrap_or_else(|| emu.addr.to_string()),
         server_name: server_name(&opts.server_name).unwrap(),
@@ -116,7 +132,7 @@ pub async fn proxy_with_pool(
         max_frame_len: 1 << 24,
     };
     let pool = opts.pool.map(|s| Pool::new(upstream.clone(), s));
-    let ctx = ProxyContext {
+    ProxyContext {
         upstream,
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
@@ -129,16 +145,7 @@ pub async fn proxy_with_pool(
         max_client_buffer: opts.max_client_buffer,
         sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
         identity_pools: None,
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(keyspaces_proxy::server::serve(
-        listener,
-        Arc::new(ctx),
-        opts.max_connections,
-        Duration::from_secs(5),
-    ));
-    (addr, pool)
+    }
 }
 
 /// The error in `f`, which must be an ERROR frame.
