@@ -33,6 +33,9 @@ pub struct CredentialCache {
     timeout: Duration,
     current: ArcSwapOption<Credentials>,
     refreshing: tokio::sync::Mutex<()>,
+    /// When the provider last failed: until RETRY_AFTER_FAILURE has passed, handshakes sign
+    /// with the still-valid cached credentials instead of each waiting on a broken provider.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for CredentialCache {
@@ -66,6 +69,7 @@ impl CredentialCache {
             timeout,
             current: ArcSwapOption::empty(),
             refreshing: tokio::sync::Mutex::new(()),
+            failed_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -79,11 +83,17 @@ impl CredentialCache {
     /// Current credentials; loads them only if none are cached or they are about to expire.
     pub async fn get(&self) -> Result<Arc<Credentials>, CredentialsError> {
         if let Some(c) = self.current.load_full() {
-            if is_fresh(&c, SystemTime::now()) {
+            let now = SystemTime::now();
+            if is_fresh(&c, now) || (!is_expired(&c, now) && self.failed_recently()) {
                 return Ok(c);
             }
         }
         self.refresh(false).await
+    }
+
+    fn failed_recently(&self) -> bool {
+        let failed_at = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER_FAILURE)
     }
 
     /// Whether any credentials are cached.
@@ -123,6 +133,8 @@ impl CredentialCache {
             ))),
         };
         let result = if loaded.is_ok() { "ok" } else { "error" };
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            loaded.is_err().then(std::time::Instant::now);
         Metrics::count(&metrics().credential_refreshes, vec![("result", result)]);
         let loaded = match loaded {
             Ok(c) => c,
@@ -333,6 +345,41 @@ mod tests {
             // Due for refresh (2 min left < 5 min ahead); the refresh fails, the key still signs.
             assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDFIRST");
             assert_eq!(c.refresh(true).await.unwrap().access_key_id(), "AKIDFIRST");
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_valid_credentials_are_used_without_asking_again() {
+        let p = Arc::new(ThenBroken {
+            calls: AtomicUsize::new(0),
+            hang: true,
+        });
+        let c = CredentialCache::with_timeout(
+            SharedCredentialsProvider::new(Shared(p.clone())),
+            Duration::from_millis(200),
+        );
+        c.get().await.unwrap();
+        c.get().await.unwrap(); // due for refresh: the provider hangs, times out once
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        for _ in 0..5 {
+            assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDFIRST");
+        }
+        assert_eq!(
+            p.calls.load(Ordering::SeqCst),
+            2,
+            "no new wait on the broken provider"
+        );
+    }
+
+    #[derive(Debug)]
+    struct Shared(Arc<ThenBroken>);
+
+    impl ProvideCredentials for Shared {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            self.0.provide_credentials()
         }
     }
 
