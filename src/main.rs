@@ -74,33 +74,9 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
             return;
         };
         while hup.recv().await.is_some() {
-            let parsed = parse_cli(std::env::args_os().collect()).map_err(|e| e.to_string());
-            if let (Ok(cli), Some(pools)) = (&parsed, &ctx.identity_pools) {
-                match cli.identity_roles.as_deref().map(IdentityRoles::load) {
-                    Some(Ok(roles)) => {
-                        pools.replace_roles(roles).await;
-                        tracing::info!("SIGHUP: identity roles reloaded");
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "SIGHUP: keeping the previous identity roles")
-                    }
-                    None => pools.replace_roles(IdentityRoles::default()).await,
-                }
-            }
-            let reloaded = match parsed {
-                Ok(cli) => Ok(cli.client_auth().await),
-                Err(e) => Err(e),
-            };
-            match reloaded {
-                Ok(Ok(auth)) => {
-                    ctx.client_auth.store(Arc::new(auth));
-                    // Sessions vouched for by the old users must be checked again.
-                    ctx.sessions.clear();
-                    tracing::info!("SIGHUP: client authentication reloaded");
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "SIGHUP: keeping the previous client users")
-                }
+            // The error is rendered at once: the boxed one is not Send across the awaits below.
+            match parse_cli(std::env::args_os().collect()).map_err(|e| e.to_string()) {
+                Ok(cli) => reload_clients(&ctx, &cli).await,
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: configuration invalid; nothing reloaded")
                 }
@@ -115,6 +91,32 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
     });
     #[cfg(not(unix))]
     let _ = (ctx, credentials);
+}
+
+/// Applies a re-read configuration's identity roles and client users; a part that fails to
+/// load keeps its previous value.
+async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
+    if let Some(pools) = &ctx.identity_pools {
+        match cli.identity_roles.as_deref().map(IdentityRoles::load) {
+            Some(Ok(roles)) => {
+                pools.replace_roles(roles).await;
+                tracing::info!("SIGHUP: identity roles reloaded");
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "SIGHUP: keeping the previous identity roles")
+            }
+            None => pools.replace_roles(IdentityRoles::default()).await,
+        }
+    }
+    match cli.client_auth().await {
+        Ok(auth) => {
+            ctx.client_auth.store(Arc::new(auth));
+            // Sessions vouched for by the old users must be checked again.
+            ctx.sessions.clear();
+            tracing::info!("SIGHUP: client authentication reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client users"),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {

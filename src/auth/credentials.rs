@@ -190,13 +190,13 @@ impl CredentialCache {
     }
 }
 
-/// Builds the provider: the default chain, optionally for a named profile, optionally assuming a
-/// role on top.
-pub async fn provider_from_chain(
+/// The AWS SDK configuration from the standard chain, for a profile, region and endpoint
+/// override (a VPC endpoint, or a local emulator in tests) when given.
+pub async fn sdk_config(
     profile: Option<&str>,
-    role_arn: Option<&str>,
     region: Option<&str>,
-) -> Result<(SharedCredentialsProvider, Option<String>), CredentialsError> {
+    endpoint_url: Option<&str>,
+) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(p) = profile {
         loader = loader.profile_name(p);
@@ -204,7 +204,20 @@ pub async fn provider_from_chain(
     if let Some(r) = region {
         loader = loader.region(aws_config::Region::new(r.to_owned()));
     }
-    let sdk = loader.load().await;
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// Builds the provider: the default chain, optionally for a named profile, optionally assuming a
+/// role on top.
+pub async fn provider_from_chain(
+    profile: Option<&str>,
+    role_arn: Option<&str>,
+    region: Option<&str>,
+) -> Result<(SharedCredentialsProvider, Option<String>), CredentialsError> {
+    let sdk = sdk_config(profile, region, None).await;
     let region = sdk.region().map(|r| r.as_ref().to_owned());
     let base = sdk
         .credentials_provider()

@@ -22,6 +22,12 @@ struct Session {
     hard_limit: Option<Instant>,
 }
 
+impl Session {
+    fn alive(&self, now: Instant) -> bool {
+        now < self.expires && self.hard_limit.is_none_or(|h| now < h)
+    }
+}
+
 #[derive(Debug)]
 pub struct SessionCache {
     ttl: Duration,
@@ -62,8 +68,7 @@ impl SessionCache {
         }
         let mut sessions = self.lock();
         let s = sessions.get_mut(key)?;
-        let alive = now < s.expires && s.hard_limit.is_none_or(|h| now < h);
-        if !alive {
+        if !s.alive(now) {
             sessions.remove(key);
             return None;
         }
@@ -78,7 +83,7 @@ impl SessionCache {
         }
         let mut sessions = self.lock();
         if sessions.len() >= self.max && !sessions.contains_key(&key) {
-            sessions.retain(|_, s| now < s.expires && s.hard_limit.is_none_or(|h| now < h));
+            sessions.retain(|_, s| s.alive(now));
             if sessions.len() >= self.max {
                 if let Some(oldest) = sessions
                     .iter()

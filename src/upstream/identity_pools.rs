@@ -82,8 +82,4 @@ impl IdentityPools {
         pools.insert(identity.to_owned(), (spec, pool.clone()));
         Some(pool)
     }
-
-    pub async fn pool_count(&self) -> usize {
-        self.pools.lock().await.len()
-    }
 }
