@@ -568,12 +568,12 @@ mod tests {
             "loopback by default"
         );
         assert!(cli.exposure_warning().is_none());
-        let cli = Cli::parse_from(["keyspaces-proxy", "--listen", "10.1.2.3:9042"]);
+        let cli = Cli::parse_from(["keyspaces-proxy", "--listen", "0.0.0.0:9042"]);
         assert!(cli.exposure_warning().is_some());
         let cli = Cli::parse_from([
             "keyspaces-proxy",
             "--listen",
-            "10.1.2.3:9042",
+            "0.0.0.0:9042",
             "--client-auth",
             "password",
         ]);
