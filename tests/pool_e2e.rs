@@ -116,6 +116,43 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
     assert!(throttled > 0, "a direct connection is throttled");
 }
 
+/// A deep queue grows the pool, one connection at a time and never past its limit, even when
+/// thousands of requests see the pressure before the first new connection is under way (a
+/// single-threaded runtime, where the spawned connect runs only after the burst).
+#[tokio::test]
+async fn a_deep_queue_grows_the_pool_within_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        max_rate_per_connection: 0,
+        grow_at_in_flight: 4,
+        max_connections: 4,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    let responses = pipeline(&mut c, &local_query(), 20_000, 256).await;
+    assert_eq!(error_codes(&responses), Vec::<i32>::new());
+    let events = emu.events.snapshot();
+    let authenticated: HashSet<_> = events_of(&events, "auth")
+        .map(|e| e["conn"].clone())
+        .collect();
+    let used: HashSet<_> = events_of(&events, "request")
+        .map(|e| e["conn"].clone())
+        .collect();
+    assert!(
+        authenticated.len() <= 4,
+        "{} upstream connections opened, limit 4",
+        authenticated.len()
+    );
+    assert!(
+        used.len() >= 3,
+        "the queue spread over {} connections",
+        used.len()
+    );
+}
+
 type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {

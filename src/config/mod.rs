@@ -297,6 +297,15 @@ pub struct Cli {
     )]
     pub max_streams_per_connection: usize,
 
+    /// Open another upstream connection when the least busy one has more requests than this in
+    /// flight: one Keyspaces connection serves ~3,000 req/s, so a deep queue means it is full.
+    #[arg(
+        long,
+        env = "KEYSPACES_PROXY_POOL_GROW_IN_FLIGHT",
+        default_value_t = 64
+    )]
+    pub pool_grow_in_flight: usize,
+
     /// Seconds between OPTIONS heartbeats on upstream connections.
     #[arg(long, env = "KEYSPACES_PROXY_HEARTBEAT_INTERVAL", default_value_t = 30)]
     pub heartbeat_interval: u64,

@@ -105,6 +105,7 @@ impl Cli {
             max_connections: self.pool_max_connections.max(1),
             max_rate_per_connection: self.max_rate_per_connection,
             max_streams_per_connection: self.max_streams_per_connection.clamp(1, 32768),
+            grow_at_in_flight: self.pool_grow_in_flight.max(1),
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval.max(1)),
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
             recycle_before_expiry: Duration::from_secs(self.recycle_before_expiry),

@@ -38,6 +38,8 @@ pub struct PoolSettings {
     /// Requests per second one connection may carry (0 = unlimited).
     pub max_rate_per_connection: u32,
     pub max_streams_per_connection: usize,
+    /// Grow when the least busy connection carries more requests than this.
+    pub grow_at_in_flight: usize,
     pub heartbeat_interval: Duration,
     pub request_timeout: Duration,
     /// Replace connections this long before their signing credentials expire.
@@ -52,6 +54,7 @@ impl Default for PoolSettings {
             max_connections: 64,
             max_rate_per_connection: 1000,
             max_streams_per_connection: 2048,
+            grow_at_in_flight: 64,
             heartbeat_interval: Duration::from_secs(30),
             request_timeout: Duration::from_secs(12),
             recycle_before_expiry: Duration::from_secs(300),
@@ -340,6 +343,11 @@ impl Pool {
     /// Opens one connection into `group`.
     async fn connect_into(&self, group: &Arc<Group>) -> Result<(), Arc<UpstreamError>> {
         group.connecting.fetch_add(1, Ordering::AcqRel);
+        self.open_counted(group).await
+    }
+
+    /// Opens one connection whose slot in `group.connecting` the caller has already taken.
+    async fn open_counted(&self, group: &Arc<Group>) -> Result<(), Arc<UpstreamError>> {
         let params = OpenParams {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             version: group.key.version,
@@ -371,20 +379,28 @@ impl Pool {
 
     /// Starts another connection in the background, within the group's limits.
     fn grow(&self, group: &Arc<Group>) {
-        let total = group.conns.load().len() + group.connecting.load(Ordering::Acquire);
-        if total >= self.settings.max_connections
-            || group.connecting.load(Ordering::Acquire) >= MAX_CONCURRENT_CONNECTS
-        {
-            return;
-        }
         if let Some((at, _)) = group.last_failure() {
             if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
                 return;
             }
         }
+        // The slot is taken here, not in the spawned task: callers on the same thread would
+        // otherwise all see zero connections under way and each start one.
+        let open = group.conns.load().len();
+        let reserved =
+            group
+                .connecting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |connecting| {
+                    (open + connecting < self.settings.max_connections
+                        && connecting < MAX_CONCURRENT_CONNECTS)
+                        .then_some(connecting + 1)
+                });
+        if reserved.is_err() {
+            return;
+        }
         let (pool, group) = (self.arc(), group.clone());
         tokio::spawn(async move {
-            let _ = pool.connect_into(&group).await;
+            let _ = pool.open_counted(&group).await;
         });
     }
 
@@ -395,7 +411,11 @@ impl Pool {
         let mut deadline = None;
         loop {
             if let Some(conn) = group.pick() {
-                if conn.in_flight() > self.settings.max_streams_per_connection / 2 {
+                // One connection at a time: the queue only shrinks once the new one is ready,
+                // and growing on every request meanwhile would open the whole group at once.
+                if conn.in_flight() > self.settings.grow_at_in_flight
+                    && group.connecting.load(Ordering::Acquire) == 0
+                {
                     self.grow(group);
                 }
                 match conn.send(pending) {
@@ -511,11 +531,16 @@ impl Pool {
             let rate =
                 sent.saturating_sub(*window_sent) as f64 / window_start.elapsed().as_secs_f64();
             let budget = f64::from(self.settings.max_rate_per_connection);
-            let fits = if budget > 0.0 {
-                rate < (ready.len() as f64 - 1.0) * budget * 0.5
+            let fewer = ready.len().saturating_sub(1);
+            let fits_rate = if budget > 0.0 {
+                rate < fewer as f64 * budget * 0.5
             } else {
                 rate == 0.0
             };
+            // Growth also follows queue depth, so shrinking must leave room for it: otherwise
+            // a slow but deep workload would open and close a connection every window.
+            let in_flight: usize = ready.iter().map(|c| c.in_flight()).sum();
+            let fits = fits_rate && in_flight <= fewer * self.settings.grow_at_in_flight / 2;
             if ready.len() > self.min_for(group) && fits {
                 if let Some(c) = ready.iter().min_by_key(|c| c.in_flight()) {
                     tracing::debug!(conn = c.id, "shrinking idle upstream group");
