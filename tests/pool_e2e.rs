@@ -153,6 +153,35 @@ async fn a_deep_queue_grows_the_pool_within_its_limit() {
     );
 }
 
+/// A client's requests stay on one upstream connection while it has room, so its bursts are
+/// not split into a piece per connection (see `upstream::affinity`); two clients still share.
+#[tokio::test]
+async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        max_rate_per_connection: 0,
+        min_connections: 4,
+        grow_at_in_flight: 64,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    // Let the warm connections come up, so there is a choice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = emu.events.snapshot().len();
+    let responses = pipeline(&mut c, &local_query(), 3000, 32).await;
+    assert_eq!(error_codes(&responses), Vec::<i32>::new());
+    let events = emu.events.snapshot();
+    let authenticated = events_of(&events, "auth").count();
+    let used: HashSet<_> = events_of(&events[before..], "request")
+        .map(|e| e["conn"].clone())
+        .collect();
+    assert!(authenticated >= 2, "{authenticated} warm connections");
+    assert_eq!(used.len(), 1, "one client's requests went over {used:?}");
+}
+
 type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {

@@ -13,6 +13,7 @@ use crate::frame::{Compression, Frame};
 use crate::handshake::Accepted;
 use crate::metrics::{metrics, Metrics};
 use crate::route::{Route, Router};
+use crate::upstream::affinity::Affinity;
 use crate::upstream::pool::{Group, Pool};
 use crate::upstream::streams::{ClientInbox, Pending, ReplyTo};
 use crate::writer::FrameWriter;
@@ -49,6 +50,7 @@ pub(super) async fn forward(
     let stop = super::stopping(&mut shutdown);
     tokio::pin!(stop);
     let (mut in_flight, mut draining) = (0usize, false);
+    let mut affinity = Affinity::default();
     loop {
         if draining && in_flight == 0 {
             break;
@@ -76,7 +78,7 @@ pub(super) async fn forward(
                     Route::Upstream(f) => {
                         in_flight += 1;
                         let r = reply(f.stream());
-                        pool.dispatch(&group, Pending::new(f, r)).await;
+                        pool.dispatch_from(&group, Pending::new(f, r), &mut affinity).await;
                         continue;
                     }
                     Route::Use { keyspace, frame } => match switch_keyspace(&pool, accepted.version, &keyspace).await {
@@ -84,7 +86,7 @@ pub(super) async fn forward(
                             group = g;
                             in_flight += 1;
                             let r = reply(frame.stream());
-                            pool.dispatch(&group, Pending::new(frame, r)).await;
+                            pool.dispatch_from(&group, Pending::new(frame, r), &mut affinity).await;
                             continue;
                         }
                         Err(f) => compressed(f.with_stream(frame.stream()), accepted.compression),

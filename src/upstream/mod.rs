@@ -1,6 +1,7 @@
 //! The Keyspaces side: TLS with pinned roots, authenticated connections, and the pool that
 //! multiplexes every client over a few of them.
 
+pub mod affinity;
 pub mod connection;
 pub mod identity_pools;
 pub mod mux;

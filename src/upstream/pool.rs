@@ -17,6 +17,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{oneshot, Notify};
 
+use super::affinity::Affinity;
 use super::connection::{UpstreamError, UpstreamTarget};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::prepared::{PreparedCache, PreparedStatement};
@@ -406,7 +407,25 @@ impl Pool {
 
     /// Sends a request on the least busy connection of `group`, waiting briefly for capacity.
     /// Never hangs: without a usable connection the requester gets an OVERLOADED error.
-    pub async fn dispatch(&self, group: &Arc<Group>, mut pending: Pending) {
+    pub async fn dispatch(&self, group: &Arc<Group>, pending: Pending) {
+        self.dispatch_from(group, pending, &mut Affinity::default())
+            .await
+    }
+
+    /// As `dispatch`, on the connection this client used last while it has room (see
+    /// `Affinity` for why).
+    pub async fn dispatch_from(
+        &self,
+        group: &Arc<Group>,
+        mut pending: Pending,
+        affinity: &mut Affinity,
+    ) {
+        if let Some(conn) = affinity.usable(group, self.settings.grow_at_in_flight) {
+            match conn.send(pending) {
+                Ok(()) => return,
+                Err(p) => pending = p,
+            }
+        }
         // Only computed when no connection can take the request at once.
         let mut deadline = None;
         loop {
@@ -419,7 +438,10 @@ impl Pool {
                     self.grow(group);
                 }
                 match conn.send(pending) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        affinity.remember(group, &conn);
+                        return;
+                    }
                     Err(p) => {
                         pending = p;
                         continue;
