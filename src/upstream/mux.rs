@@ -50,6 +50,8 @@ pub struct MuxConn {
     unlimited: bool,
     state: AtomicU8,
     sent: AtomicU64,
+    /// Client sessions whose requests prefer this connection (see `upstream::affinity`).
+    affine: AtomicUsize,
     cancel: CancellationToken,
 }
 
@@ -110,6 +112,7 @@ impl MuxConn {
             unlimited: params.max_rate == 0,
             state: AtomicU8::new(ConnState::Ready as u8),
             sent: AtomicU64::new(0),
+            affine: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
         });
         let writer = tokio::spawn(write_frames(rx, write));
@@ -180,6 +183,18 @@ impl MuxConn {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn affine(&self) -> usize {
+        self.affine.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn pin(&self) {
+        self.affine.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn unpin(&self) {
+        self.affine.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Requests sent so far (for rate accounting).

@@ -90,6 +90,8 @@ pub struct GroupKey {
 pub struct Group {
     pub key: GroupKey,
     conns: ArcSwap<Vec<Arc<MuxConn>>>,
+    /// Bumped whenever `conns` changes, so sessions know to rebalance their affinity.
+    generation: AtomicU64,
     connecting: AtomicUsize,
     failures: AtomicU32,
     last_failure: Mutex<Option<(Instant, Arc<UpstreamError>)>>,
@@ -111,6 +113,7 @@ impl Group {
         Group {
             key,
             conns: ArcSwap::from_pointee(Vec::new()),
+            generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             last_failure: Mutex::new(None),
@@ -181,6 +184,7 @@ impl Group {
             v.push(conn.clone());
             v
         });
+        self.generation.fetch_add(1, Ordering::Release);
         self.changed.notify_waiters();
     }
 
@@ -200,6 +204,15 @@ impl Group {
                 .cloned()
                 .collect::<Vec<_>>()
         });
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(super) fn conns_snapshot(&self) -> arc_swap::Guard<Arc<Vec<Arc<MuxConn>>>> {
+        self.conns.load()
     }
 }
 
@@ -412,15 +425,28 @@ impl Pool {
             .await
     }
 
-    /// As `dispatch`, on the connection this client used last while it has room (see
-    /// `Affinity` for why).
+    /// As `dispatch`, preferring the connection this client is pinned to (see `Affinity`).
     pub async fn dispatch_from(
         &self,
         group: &Arc<Group>,
         mut pending: Pending,
         affinity: &mut Affinity,
     ) {
-        if let Some(conn) = affinity.usable(group, self.settings.grow_at_in_flight) {
+        let grow_at = self.settings.grow_at_in_flight;
+        // Deep enough for two clients' bursts to share a connection without splitting them.
+        let spill_at = grow_at.saturating_mul(2);
+        if let Some(conn) = affinity.usable(group, grow_at, spill_at) {
+            if conn.in_flight() > grow_at && group.connecting.load(Ordering::Acquire) == 0 {
+                let least = group
+                    .conns_snapshot()
+                    .iter()
+                    .filter(|c| c.is_ready())
+                    .map(|c| c.in_flight())
+                    .min();
+                if least.is_some_and(|n| n > grow_at) {
+                    self.grow(group);
+                }
+            }
             match conn.send(pending) {
                 Ok(()) => return,
                 Err(p) => pending = p,
@@ -438,10 +464,7 @@ impl Pool {
                     self.grow(group);
                 }
                 match conn.send(pending) {
-                    Ok(()) => {
-                        affinity.remember(group, &conn);
-                        return;
-                    }
+                    Ok(()) => return,
                     Err(p) => {
                         pending = p;
                         continue;
