@@ -116,7 +116,11 @@ PY
 paths=(direct_tls haproxy_tls proxy_tls direct_plain haproxy_plain proxy_plain)
 for r in $(seq "$rounds"); do
   for p in "${paths[@]}"; do
-    run "$p" saturation --connections 4 --concurrency 64
+    # Saturation is found, not assumed: each path's highest throughput over these levels
+    # (a path that adds latency needs more in flight to reach its ceiling).
+    for level in ${SATURATION_LEVELS:-4x64 4x128 8x64}; do
+      run "$p" "saturation-$level" --connections "${level%x*}" --concurrency "${level#*x}"
+    done
     run "$p" sequential --connections 1 --concurrency 1
   done
   echo "round $r done" >&2

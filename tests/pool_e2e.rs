@@ -182,6 +182,75 @@ async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
     assert_eq!(used.len(), 1, "one client's requests went over {used:?}");
 }
 
+/// Clients are spread one per connection: when the pool grows under four clients sharing two
+/// connections, the new connections take clients over, and afterwards each client keeps to
+/// its own connection.
+#[tokio::test]
+async fn clients_are_re_spread_one_per_connection_when_the_pool_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        max_rate_per_connection: 0,
+        min_connections: 2,
+        max_connections: 4,
+        grow_at_in_flight: 16,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(ready(addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each client sends its own statement, so the emulator's log tells them apart.
+    let query = |i: usize| {
+        messages::query(
+            4,
+            0,
+            &format!("SELECT key FROM system.local /* client {i} */"),
+            consistency::LOCAL_ONE,
+        )
+    };
+    // Round 1 grows the pool (two clients, 64 in flight, per connection); round 2 is measured.
+    let mut marks = Vec::new();
+    for _round in 0..2 {
+        marks.push(emu.events.snapshot().len());
+        let tasks: Vec<_> = clients
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut c)| {
+                let q = query(i);
+                tokio::spawn(async move {
+                    let responses = pipeline(&mut c, &q, 3000, 32).await;
+                    (c, error_codes(&responses))
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (c, errors) = t.await.unwrap();
+            assert_eq!(errors, Vec::<i32>::new());
+            clients.push(c);
+        }
+    }
+    let events = emu.events.snapshot();
+    let opened = events_of(&events, "auth").count();
+    assert_eq!(opened, 4, "the pool grew to its limit");
+    let mut seen = HashSet::new();
+    for i in 0..4 {
+        let cql = format!("SELECT key FROM system.local /* client {i} */");
+        let conns: HashSet<_> = events_of(&events[marks[1]..], "request")
+            .filter(|e| e["cql"] == cql.as_str())
+            .map(|e| e["conn"].clone())
+            .collect();
+        assert_eq!(conns.len(), 1, "client {i} used {conns:?}");
+        assert!(
+            seen.insert(conns.into_iter().next().unwrap()),
+            "two clients share a connection"
+        );
+    }
+}
+
 type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {

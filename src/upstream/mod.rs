@@ -3,7 +3,9 @@
 
 pub mod affinity;
 pub mod connection;
+pub mod group;
 pub mod identity_pools;
+mod maintenance;
 pub mod mux;
 pub mod pool;
 pub mod prepared;

@@ -3,22 +3,23 @@
 //! Keyspaces serves at most 3,000 requests/s on one connection, and a driver that sees one node
 //! (the proxy) opens one connection. The pool removes that ceiling: connections are grouped by
 //! protocol version and keyspace (a `USE` changes only the client's group, never a shared
-//! connection), each request goes to the least busy connection that is under its rate budget,
-//! groups grow with load and shrink when idle, and connections are re-signed before their STS
+//! connection), each client is pinned to one connection of its group (see `affinity`) and a
+//! request its connection cannot take goes to the least busy one under its rate budget; groups
+//! grow with load and shrink when idle, and connections are re-signed before their STS
 //! credentials expire.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use rand::Rng;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use super::affinity::Affinity;
 use super::connection::{UpstreamError, UpstreamTarget};
+use super::group::BACKOFF_BASE;
+pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::prepared::{PreparedCache, PreparedStatement};
 use super::streams::{Pending, ReplyTo};
@@ -65,10 +66,6 @@ impl Default for PoolSettings {
 }
 
 const MAX_CONCURRENT_CONNECTS: usize = 4;
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
-const SHRINK_WINDOW: Duration = Duration::from_secs(30);
-const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -78,142 +75,6 @@ pub struct PoolStats {
     pub streams_in_use: usize,
     /// Why a group has no ready connection, if one has none.
     pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct GroupKey {
-    pub version: u8,
-    pub keyspace: Option<Arc<str>>,
-}
-
-/// Connections for one (version, keyspace).
-pub struct Group {
-    pub key: GroupKey,
-    conns: ArcSwap<Vec<Arc<MuxConn>>>,
-    /// Bumped whenever `conns` changes, so sessions know to rebalance their affinity.
-    generation: AtomicU64,
-    connecting: AtomicUsize,
-    failures: AtomicU32,
-    last_failure: Mutex<Option<(Instant, Arc<UpstreamError>)>>,
-    changed: Notify,
-    last_used: Mutex<Instant>,
-}
-
-impl std::fmt::Debug for Group {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Group")
-            .field("key", &self.key)
-            .field("connections", &self.conns.load().len())
-            .finish()
-    }
-}
-
-impl Group {
-    fn new(key: GroupKey) -> Group {
-        Group {
-            key,
-            conns: ArcSwap::from_pointee(Vec::new()),
-            generation: AtomicU64::new(0),
-            connecting: AtomicUsize::new(0),
-            failures: AtomicU32::new(0),
-            last_failure: Mutex::new(None),
-            changed: Notify::new(),
-            last_used: Mutex::new(Instant::now()),
-        }
-    }
-
-    pub fn connections(&self) -> Arc<Vec<Arc<MuxConn>>> {
-        self.conns.load_full()
-    }
-
-    pub fn ready_count(&self) -> usize {
-        self.conns.load().iter().filter(|c| c.is_ready()).count()
-    }
-
-    fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>)> {
-        self.last_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The delay before the next connection attempt after `failures` in a row, with jitter.
-    fn backoff(&self) -> Duration {
-        let n = self.failures.load(Ordering::Relaxed);
-        if n == 0 {
-            return Duration::ZERO;
-        }
-        let exp = BACKOFF_BASE
-            .saturating_mul(1u32 << n.min(10))
-            .min(BACKOFF_MAX);
-        exp.mul_f64(rand::rng().random_range(0.5..1.0))
-    }
-
-    /// The least busy ready connection with a free stream id and rate budget.
-    fn pick(&self) -> Option<Arc<MuxConn>> {
-        let conns = self.conns.load();
-        // Fast path, without allocating: the least busy usable connection, if it has budget.
-        let best = conns
-            .iter()
-            .filter(|c| c.is_ready() && c.has_free_stream())
-            .min_by_key(|c| c.in_flight());
-        match best {
-            Some(c) if c.try_acquire() => return Some(c.clone()),
-            None => return None,
-            Some(_) => {}
-        }
-        // Rate-limited: try the others, least busy first.
-        // Snapshot the counts first: they change under our feet, and sorting on live values
-        // would not be a total order.
-        let mut candidates: Vec<(usize, &Arc<MuxConn>)> = conns
-            .iter()
-            .filter(|c| c.is_ready())
-            .map(|c| (c.in_flight(), c))
-            .collect();
-        candidates.sort_unstable_by_key(|(n, _)| *n);
-        candidates
-            .into_iter()
-            .map(|(_, c)| c)
-            .find(|c| c.has_free_stream() && c.try_acquire())
-            .cloned()
-    }
-
-    fn add(&self, conn: Arc<MuxConn>) {
-        self.conns.rcu(|v| {
-            let mut v = (**v).clone();
-            v.push(conn.clone());
-            v
-        });
-        self.generation.fetch_add(1, Ordering::Release);
-        self.changed.notify_waiters();
-    }
-
-    fn remove_dead_and_drained(&self) {
-        let current = self.conns.load();
-        if current.iter().all(|c| c.is_ready()) {
-            return;
-        }
-        for c in current.iter() {
-            if c.state() == super::mux::ConnState::Draining && c.in_flight() == 0 {
-                c.close();
-            }
-        }
-        self.conns.rcu(|v| {
-            v.iter()
-                .filter(|c| c.state() != super::mux::ConnState::Dead)
-                .cloned()
-                .collect::<Vec<_>>()
-        });
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    pub(super) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    pub(super) fn conns_snapshot(&self) -> arc_swap::Guard<Arc<Vec<Arc<MuxConn>>>> {
-        self.conns.load()
-    }
 }
 
 /// Why a request could not be sent: the client sees this as a retryable error.
@@ -228,11 +89,11 @@ fn unavailable_frame(p: &Pending, why: &str) -> Frame {
 
 pub struct Pool {
     target: UpstreamTarget,
-    settings: PoolSettings,
-    groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    pub(super) settings: PoolSettings,
+    pub(super) groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     pub prepared: Arc<PreparedCache>,
     next_id: AtomicU64,
-    me: Weak<Pool>,
+    pub(super) me: Weak<Pool>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -291,7 +152,7 @@ impl Pool {
         self.me.upgrade().expect("pool is alive while used")
     }
 
-    fn min_for(&self, group: &Arc<Group>) -> usize {
+    pub(super) fn min_for(&self, group: &Arc<Group>) -> usize {
         match group.key.keyspace {
             None => self.settings.min_connections.max(1),
             // Keep one while any client session holds the group (the map and the maintenance
@@ -392,7 +253,7 @@ impl Pool {
     }
 
     /// Starts another connection in the background, within the group's limits.
-    fn grow(&self, group: &Arc<Group>) {
+    pub(super) fn grow(&self, group: &Arc<Group>) {
         if let Some((at, _)) = group.last_failure() {
             if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
                 return;
@@ -502,141 +363,6 @@ impl Pool {
             let changed = group.changed.notified();
             let _ = tokio::time::timeout(wait, changed).await;
         }
-    }
-
-    fn spawn_maintenance(&self, group: Arc<Group>) {
-        let pool = self.me.clone();
-        tokio::spawn(async move {
-            let mut last_heartbeat = Instant::now();
-            let mut window_start = Instant::now();
-            let mut window_sent: u64 = 0;
-            loop {
-                tokio::time::sleep(MAINTENANCE_TICK).await;
-                let Some(pool) = pool.upgrade() else { return };
-                if !pool.maintain(
-                    &group,
-                    &mut last_heartbeat,
-                    &mut window_start,
-                    &mut window_sent,
-                ) {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// One maintenance pass; false when the group has been retired.
-    fn maintain(
-        &self,
-        group: &Arc<Group>,
-        last_heartbeat: &mut Instant,
-        window_start: &mut Instant,
-        window_sent: &mut u64,
-    ) -> bool {
-        group.remove_dead_and_drained();
-        let conns = group.connections();
-        for c in conns.iter() {
-            for p in c.expire(self.settings.request_timeout) {
-                let secs = self.settings.request_timeout.as_secs_f32();
-                let f = messages::error(
-                    p.request.header.protocol_version(),
-                    0,
-                    error_code::SERVER_ERROR,
-                    &format!("keyspaces-proxy: no answer from Keyspaces within {secs} s"),
-                );
-                p.reply.deliver(f);
-            }
-        }
-        // Re-sign before the credentials behind a connection expire.
-        let now = SystemTime::now();
-        for c in conns.iter().filter(|c| c.is_ready()) {
-            let expiring = c.credentials_expiry.is_some_and(|exp| {
-                exp.duration_since(now)
-                    .map_or(true, |left| left < self.settings.recycle_before_expiry)
-            });
-            if expiring {
-                tracing::info!(
-                    conn = c.id,
-                    "recycling upstream connection before its credentials expire"
-                );
-                c.drain();
-                self.grow(group);
-            }
-        }
-        if last_heartbeat.elapsed() >= self.settings.heartbeat_interval {
-            *last_heartbeat = Instant::now();
-            for c in conns.iter().filter(|c| c.is_ready()) {
-                self.heartbeat(c.clone());
-            }
-        }
-        // Shrink when the load would fit in one connection fewer, at half the budget.
-        let sent: u64 = conns.iter().map(|c| c.sent()).sum();
-        if window_start.elapsed() >= SHRINK_WINDOW {
-            let ready: Vec<_> = conns.iter().filter(|c| c.is_ready()).collect();
-            let rate =
-                sent.saturating_sub(*window_sent) as f64 / window_start.elapsed().as_secs_f64();
-            let budget = f64::from(self.settings.max_rate_per_connection);
-            let fewer = ready.len().saturating_sub(1);
-            let fits_rate = if budget > 0.0 {
-                rate < fewer as f64 * budget * 0.5
-            } else {
-                rate == 0.0
-            };
-            // Growth also follows queue depth, so shrinking must leave room for it: otherwise
-            // a slow but deep workload would open and close a connection every window.
-            let in_flight: usize = ready.iter().map(|c| c.in_flight()).sum();
-            let fits = fits_rate && in_flight <= fewer * self.settings.grow_at_in_flight / 2;
-            if ready.len() > self.min_for(group) && fits {
-                if let Some(c) = ready.iter().min_by_key(|c| c.in_flight()) {
-                    tracing::debug!(conn = c.id, "shrinking idle upstream group");
-                    c.drain();
-                }
-            }
-            *window_start = Instant::now();
-            *window_sent = sent;
-        }
-        let live = group.ready_count() + group.connecting.load(Ordering::Acquire);
-        if live < self.min_for(group) {
-            self.grow(group);
-        }
-        // Retire keyspace groups nobody uses any more.
-        if group.key.keyspace.is_some()
-            && Arc::strong_count(group) <= 2
-            && group.conns.load().is_empty()
-        {
-            let idle = group
-                .last_used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed()
-                > SHRINK_WINDOW;
-            if idle {
-                self.groups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&group.key);
-                return false;
-            }
-        }
-        true
-    }
-
-    fn heartbeat(&self, conn: Arc<MuxConn>) {
-        let timeout = self.settings.request_timeout;
-        tokio::spawn(async move {
-            let (tx, rx) = oneshot::channel();
-            let p = Pending::new(messages::options(conn.version, 0), ReplyTo::Internal(tx));
-            if conn.send(p).is_err() {
-                return;
-            }
-            if !matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(_))) {
-                tracing::warn!(
-                    conn = conn.id,
-                    "upstream heartbeat unanswered; closing the connection"
-                );
-                conn.close();
-            }
-        });
     }
 
     /// The group a statement prepared in `keyspace` should be re-prepared on.

@@ -1,0 +1,154 @@
+//! The pool's background work, one task per group: expire unanswered requests, re-sign
+//! connections before their credentials expire, heartbeat, shrink an idle group and retire
+//! keyspace groups nobody uses.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::group::Group;
+use super::mux::MuxConn;
+use super::pool::Pool;
+use super::streams::{Pending, ReplyTo};
+use crate::frame::messages::{self, error_code};
+use tokio::sync::oneshot;
+
+const SHRINK_WINDOW: Duration = Duration::from_secs(30);
+const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
+
+impl Pool {
+    pub(super) fn spawn_maintenance(&self, group: Arc<Group>) {
+        let pool = self.me.clone();
+        tokio::spawn(async move {
+            let mut last_heartbeat = Instant::now();
+            let mut window_start = Instant::now();
+            let mut window_sent: u64 = 0;
+            loop {
+                tokio::time::sleep(MAINTENANCE_TICK).await;
+                let Some(pool) = pool.upgrade() else { return };
+                if !pool.maintain(
+                    &group,
+                    &mut last_heartbeat,
+                    &mut window_start,
+                    &mut window_sent,
+                ) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One maintenance pass; false when the group has been retired.
+    fn maintain(
+        &self,
+        group: &Arc<Group>,
+        last_heartbeat: &mut Instant,
+        window_start: &mut Instant,
+        window_sent: &mut u64,
+    ) -> bool {
+        group.remove_dead_and_drained();
+        let conns = group.connections();
+        for c in conns.iter() {
+            for p in c.expire(self.settings.request_timeout) {
+                let secs = self.settings.request_timeout.as_secs_f32();
+                let f = messages::error(
+                    p.request.header.protocol_version(),
+                    0,
+                    error_code::SERVER_ERROR,
+                    &format!("keyspaces-proxy: no answer from Keyspaces within {secs} s"),
+                );
+                p.reply.deliver(f);
+            }
+        }
+        // Re-sign before the credentials behind a connection expire.
+        let now = SystemTime::now();
+        for c in conns.iter().filter(|c| c.is_ready()) {
+            let expiring = c.credentials_expiry.is_some_and(|exp| {
+                exp.duration_since(now)
+                    .map_or(true, |left| left < self.settings.recycle_before_expiry)
+            });
+            if expiring {
+                tracing::info!(
+                    conn = c.id,
+                    "recycling upstream connection before its credentials expire"
+                );
+                c.drain();
+                self.grow(group);
+            }
+        }
+        if last_heartbeat.elapsed() >= self.settings.heartbeat_interval {
+            *last_heartbeat = Instant::now();
+            for c in conns.iter().filter(|c| c.is_ready()) {
+                self.heartbeat(c.clone());
+            }
+        }
+        // Shrink when the load would fit in one connection fewer, at half the budget.
+        let sent: u64 = conns.iter().map(|c| c.sent()).sum();
+        if window_start.elapsed() >= SHRINK_WINDOW {
+            let ready: Vec<_> = conns.iter().filter(|c| c.is_ready()).collect();
+            let rate =
+                sent.saturating_sub(*window_sent) as f64 / window_start.elapsed().as_secs_f64();
+            let budget = f64::from(self.settings.max_rate_per_connection);
+            let fewer = ready.len().saturating_sub(1);
+            let fits_rate = if budget > 0.0 {
+                rate < fewer as f64 * budget * 0.5
+            } else {
+                rate == 0.0
+            };
+            // Growth also follows queue depth, so shrinking must leave room for it: otherwise
+            // a slow but deep workload would open and close a connection every window.
+            let in_flight: usize = ready.iter().map(|c| c.in_flight()).sum();
+            let fits = fits_rate && in_flight <= fewer * self.settings.grow_at_in_flight / 2;
+            if ready.len() > self.min_for(group) && fits {
+                if let Some(c) = ready.iter().min_by_key(|c| c.in_flight()) {
+                    tracing::debug!(conn = c.id, "shrinking idle upstream group");
+                    c.drain();
+                }
+            }
+            *window_start = Instant::now();
+            *window_sent = sent;
+        }
+        let live = group.ready_count() + group.connecting.load(Ordering::Acquire);
+        if live < self.min_for(group) {
+            self.grow(group);
+        }
+        // Retire keyspace groups nobody uses any more.
+        if group.key.keyspace.is_some()
+            && Arc::strong_count(group) <= 2
+            && group.conns.load().is_empty()
+        {
+            let idle = group
+                .last_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+                > SHRINK_WINDOW;
+            if idle {
+                self.groups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&group.key);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn heartbeat(&self, conn: Arc<MuxConn>) {
+        let timeout = self.settings.request_timeout;
+        tokio::spawn(async move {
+            let (tx, rx) = oneshot::channel();
+            let p = Pending::new(messages::options(conn.version, 0), ReplyTo::Internal(tx));
+            if conn.send(p).is_err() {
+                return;
+            }
+            if !matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(_))) {
+                tracing::warn!(
+                    conn = conn.id,
+                    "upstream heartbeat unanswered; closing the connection"
+                );
+                conn.close();
+            }
+        });
+    }
+}
