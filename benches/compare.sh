@@ -122,6 +122,9 @@ for r in $(seq "$rounds"); do
       run "$p" "saturation-$level" --connections "${level%x*}" --concurrency "${level#*x}"
     done
     run "$p" sequential --connections 1 --concurrency 1
+    # The same traffic through every middlebox, below every path's ceiling: CPU per request
+    # compared on equal work (at saturation each path runs at its own rate and batch sizes).
+    run "$p" fixed-rate --connections 4 --concurrency 64 --rate "${FIXED_RATE:-150000}"
   done
   echo "round $r done" >&2
 done

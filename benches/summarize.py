@@ -38,8 +38,19 @@ def p99(path, label=None):
     return med(path, label or saturation(path), lambda r: r["latency_us"]["p99"])
 
 
-def cpu_per_req(path):
-    return med(path, saturation(path), lambda r: 1e6 * r["cpu_s"] / max(r["requests"], 1))
+WARMUP_S = 1.0  # keyspaces-load's default warm-up, run before the measured window
+
+
+def cpu_per_req(path, label=None):
+    # The middlebox's CPU is read around the whole run, warm-up included: count those requests.
+    def one(r):
+        carried = r["requests"] * (r["duration_s"] + WARMUP_S) / r["duration_s"]
+        return 1e6 * r["cpu_s"] / max(carried, 1)
+    return med(path, label or saturation(path), one)
+
+
+fixed = [r for r in runs if r["label"] == "fixed-rate"]
+fixed_rate = f"{statistics.median(r['throughput_rps'] for r in fixed) / 1000:.0f}k req/s" if fixed else "—"
 
 
 def level_name(label):
@@ -54,14 +65,15 @@ lines.append(f"Medians of {n} interleaved rounds; prepared single-row reads. Sat
 for mode in ["tls", "plain"]:
     title = "TLS to the emulator" if mode == "tls" else "plaintext upstream (benchmark-only flags, loopback)"
     lines.append(f"\n**{title}**\n")
-    lines.append("| path | req/s at saturation | at | × direct | p99 at saturation (µs) | p50 sequential (µs) | added p50 (µs) | CPU µs/request of the middlebox |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(f"| path | req/s at saturation | at | × direct | p99 at saturation (µs) | p50 sequential (µs) | added p50 (µs) | middlebox CPU µs/request at saturation | … at {fixed_rate} |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     d = f"direct_{mode}"
     for p in [d, f"haproxy_{mode}", f"proxy_{mode}"]:
         name = {"direct": "emulator directly", "haproxy": "haproxy (TCP mode)", "proxy": "keyspaces-proxy"}[p.split("_")[0]]
         added = "—" if p == d else f"{p50(p) - p50(d):.0f}"
         cpu = "—" if p == d else f"{cpu_per_req(p):.2f}"
-        lines.append(f"| {name} | {rps(p):,.0f} | {level_name(saturation(p))} | {rps(p) / rps(d):.2f} | {p99(p):,.0f} | {p50(p):.0f} | {added} | {cpu} |")
+        cpu_fixed = "—" if p == d or not fixed else f"{cpu_per_req(p, 'fixed-rate'):.2f}"
+        lines.append(f"| {name} | {rps(p):,.0f} | {level_name(saturation(p))} | {rps(p) / rps(d):.2f} | {p99(p):,.0f} | {p50(p):.0f} | {added} | {cpu} | {cpu_fixed} |")
 
 goals = []
 for mode in ["tls", "plain"]:
@@ -70,8 +82,11 @@ for mode in ["tls", "plain"]:
     goals.append((f"throughput ≥ 0.95× direct ({mode})", f"{ratio:.2f}×", ratio >= 0.95))
     added_k, added_h = p50(k) - p50(d), p50(h) - p50(d)
     goals.append((f"added p50 ≤ haproxy's ({mode})", f"{added_k:.0f} µs vs {added_h:.0f} µs", added_k <= added_h))
+if fixed:
+    cpu_ratio = cpu_per_req("proxy_tls", "fixed-rate") / cpu_per_req("haproxy_tls", "fixed-rate")
+    goals.append((f"CPU/request ≤ 1.5× haproxy's (TLS upstream, same traffic: {fixed_rate})", f"{cpu_ratio:.2f}×", cpu_ratio <= 1.5))
 cpu_ratio = cpu_per_req("proxy_tls") / cpu_per_req("haproxy_tls")
-goals.append(("CPU/request ≤ 1.5× haproxy's (TLS upstream)", f"{cpu_ratio:.2f}×", cpu_ratio <= 1.5))
+goals.append(("CPU/request ≤ 1.5× haproxy's (TLS upstream, each at its saturation)", f"{cpu_ratio:.2f}×", cpu_ratio <= 1.5))
 if memory:
     idle, held = memory["proxy_idle_rss_kb"] / 1024, memory["proxy_10k_idle_rss_kb"] / 1024
     goals.append(("RSS idle ≤ 20 MB", f"{idle:.1f} MB", idle <= 20))
