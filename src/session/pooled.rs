@@ -51,6 +51,9 @@ pub(super) async fn forward(
     tokio::pin!(stop);
     let (mut in_flight, mut draining) = (0usize, false);
     let mut affinity = Affinity::default();
+    // Polled across turns: a fresh `Notified` each turn would register and unregister a waiter.
+    let overflow = inbox.overflowed();
+    tokio::pin!(overflow);
     loop {
         if draining && in_flight == 0 {
             break;
@@ -58,7 +61,7 @@ pub(super) async fn forward(
         let may_read = !draining && in_flight < ctx.max_client_in_flight;
         tokio::select! {
             _ = &mut stop, if !draining => draining = true,
-            _ = inbox.overflowed() => {
+            _ = &mut overflow => {
                 not_reading(&inbox);
                 break;
             }
