@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -63,9 +64,14 @@ pub struct UpstreamTarget {
 
 pub type UpstreamFramed = Framed<UpstreamIo, FrameCodec>;
 
+/// rustls reads at most 4 KiB per call; a burst of answers arrives in several records, so under
+/// load every upstream read was split into three or four syscalls. Reading the socket through
+/// this buffer takes the whole burst in one.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+
 /// The upstream byte stream: TLS, or plaintext for loopback benchmarks only.
 pub enum UpstreamIo {
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<BufReader<TcpStream>>>),
     Plain(TcpStream),
 }
 
@@ -286,7 +292,10 @@ impl UpstreamTarget {
         } else {
             let tls_started = std::time::Instant::now();
             let tls = TlsConnector::from(self.tls.clone())
-                .connect(self.server_name.clone(), tcp)
+                .connect(
+                    self.server_name.clone(),
+                    BufReader::with_capacity(TLS_READ_BUFFER, tcp),
+                )
                 .await
                 .map_err(|source| UpstreamError::Tls {
                     address: self.address.clone(),
