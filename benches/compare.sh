@@ -21,12 +21,14 @@ wait_port() { # $1 port, $2 pid that must stay alive
 }
 name=cassandra.us-east-1.amazonaws.com
 
+declare -A emu_pid
 start_emulator() { # $1 = tls|plain
   local extra=()
   [ "$1" = plain ] && extra=(--insecure-plaintext-for-benchmarks)
   $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners --rate-limit 0 \
     --credential AKIDBENCH:bench-secret ${extra[@]+"${extra[@]}"} > "$work/emu-$1.json" 2>/dev/null &
   pids+=($!)
+  emu_pid[$1]=$!
   until [ -s "$work/emu-$1.json" ]; do sleep 0.1; done
 }
 start_emulator tls
@@ -100,16 +102,21 @@ results="$out/results.jsonl"
 hz=$(getconf CLK_TCK)
 run() { # $1 path, $2 label, rest: load args
   local path=$1 label=$2; shift 2
-  local under=${pid_of[$path]:-} before after report
-  before=$(cpu_ticks "$under")
+  local under=${pid_of[$path]:-} emu=${emu_pid[${path#*_}]} before after emu_before emu_after report
+  before=$(cpu_ticks "$under"); emu_before=$(cpu_ticks "$emu")
+  # The client's own CPU (user and system seconds), from bash's `time`.
+  local TIMEFORMAT='%U %S'
   # shellcheck disable=SC2086
-  report=$($bin/keyspaces-load ${args_of[$path]} --workload read --duration "$duration" "$@")
-  after=$(cpu_ticks "$under")
-  python3 - "$path" "$label" "$report" "$before" "$after" "$hz" >> "$results" <<'PY'
+  { time $bin/keyspaces-load ${args_of[$path]} --workload read --duration "$duration" "$@" > "$work/report.json"; } 2> "$work/client-cpu"
+  report=$(cat "$work/report.json")
+  after=$(cpu_ticks "$under"); emu_after=$(cpu_ticks "$emu")
+  python3 - "$path" "$label" "$report" "$before" "$after" "$hz" "$emu_before" "$emu_after" "$(tail -1 "$work/client-cpu")" >> "$results" <<'PY'
 import json, sys
-path, label, report, before, after, hz = sys.argv[1:7]
+path, label, report, before, after, hz, emu_before, emu_after, client = sys.argv[1:10]
 r = json.loads(report)
-r.update(path=path, label=label, cpu_s=(int(after) - int(before)) / int(hz))
+user, system = map(float, client.split())
+r.update(path=path, label=label, cpu_s=(int(after) - int(before)) / int(hz),
+         emulator_cpu_s=(int(emu_after) - int(emu_before)) / int(hz), client_cpu_s=user + system)
 print(json.dumps(r))
 PY
 }

@@ -91,6 +91,20 @@ if memory:
     idle, held = memory["proxy_idle_rss_kb"] / 1024, memory["proxy_10k_idle_rss_kb"] / 1024
     goals.append(("RSS idle ≤ 20 MB", f"{idle:.1f} MB", idle <= 20))
     goals.append((f"RSS with {memory['held']['held']:,} idle clients ≤ 100 MB", f"{held:.1f} MB", held <= 100))
+# Where the CPU goes at saturation: the two cores are shared, so a middlebox's CPU is taken from
+# the client and the server.
+if all("emulator_cpu_s" in r for r in runs):
+    lines.append("\n**CPU per request at saturation, by process (TLS; µs, warm-up included)**\n")
+    lines.append("| path | client | emulator | middlebox | total |")
+    lines.append("|---|---|---|---|---|")
+    for p in ["direct_tls", "haproxy_tls", "proxy_tls"]:
+        def per(key, p=p):
+            return med(p, saturation(p), lambda r: 1e6 * r[key] / (r["requests"] * (r["duration_s"] + WARMUP_S) / r["duration_s"]))
+        client, emu = per("client_cpu_s"), per("emulator_cpu_s")
+        mid = 0.0 if p.startswith("direct") else cpu_per_req(p)
+        name = {"direct": "emulator directly", "haproxy": "haproxy (TCP mode)", "proxy": "keyspaces-proxy"}[p.split("_")[0]]
+        lines.append(f"| {name} | {client:.2f} | {emu:.2f} | {'—' if p.startswith('direct') else f'{mid:.2f}'} | {client + emu + mid:.2f} |")
+
 lines.append("\n| goal | measured | met |")
 lines.append("|---|---|---|")
 for g, m, ok in goals:

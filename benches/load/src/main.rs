@@ -72,6 +72,10 @@ struct Cli {
     /// Target total requests/s (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Also report the CPU time (over the measured window) and peak RSS of this process: the
+    /// proxy or other middlebox under test (Linux /proc).
+    #[arg(long)]
+    watch_pid: Option<u32>,
     /// Instead of a workload, open and close this many connections one after another and
     /// report the time from TCP connect to READY (or AUTH_SUCCESS with --tls-ca).
     #[arg(long, default_value_t = 0)]
@@ -337,6 +341,27 @@ async fn measure_connects(cli: &Cli) {
     println!("{report}");
 }
 
+/// User + system CPU seconds `pid` has used, from /proc/PID/stat (in USER_HZ, 100 on Linux).
+fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let (utime, stime) = (fields.get(11)?, fields.get(12)?);
+    Some((utime.parse::<f64>().ok()? + stime.parse::<f64>().ok()?) / 100.0)
+}
+
+/// A `kB` line of /proc/PID/status, such as VmHWM (peak resident set) or VmRSS.
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -363,6 +388,15 @@ async fn main() {
     let measure_from = start + Duration::from_secs_f64(cli.warmup);
     let end = measure_from + Duration::from_secs_f64(cli.duration);
     let cli = std::sync::Arc::new(cli);
+    // The watched process's CPU is read at the edges of the measured window, not around setup.
+    let watch = cli.watch_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = process_cpu_s(pid);
+            tokio::time::sleep_until(end.into()).await;
+            Some(process_cpu_s(pid)? - before?)
+        })
+    });
     let tasks: Vec<_> = (0..cli.connections)
         .map(|_| {
             let (cli, body) = (cli.clone(), body.clone());
@@ -383,7 +417,21 @@ async fn main() {
         }
     }
     let secs = cli.duration;
+    let process = match (cli.watch_pid, watch) {
+        (Some(pid), Some(w)) => {
+            let cpu_s = w.await.ok().flatten();
+            serde_json::json!({
+                "pid": pid,
+                "cpu_s": cpu_s,
+                "cpu_us_per_request": cpu_s.map(|c| 1e6 * c / (ok + errors).max(1) as f64),
+                "peak_rss_kb": status_kb(pid, "VmHWM"),
+                "rss_kb": status_kb(pid, "VmRSS"),
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
     let report = serde_json::json!({
+        "process": process,
         "target": cli.target.to_string(),
         "tls": cli.tls_ca.is_some(),
         "workload": format!("{:?}", cli.workload).to_lowercase(),
@@ -408,5 +456,22 @@ async fn main() {
             "keyspaces-load: {} connection(s) failed, first: {e}",
             failed.len()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_cpu_and_memory_from_proc() {
+        let me = std::process::id();
+        assert!(process_cpu_s(me).is_some_and(|s| s >= 0.0));
+        assert_eq!(process_cpu_s(u32::MAX), None, "no such process");
+        let peak = status_kb(me, "VmHWM").unwrap();
+        let now = status_kb(me, "VmRSS").unwrap();
+        // The kernel folds RSS into the high-water mark lazily: both are set, not ordered.
+        assert!(peak > 0 && now > 0, "peak {peak} kB, now {now} kB");
+        assert_eq!(status_kb(me, "NoSuchKey"), None);
     }
 }
