@@ -116,6 +116,20 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
     assert!(throttled > 0, "a direct connection is throttled");
 }
 
+/// A proxy whose pool has no rate budget (so only queue depth and pinning decide where requests
+/// go), with `settings` for the rest.
+async fn proxy_without_rate_limit(
+    emu: &keyspaces_emulator::Emulator,
+    settings: PoolSettings,
+) -> std::net::SocketAddr {
+    let mut opts = ProxyOptions::for_emulator(emu);
+    opts.pool = Some(PoolSettings {
+        max_rate_per_connection: 0,
+        ..settings
+    });
+    proxy(emu, opts).await
+}
+
 /// A deep queue grows the pool, one connection at a time and never past its limit, even when
 /// thousands of requests see the pressure before the first new connection is under way (a
 /// single-threaded runtime, where the spawned connect runs only after the burst).
@@ -123,14 +137,12 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
 async fn a_deep_queue_grows_the_pool_within_its_limit() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(PoolSettings {
-        max_rate_per_connection: 0,
+    let settings = PoolSettings {
         grow_at_in_flight: 4,
         max_connections: 4,
         ..PoolSettings::default()
-    });
-    let addr = proxy(&emu, opts).await;
+    };
+    let addr = proxy_without_rate_limit(&emu, settings).await;
     let mut c = ready(addr).await;
     let responses = pipeline(&mut c, &local_query(), 20_000, 256).await;
     assert_eq!(error_codes(&responses), Vec::<i32>::new());
@@ -159,14 +171,12 @@ async fn a_deep_queue_grows_the_pool_within_its_limit() {
 async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(PoolSettings {
-        max_rate_per_connection: 0,
+    let settings = PoolSettings {
         min_connections: 4,
         grow_at_in_flight: 64,
         ..PoolSettings::default()
-    });
-    let addr = proxy(&emu, opts).await;
+    };
+    let addr = proxy_without_rate_limit(&emu, settings).await;
     let mut c = ready(addr).await;
     // Let the warm connections come up, so there is a choice.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -189,15 +199,13 @@ async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
 async fn clients_are_re_spread_one_per_connection_when_the_pool_grows() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(PoolSettings {
-        max_rate_per_connection: 0,
+    let settings = PoolSettings {
         min_connections: 2,
         max_connections: 4,
         grow_at_in_flight: 16,
         ..PoolSettings::default()
-    });
-    let addr = proxy(&emu, opts).await;
+    };
+    let addr = proxy_without_rate_limit(&emu, settings).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(ready(addr).await);
