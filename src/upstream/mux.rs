@@ -28,7 +28,8 @@ pub enum ConnState {
 
 /// What a connection reports to whoever owns it.
 pub trait ConnOwner: Send + Sync + 'static {
-    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame);
+    /// `received` is when the read that brought `frame` completed.
+    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame, received: Instant);
     fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>);
 }
 
@@ -118,20 +119,31 @@ impl MuxConn {
         let writer = tokio::spawn(write_frames(rx, write));
         let me = conn.clone();
         tokio::spawn(async move {
+            // Polled across frames: a fresh one per frame would register a waiter each time.
+            let cancelled = me.cancel.clone().cancelled_owned();
+            tokio::pin!(cancelled);
+            let mut received = Instant::now();
             loop {
-                tokio::select! {
-                    next = reader.next() => match next {
-                        Some(Ok(frame)) => owner.on_response(&me, frame),
-                        Some(Err(e)) => {
-                            tracing::warn!(conn = me.id, error = %e, "upstream read failed");
-                            break;
-                        }
-                        None => {
-                            tracing::info!(conn = me.id, "upstream closed the connection");
-                            break;
-                        }
-                    },
-                    _ = me.cancel.cancelled() => break,
+                // Frames already whole in the buffer came with the same read: one clock reading
+                // serves them all (it was a visible share of the profile, read per frame).
+                let buffered = holds_whole_frame(reader.read_buffer());
+                let next = tokio::select! {
+                    next = reader.next() => next,
+                    _ = &mut cancelled => break,
+                };
+                if !buffered {
+                    received = Instant::now();
+                }
+                match next {
+                    Some(Ok(frame)) => owner.on_response(&me, frame, received),
+                    Some(Err(e)) => {
+                        tracing::warn!(conn = me.id, error = %e, "upstream read failed");
+                        break;
+                    }
+                    None => {
+                        tracing::info!(conn = me.id, "upstream closed the connection");
+                        break;
+                    }
                 }
             }
             me.state.store(ConnState::Dead as u8, Ordering::Release);
@@ -287,4 +299,30 @@ async fn use_keyspace(
         Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
         _ => UpstreamError::Protocol(format!("unexpected {} to USE", opcode::name(f.opcode()))),
     })
+}
+
+/// Whether `buf` starts with a complete v3/v4 frame (9-byte header, then `length` bytes).
+fn holds_whole_frame(buf: &[u8]) -> bool {
+    match buf.get(5..9) {
+        Some(len) => {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            buf.len() - 9 >= len
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_whole_frame;
+
+    #[test]
+    fn whole_frame_needs_the_header_and_the_declared_body() {
+        let frame = [0x84, 0, 0, 1, 0x08, 0, 0, 0, 3, 0xaa, 0xbb, 0xcc];
+        assert!(holds_whole_frame(&frame));
+        assert!(holds_whole_frame(&[&frame[..], &[0x84, 0][..]].concat()));
+        assert!(!holds_whole_frame(&frame[..11]), "body cut short");
+        assert!(!holds_whole_frame(&frame[..8]), "header cut short");
+        assert!(!holds_whole_frame(&[]));
+    }
 }

@@ -467,7 +467,7 @@ fn is_unprepared(frame: &Frame) -> bool {
 }
 
 impl ConnOwner for Pool {
-    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame) {
+    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame, received: Instant) {
         if frame.stream() < 0 {
             return; // events: never relayed
         }
@@ -477,7 +477,7 @@ impl ConnOwner for Pool {
         let request_op = pending.request.opcode();
         let m = metrics();
         if pending.reply.client_stream().is_some() {
-            m.request_done(request_op, pending.sent_at.elapsed());
+            m.request_done(request_op, received.saturating_duration_since(pending.sent_at));
         }
         if frame.opcode() == opcode::ERROR {
             if let Ok(e) = ErrorInfo::parse(&frame.body) {
