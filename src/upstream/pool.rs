@@ -477,7 +477,10 @@ impl ConnOwner for Pool {
         let request_op = pending.request.opcode();
         let m = metrics();
         if pending.reply.client_stream().is_some() {
-            m.request_done(request_op, received.saturating_duration_since(pending.sent_at));
+            m.request_done(
+                request_op,
+                received.saturating_duration_since(pending.sent_at),
+            );
         }
         if frame.opcode() == opcode::ERROR {
             if let Ok(e) = ErrorInfo::parse(&frame.body) {
