@@ -43,10 +43,9 @@ impl Affinity {
         busy_at: usize,
         spill_at: usize,
     ) -> Option<&Arc<MuxConn>> {
-        let same_group = std::ptr::eq(self.group.as_ptr(), Arc::as_ptr(group));
         let stale = match &self.conn {
             Some(c) => {
-                !same_group
+                !self.belongs_to(group)
                     || !c.is_ready()
                     || self.generation != group.generation()
                     || c.in_flight() >= busy_at
@@ -61,16 +60,21 @@ impl Affinity {
             .then_some(conn)
     }
 
+    /// Whether the pin was taken in `group` (the `Weak` keeps its address from being reused).
+    fn belongs_to(&self, group: &Arc<Group>) -> bool {
+        std::ptr::eq(self.group.as_ptr(), Arc::as_ptr(group))
+    }
+
     /// Pins to the ready connection with the fewest pinned clients, keeping the current one
     /// unless another has at least two fewer (moving would then even them out).
     fn repin(&mut self, group: &Arc<Group>) {
         let generation = group.generation();
-        let conns = group.conns_snapshot();
+        let conns = group.conns.load();
         let least = conns
             .iter()
             .filter(|c| c.is_ready())
             .min_by_key(|c| (c.affine(), c.in_flight()));
-        let same_group = std::ptr::eq(self.group.as_ptr(), Arc::as_ptr(group));
+        let same_group = self.belongs_to(group);
         let current = self
             .conn
             .as_ref()

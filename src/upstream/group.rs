@@ -65,6 +65,16 @@ impl Group {
         self.conns.load().iter().filter(|c| c.is_ready()).count()
     }
 
+    /// Requests in flight on the least busy ready connection, if there is one.
+    pub(super) fn least_in_flight(&self) -> Option<usize> {
+        self.conns
+            .load()
+            .iter()
+            .filter(|c| c.is_ready())
+            .map(|c| c.in_flight())
+            .min()
+    }
+
     pub(super) fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>)> {
         self.last_failure
             .lock()
@@ -144,9 +154,5 @@ impl Group {
 
     pub(super) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
-    }
-
-    pub(super) fn conns_snapshot(&self) -> arc_swap::Guard<Arc<Vec<Arc<MuxConn>>>> {
-        self.conns.load()
     }
 }

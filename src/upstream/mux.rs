@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{UpstreamError, UpstreamTarget};
 use super::streams::{Pending, StreamTable, TokenBucket};
+use crate::frame::header::HEADER_LEN;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
-use crate::frame::{opcode, Compression, Frame, FrameCodec};
+use crate::frame::{opcode, Compression, Frame, FrameCodec, Header};
 use crate::writer::write_frames;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,15 +302,9 @@ async fn use_keyspace(
     })
 }
 
-/// Whether `buf` starts with a complete v3/v4 frame (9-byte header, then `length` bytes).
+/// Whether `buf` starts with a complete frame: its header, then the body length it declares.
 fn holds_whole_frame(buf: &[u8]) -> bool {
-    match buf.get(5..9) {
-        Some(len) => {
-            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-            buf.len() - 9 >= len
-        }
-        None => false,
-    }
+    Header::parse(buf).is_some_and(|h| buf.len() - HEADER_LEN >= h.length as usize)
 }
 
 #[cfg(test)]

@@ -279,6 +279,17 @@ impl Pool {
         });
     }
 
+    /// Grows `group` when even its least busy connection is deeper than `grow_at_in_flight`.
+    /// One connection at a time: the queue only shrinks once the new one is ready, and growing
+    /// on every request meanwhile would open the whole group at once.
+    fn grow_if_deep(&self, group: &Arc<Group>, least_in_flight: Option<usize>) {
+        if least_in_flight.is_some_and(|n| n > self.settings.grow_at_in_flight)
+            && group.connecting.load(Ordering::Acquire) == 0
+        {
+            self.grow(group);
+        }
+    }
+
     /// Sends a request on the least busy connection of `group`, waiting briefly for capacity.
     /// Never hangs: without a usable connection the requester gets an OVERLOADED error.
     pub async fn dispatch(&self, group: &Arc<Group>, pending: Pending) {
@@ -297,16 +308,9 @@ impl Pool {
         // Deep enough for two clients' bursts to share a connection without splitting them.
         let spill_at = grow_at.saturating_mul(2);
         if let Some(conn) = affinity.usable(group, grow_at, spill_at) {
-            if conn.in_flight() > grow_at && group.connecting.load(Ordering::Acquire) == 0 {
-                let least = group
-                    .conns_snapshot()
-                    .iter()
-                    .filter(|c| c.is_ready())
-                    .map(|c| c.in_flight())
-                    .min();
-                if least.is_some_and(|n| n > grow_at) {
-                    self.grow(group);
-                }
+            // Only a deep pinned connection makes the group worth scanning.
+            if conn.in_flight() > grow_at {
+                self.grow_if_deep(group, group.least_in_flight());
             }
             match conn.send(pending) {
                 Ok(()) => return,
@@ -317,13 +321,8 @@ impl Pool {
         let mut deadline = None;
         loop {
             if let Some(conn) = group.pick() {
-                // One connection at a time: the queue only shrinks once the new one is ready,
-                // and growing on every request meanwhile would open the whole group at once.
-                if conn.in_flight() > self.settings.grow_at_in_flight
-                    && group.connecting.load(Ordering::Acquire) == 0
-                {
-                    self.grow(group);
-                }
+                // `pick` chose the least busy usable connection.
+                self.grow_if_deep(group, Some(conn.in_flight()));
                 match conn.send(pending) {
                     Ok(()) => return,
                     Err(p) => {
