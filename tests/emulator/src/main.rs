@@ -77,6 +77,11 @@ struct Cli {
     /// Fault: milliseconds before answering STARTUP.
     #[arg(long, default_value_t = 0)]
     handshake_delay_ms: u64,
+    /// Runtime worker threads (0 = one per core). The engine runs every statement under one
+    /// lock, so a second thread adds no engine throughput, only contention on that lock: the
+    /// benchmarks use 1 (see benches/compare.sh).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 fn main() -> ExitCode {
@@ -124,10 +129,17 @@ fn main() -> ExitCode {
         accept_unknown_keys: cli.accept_unknown_keys,
         ..EmulatorConfig::default()
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match cli.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyspaces-emulator: {e}");
