@@ -298,11 +298,14 @@ pub struct Cli {
     pub max_streams_per_connection: usize,
 
     /// Open another upstream connection when the least busy one has more requests than this in
-    /// flight: one Keyspaces connection serves ~3,000 req/s, so a deep queue means it is full.
+    /// flight. The rate budget already spreads Keyspaces' 3,000 req/s per connection, so this
+    /// only catches a connection whose answers lag; set low, it splits clients over many
+    /// half-empty connections, with smaller batches on every hop (on loopback, 256 gave 9–20%
+    /// more throughput than 64 at 4×128 in flight).
     #[arg(
         long,
         env = "KEYSPACES_PROXY_POOL_GROW_IN_FLIGHT",
-        default_value_t = 64
+        default_value_t = 256
     )]
     pub pool_grow_in_flight: usize,
 

@@ -56,7 +56,7 @@ impl Default for PoolSettings {
             max_connections: 64,
             max_rate_per_connection: 1000,
             max_streams_per_connection: 2048,
-            grow_at_in_flight: 64,
+            grow_at_in_flight: 256,
             heartbeat_interval: Duration::from_secs(30),
             request_timeout: Duration::from_secs(12),
             recycle_before_expiry: Duration::from_secs(300),
