@@ -147,9 +147,26 @@ impl Header {
     }
 }
 
+/// Whether `buf` starts with a complete frame: its header, then the body length it declares.
+/// Readers use it to tell frames that came with the previous socket read (and share its clock
+/// reading) from those that need a new one.
+pub fn holds_whole_frame(buf: &[u8]) -> bool {
+    Header::parse(buf).is_some_and(|h| buf.len() - HEADER_LEN >= h.length as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_frame_needs_the_header_and_the_declared_body() {
+        let frame = [0x84, 0, 0, 1, 0x08, 0, 0, 0, 3, 0xaa, 0xbb, 0xcc];
+        assert!(holds_whole_frame(&frame));
+        assert!(holds_whole_frame(&[&frame[..], &[0x84, 0][..]].concat()));
+        assert!(!holds_whole_frame(&frame[..11]), "body cut short");
+        assert!(!holds_whole_frame(&frame[..8]), "header cut short");
+        assert!(!holds_whole_frame(&[]));
+    }
 
     #[test]
     fn round_trip() {

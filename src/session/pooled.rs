@@ -4,11 +4,13 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::tcp::OwnedWriteHalf;
 
 use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed, ProxyContext};
 use crate::frame::compression::compressed;
+use crate::frame::header::holds_whole_frame;
 use crate::frame::{Compression, Frame};
 use crate::handshake::Accepted;
 use crate::metrics::{metrics, Metrics};
@@ -54,11 +56,14 @@ pub(super) async fn forward(
     // Polled across turns: a fresh `Notified` each turn would register and unregister a waiter.
     let overflow = inbox.overflowed();
     tokio::pin!(overflow);
+    // When the socket read that brought the current request completed.
+    let mut read_at = Instant::now();
     loop {
         if draining && in_flight == 0 {
             break;
         }
         let may_read = !draining && in_flight < ctx.max_client_in_flight;
+        let buffered = holds_whole_frame(frames.read_buffer());
         tokio::select! {
             _ = &mut stop, if !draining => draining = true,
             _ = &mut overflow => {
@@ -76,20 +81,24 @@ pub(super) async fn forward(
                         break;
                     }
                 };
-                let reply = |stream| ReplyTo::Client { inbox: inbox.clone(), stream };
+                if !buffered {
+                    read_at = Instant::now();
+                }
+                let pending = |f: Frame| {
+                    let reply = ReplyTo::Client { inbox: inbox.clone(), stream: f.stream() };
+                    Pending::received_at(f, reply, read_at)
+                };
                 let local = match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
                         in_flight += 1;
-                        let r = reply(f.stream());
-                        pool.dispatch_from(&group, Pending::new(f, r), &mut affinity).await;
+                        pool.dispatch_from(&group, pending(f), &mut affinity).await;
                         continue;
                     }
                     Route::Use { keyspace, frame } => match switch_keyspace(&pool, accepted.version, &keyspace).await {
                         Ok(g) => {
                             group = g;
                             in_flight += 1;
-                            let r = reply(frame.stream());
-                            pool.dispatch_from(&group, Pending::new(frame, r), &mut affinity).await;
+                            pool.dispatch_from(&group, pending(frame), &mut affinity).await;
                             continue;
                         }
                         Err(f) => compressed(f.with_stream(frame.stream()), accepted.compression),

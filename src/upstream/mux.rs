@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{UpstreamError, UpstreamTarget};
 use super::streams::{Pending, StreamTable, TokenBucket};
-use crate::frame::header::HEADER_LEN;
+use crate::frame::header::holds_whole_frame;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
-use crate::frame::{opcode, Compression, Frame, FrameCodec, Header};
+use crate::frame::{opcode, Compression, Frame, FrameCodec};
 use crate::writer::write_frames;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,24 +300,4 @@ async fn use_keyspace(
         Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
         _ => UpstreamError::Protocol(format!("unexpected {} to USE", opcode::name(f.opcode()))),
     })
-}
-
-/// Whether `buf` starts with a complete frame: its header, then the body length it declares.
-fn holds_whole_frame(buf: &[u8]) -> bool {
-    Header::parse(buf).is_some_and(|h| buf.len() - HEADER_LEN >= h.length as usize)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::holds_whole_frame;
-
-    #[test]
-    fn whole_frame_needs_the_header_and_the_declared_body() {
-        let frame = [0x84, 0, 0, 1, 0x08, 0, 0, 0, 3, 0xaa, 0xbb, 0xcc];
-        assert!(holds_whole_frame(&frame));
-        assert!(holds_whole_frame(&[&frame[..], &[0x84, 0][..]].concat()));
-        assert!(!holds_whole_frame(&frame[..11]), "body cut short");
-        assert!(!holds_whole_frame(&frame[..8]), "header cut short");
-        assert!(!holds_whole_frame(&[]));
-    }
 }

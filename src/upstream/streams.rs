@@ -123,10 +123,16 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(request: Frame, reply: ReplyTo) -> Pending {
+        Pending::received_at(request, reply, Instant::now())
+    }
+
+    /// A client request read at `at`: frames that arrived in one socket read share one clock
+    /// reading (one per request was a visible share of the profile).
+    pub fn received_at(request: Frame, reply: ReplyTo, at: Instant) -> Pending {
         Pending {
             request,
             reply,
-            sent_at: Instant::now(),
+            sent_at: at,
             attempt: 0,
         }
     }
