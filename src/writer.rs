@@ -39,6 +39,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
+    /// Adds a small frame to the batch when that needs no write; false (nothing done) when the
+    /// frame is large or the batch full, and `push` must take it.
+    pub fn buffer(&mut self, frame: &Frame) -> bool {
+        let len = HEADER_LEN + frame.body.len();
+        if frame.body.len() >= DIRECT_WRITE_MIN || self.batch.len() + len >= BATCH_MAX {
+            return false;
+        }
+        if let Some(c) = &self.counter {
+            c.inc_by(len as u64);
+        }
+        encode_into(frame, &mut self.batch);
+        true
+    }
+
     /// Queues one frame, writing out what is queued when needed.
     pub async fn push(&mut self, frame: &Frame) -> std::io::Result<()> {
         if let Some(c) = &self.counter {
@@ -166,5 +180,38 @@ mod tests {
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn buffer_takes_small_frames_only_and_keeps_the_order_with_push() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, None);
+        let small = messages::ready(4, 1);
+        let big = Frame::new(small.header, Bytes::from(vec![7u8; DIRECT_WRITE_MIN]));
+        assert!(w.buffer(&small));
+        assert!(
+            !w.buffer(&big),
+            "a large body is written from its own buffer"
+        );
+        w.push(&big).await.unwrap();
+        assert!(w.buffer(&small));
+        w.flush().await.unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        let expected = [small.to_bytes(), big.to_bytes(), small.to_bytes()].concat();
+        assert_eq!(got, expected);
+
+        let (a, _b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, None);
+        let mid = Frame::new(small.header, Bytes::from(vec![1u8; DIRECT_WRITE_MIN - 1]));
+        let mut taken = 0;
+        while w.buffer(&mid) {
+            taken += 1;
+        }
+        assert!(
+            taken * (HEADER_LEN + mid.body.len()) < BATCH_MAX,
+            "the batch never passes its cap"
+        );
     }
 }

@@ -91,7 +91,10 @@ pub(super) async fn forward(
                 let local = match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
                         in_flight += 1;
-                        pool.dispatch_from(&group, pending(f), &mut affinity).await;
+                        // Most requests go out here, without building the waiting future.
+                        if let Err(p) = pool.try_dispatch_pinned(&group, pending(f), &mut affinity) {
+                            pool.dispatch_from(&group, p, &mut affinity).await;
+                        }
                         continue;
                     }
                     Route::Use { keyspace, frame } => match switch_keyspace(&pool, accepted.version, &keyspace).await {
@@ -122,6 +125,8 @@ pub(super) async fn forward(
                     in_flight = in_flight.saturating_sub(1);
                     inbox.written(&frame);
                     match router.on_upstream_frame(frame) {
+                        // Small answers are only copied into the batch: no write, nothing to wait on.
+                        Ok(Some(f)) if out.buffer(&f) => {}
                         Ok(Some(f)) => failed = !wrote(&inbox, out.push(&f)).await,
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),

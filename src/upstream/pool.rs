@@ -301,22 +301,37 @@ impl Pool {
     pub async fn dispatch_from(
         &self,
         group: &Arc<Group>,
-        mut pending: Pending,
+        pending: Pending,
         affinity: &mut Affinity,
     ) {
+        if let Err(p) = self.try_dispatch_pinned(group, pending, affinity) {
+            self.dispatch_waiting(group, p).await;
+        }
+    }
+
+    /// The common case of `dispatch_from`, without an `async` frame: the pinned connection
+    /// takes the request. Gives it back when another connection, or a wait, is needed.
+    pub fn try_dispatch_pinned(
+        &self,
+        group: &Arc<Group>,
+        pending: Pending,
+        affinity: &mut Affinity,
+    ) -> Result<(), Pending> {
         let grow_at = self.settings.grow_at_in_flight;
         // Deep enough for two clients' bursts to share a connection without splitting them.
         let spill_at = grow_at.saturating_mul(2);
-        if let Some(conn) = affinity.usable(group, grow_at, spill_at) {
-            // Only a deep pinned connection makes the group worth scanning.
-            if conn.in_flight() > grow_at {
-                self.grow_if_deep(group, group.least_in_flight());
-            }
-            match conn.send(pending) {
-                Ok(()) => return,
-                Err(p) => pending = p,
-            }
+        let Some(conn) = affinity.usable(group, grow_at, spill_at) else {
+            return Err(pending);
+        };
+        // Only a deep pinned connection makes the group worth scanning.
+        if conn.in_flight() > grow_at {
+            self.grow_if_deep(group, group.least_in_flight());
         }
+        conn.send(pending)
+    }
+
+    /// The least busy connection that can take `pending`, waiting briefly for capacity.
+    async fn dispatch_waiting(&self, group: &Arc<Group>, mut pending: Pending) {
         // Only computed when no connection can take the request at once.
         let mut deadline = None;
         loop {
