@@ -10,6 +10,7 @@ pub mod frame;
 pub mod handshake;
 pub mod metrics;
 pub mod probe;
+pub mod queue;
 pub mod route;
 pub mod server;
 pub mod session;

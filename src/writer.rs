@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use crate::frame::codec::encode_into;
 use crate::frame::header::HEADER_LEN;
 use crate::frame::Frame;
+use crate::queue::{CloseOnDrop, FrameQueue};
 
 /// Bodies at least this large skip the batch buffer.
 const DIRECT_WRITE_MIN: usize = 16 * 1024;
@@ -99,9 +100,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-/// Either kind of tokio channel: upstream connections use an unbounded one (their stream table
-/// already caps what can be queued, and the bounded channel's semaphore showed up in profiles);
-/// client-facing queues stay bounded.
+/// Either kind of tokio channel (upstream connections use a `FrameQueue` instead).
 pub trait FrameSource {
     fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send;
     fn try_recv(&mut self) -> Option<Frame>;
@@ -116,12 +115,25 @@ impl FrameSource for mpsc::Receiver<Frame> {
     }
 }
 
-impl FrameSource for mpsc::UnboundedReceiver<Frame> {
-    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send {
-        mpsc::UnboundedReceiver::recv(self)
-    }
-    fn try_recv(&mut self) -> Option<Frame> {
-        mpsc::UnboundedReceiver::try_recv(self).ok()
+/// Writes frames from `queue` to `w` until a write fails (or the task is aborted), each backlog
+/// with one flush; the queue refuses frames once this has ended.
+pub async fn write_queued<W: AsyncWrite + Unpin>(
+    queue: std::sync::Arc<FrameQueue>,
+    w: W,
+) -> std::io::Result<()> {
+    let _closed = CloseOnDrop(&queue);
+    let mut out = FrameWriter::new(w, None);
+    let mut batch = Vec::new();
+    loop {
+        queue.take_all(&mut batch);
+        if batch.is_empty() {
+            queue.notified().await;
+            continue;
+        }
+        for f in batch.drain(..) {
+            out.push(&f).await?;
+        }
+        out.flush().await?;
     }
 }
 

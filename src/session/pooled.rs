@@ -20,9 +20,6 @@ use crate::upstream::pool::{Group, Pool};
 use crate::upstream::streams::{ClientInbox, Pending, ReplyTo};
 use crate::writer::FrameWriter;
 
-/// Responses written per flush at most, so one busy client cannot starve its own reads.
-const MAX_BATCH: usize = 256;
-
 pub(super) async fn forward(
     ctx: &ProxyContext,
     client: ClientFramed,
@@ -46,7 +43,7 @@ pub(super) async fn forward(
         FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
     // Bounded twice: no more than `max_client_in_flight` requests are read ahead of their
     // answers, and a client whose unwritten answers pass `max_client_buffer` bytes is dropped.
-    let (inbox, mut responses) = ClientInbox::new(ctx.max_client_buffer);
+    let inbox = ClientInbox::new(ctx.max_client_buffer);
     let mut shutdown = ctx.shutdown.clone();
     // Created once: a fresh watch future on every loop turn costs more than the work it guards.
     let stop = super::stopping(&mut shutdown);
@@ -56,6 +53,11 @@ pub(super) async fn forward(
     // Polled across turns: a fresh `Notified` each turn would register and unregister a waiter.
     let overflow = inbox.overflowed();
     tokio::pin!(overflow);
+    // Re-armed after each wake-up; a response that arrives in between is not missed.
+    let arrived = inbox.arrived();
+    tokio::pin!(arrived);
+    // Reused across batches: taking the inbox swaps vectors, allocating nothing.
+    let mut batch: Vec<Frame> = Vec::new();
     // When the socket read that brought the current request completed.
     let mut read_at = Instant::now();
     loop {
@@ -117,33 +119,36 @@ pub(super) async fn forward(
                     break;
                 }
             }
-            Some(first) = responses.recv() => {
-                let mut next = Some(first);
-                let mut written = 0;
-                let (mut failed, mut yielded) = (false, false);
-                while let Some(frame) = next.take() {
-                    in_flight = in_flight.saturating_sub(1);
-                    inbox.written(&frame);
-                    match router.on_upstream_frame(frame) {
-                        // Small answers are only copied into the batch: no write, nothing to wait on.
-                        Ok(Some(f)) if out.buffer(&f) => {}
-                        Ok(Some(f)) => failed = !wrote(&inbox, out.push(&f)).await,
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
+            _ = &mut arrived => {
+                arrived.set(inbox.arrived());
+                inbox.take_all(&mut batch);
+                let mut failed = false;
+                let mut yielded = false;
+                while !batch.is_empty() {
+                    for frame in batch.drain(..) {
+                        in_flight = in_flight.saturating_sub(1);
+                        inbox.written(&frame);
+                        match router.on_upstream_frame(frame) {
+                            // Small answers are only copied into the batch: no write, nothing to wait on.
+                            Ok(Some(f)) if out.buffer(&f) => {}
+                            Ok(Some(f)) => failed = !wrote(&inbox, out.push(&f)).await,
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
+                        }
+                        if failed {
+                            break;
+                        }
                     }
-                    written += 1;
-                    if failed || written >= MAX_BATCH {
+                    if failed || yielded || in_flight == 0 {
                         break;
                     }
-                    next = responses.try_recv().ok();
-                    if next.is_none() && in_flight > 0 && !yielded {
-                        // More answers are on their way: let the upstream readers run once so
-                        // they go out in this write instead of one syscall each.
-                        yielded = true;
-                        tokio::task::yield_now().await;
-                        next = responses.try_recv().ok();
-                    }
+                    // More answers are on their way: let the upstream readers run once so
+                    // they go out in this write instead of one syscall each.
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    inbox.take_all(&mut batch);
                 }
+                batch.clear();
                 if failed || !wrote(&inbox, out.flush()).await {
                     if inbox.is_overflowed() {
                         not_reading(&inbox);

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +15,8 @@ use crate::frame::header::holds_whole_frame;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
-use crate::writer::write_frames;
+use crate::queue::FrameQueue;
+use crate::writer::write_queued;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -42,7 +42,7 @@ pub struct MuxConn {
     /// When the credentials that signed this connection expire (STS), if they do.
     pub credentials_expiry: Option<SystemTime>,
     /// Unbounded: at most one queued frame per stream id in the table.
-    writer: mpsc::UnboundedSender<Frame>,
+    writer: Arc<FrameQueue>,
     table: Mutex<StreamTable>,
     bucket: Mutex<TokenBucket>,
     in_flight: AtomicUsize,
@@ -98,7 +98,7 @@ impl MuxConn {
         let (read, write) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(read, FrameCodec::new(target.max_frame_len));
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(FrameQueue::new());
         let now = Instant::now();
         let conn = Arc::new(MuxConn {
             id: params.id,
@@ -106,7 +106,7 @@ impl MuxConn {
             keyspace: params.keyspace,
             created: now,
             credentials_expiry,
-            writer: tx,
+            writer: queue.clone(),
             table: Mutex::new(StreamTable::new(params.max_streams)),
             bucket: Mutex::new(TokenBucket::new(params.max_rate, now)),
             in_flight: AtomicUsize::new(0),
@@ -117,7 +117,7 @@ impl MuxConn {
             affine: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
         });
-        let writer = tokio::spawn(write_frames(rx, write));
+        let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
             // Polled across frames: a fresh one per frame would register a waiter each time.
@@ -251,7 +251,7 @@ impl MuxConn {
         };
         frame.header.stream = id;
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let sent = self.writer.send(frame).map_err(|_| ());
+        let sent = self.writer.push(frame).map_err(|_| ());
         if sent.is_err() {
             // The writer is gone: stop choosing this connection at once (the pool would otherwise
             // retry on it until the reader notices), close it, and take our request back.

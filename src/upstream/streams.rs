@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::frame::header::HEADER_LEN;
 use crate::frame::Frame;
+use crate::queue::FrameQueue;
 
 /// Responses waiting to be written to one client, with the bytes they hold.
 ///
@@ -18,7 +19,7 @@ use crate::frame::Frame;
 /// client can pin.
 #[derive(Debug)]
 pub struct ClientInbox {
-    tx: mpsc::UnboundedSender<Frame>,
+    queue: FrameQueue,
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
@@ -26,16 +27,24 @@ pub struct ClientInbox {
 }
 
 impl ClientInbox {
-    pub fn new(limit: usize) -> (Arc<ClientInbox>, mpsc::UnboundedReceiver<Frame>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let inbox = ClientInbox {
-            tx,
+    pub fn new(limit: usize) -> Arc<ClientInbox> {
+        Arc::new(ClientInbox {
+            queue: FrameQueue::new(),
             queued: AtomicUsize::new(0),
             limit,
             overflowed: AtomicBool::new(false),
             wake: Notify::new(),
-        };
-        (Arc::new(inbox), rx)
+        })
+    }
+
+    /// Moves every queued response to the end of `into` (see `FrameQueue::take_all`).
+    pub fn take_all(&self, into: &mut Vec<Frame>) {
+        self.queue.take_all(into);
+    }
+
+    /// Resolves after a response arrives in an empty inbox (spurious wake-ups are possible).
+    pub fn arrived(&self) -> tokio::sync::futures::Notified<'_> {
+        self.queue.notified()
     }
 
     fn push(&self, frame: Frame) {
@@ -49,7 +58,8 @@ impl ClientInbox {
             }
             return;
         }
-        let _ = self.tx.send(frame);
+        // Never closed: the session owning the inbox is its only consumer.
+        let _ = self.queue.push(frame);
     }
 
     /// The session has written (or dropped) `frame`: its bytes no longer count.
@@ -308,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_reading_overflows_its_inbox() {
-        let (inbox, mut rx) = ClientInbox::new(100);
+        let inbox = ClientInbox::new(100);
         let big = Frame::new(
             messages::ready(4, 0).header,
             bytes::Bytes::from(vec![0u8; 300]),
@@ -322,13 +332,11 @@ mod tests {
         reply(2).deliver(messages::ready(4, 0)); // 300+ bytes already queued: dropped
         assert!(inbox.is_overflowed());
         inbox.overflowed().await; // resolves at once
-        let got = rx.try_recv().unwrap();
-        assert_eq!(got.stream(), 1);
-        assert!(
-            rx.try_recv().is_err(),
-            "the overflowing response was not queued"
-        );
-        inbox.written(&got);
+        let mut got = Vec::new();
+        inbox.take_all(&mut got);
+        assert_eq!(got.len(), 1, "the overflowing response was not queued");
+        assert_eq!(got[0].stream(), 1);
+        inbox.written(&got[0]);
         assert_eq!(inbox.queued_bytes(), 0);
     }
 
@@ -370,9 +378,15 @@ mod tests {
 
     #[test]
     fn delivery_restores_the_client_stream() {
-        let (inbox, mut rx) = ClientInbox::new(1 << 20);
-        ReplyTo::Client { inbox, stream: 77 }.deliver(messages::ready(4, 3));
-        assert_eq!(rx.try_recv().unwrap().stream(), 77);
+        let inbox = ClientInbox::new(1 << 20);
+        let reply = ReplyTo::Client {
+            inbox: inbox.clone(),
+            stream: 77,
+        };
+        reply.deliver(messages::ready(4, 3));
+        let mut got = Vec::new();
+        inbox.take_all(&mut got);
+        assert_eq!(got[0].stream(), 77);
     }
 
     #[test]
