@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod probe;
 pub mod queue;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod statement;

@@ -200,20 +200,7 @@ fn main() -> ExitCode {
     if !checking {
         init_logging(cli.log_format);
     }
-    // One thread (the sidecar default) gets the current-thread scheduler: every task and the
-    // accept loop share one run queue, so handing a frame from task to task needs no atomics
-    // or cross-thread wake-ups (measured: less CPU per request than a one-worker pool).
-    let mut builder = match cli.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match keyspaces_proxy::runtime::build(cli.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyspaces-proxy: cannot start the runtime: {e}");

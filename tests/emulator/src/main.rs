@@ -129,17 +129,7 @@ fn main() -> ExitCode {
         accept_unknown_keys: cli.accept_unknown_keys,
         ..EmulatorConfig::default()
     };
-    let mut builder = match cli.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 1 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match keyspaces_proxy::runtime::build(cli.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyspaces-emulator: {e}");
