@@ -100,7 +100,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-/// Either kind of tokio channel (upstream connections use a `FrameQueue` instead).
+/// What `write_frames` drains: tokio's bounded channel (client writers, dedicated mode); the
+/// pooled upstream connections use a `FrameQueue` and `write_queued`.
 pub trait FrameSource {
     fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send;
     fn try_recv(&mut self) -> Option<Frame>;
