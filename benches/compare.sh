@@ -26,7 +26,7 @@ start_emulator() { # $1 = tls|plain
   local extra=()
   [ "$1" = plain ] && extra=(--insecure-plaintext-for-benchmarks)
   # One runtime thread: the emulator's engine runs every statement under one lock, and a second
-  # thread only spun on it (13% of the emulator's profile, 4.5 → 3.0 µs of CPU per request with
+  # thread only spun on it (13% of the emulator's profile; 3.4 → 2.2 µs of CPU per request with
   # one thread) and made runs noisy. EMULATOR_THREADS=0 gives one per core.
   $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners --rate-limit 0 \
     --worker-threads "${EMULATOR_THREADS:-1}" \

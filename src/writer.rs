@@ -100,22 +100,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-/// What `write_frames` drains: tokio's bounded channel (client writers, dedicated mode); the
-/// pooled upstream connections use a `FrameQueue` and `write_queued`.
-pub trait FrameSource {
-    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send;
-    fn try_recv(&mut self) -> Option<Frame>;
-}
-
-impl FrameSource for mpsc::Receiver<Frame> {
-    fn recv(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send {
-        mpsc::Receiver::recv(self)
-    }
-    fn try_recv(&mut self) -> Option<Frame> {
-        mpsc::Receiver::try_recv(self).ok()
-    }
-}
-
 /// Writes frames from `queue` to `w` until a write fails (or the task is aborted), each backlog
 /// with one flush; the queue refuses frames once this has ended.
 pub async fn write_queued<W: AsyncWrite + Unpin>(
@@ -140,7 +124,7 @@ pub async fn write_queued<W: AsyncWrite + Unpin>(
 
 /// Writes frames from `rx` to `w` until the channel closes or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
-    rx: impl FrameSource,
+    rx: mpsc::Receiver<Frame>,
     w: W,
 ) -> std::io::Result<()> {
     write_frames_counted(rx, w, None).await
@@ -148,7 +132,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 
 /// As `write_frames`, adding the bytes written to `counter`.
 pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
-    mut rx: impl FrameSource,
+    mut rx: mpsc::Receiver<Frame>,
     w: W,
     counter: Option<Counter>,
 ) -> std::io::Result<()> {
@@ -158,8 +142,8 @@ pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
         // Everything already queued goes out with the same flush.
         for _ in 0..1024 {
             match rx.try_recv() {
-                Some(f) => out.push(&f).await?,
-                None => break,
+                Ok(f) => out.push(&f).await?,
+                Err(_) => break,
             }
         }
         out.flush().await?;

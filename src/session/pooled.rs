@@ -95,7 +95,7 @@ pub(super) async fn forward(
                         in_flight += 1;
                         // Most requests go out here, without building the waiting future.
                         if let Err(p) = pool.try_dispatch_pinned(&group, pending(f), &mut affinity) {
-                            pool.dispatch_from(&group, p, &mut affinity).await;
+                            pool.dispatch_waiting(&group, p).await;
                         }
                         continue;
                     }

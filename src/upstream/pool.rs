@@ -330,8 +330,9 @@ impl Pool {
         conn.send(pending)
     }
 
-    /// The least busy connection that can take `pending`, waiting briefly for capacity.
-    async fn dispatch_waiting(&self, group: &Arc<Group>, mut pending: Pending) {
+    /// The least busy connection that can take `pending`, waiting briefly for capacity (what
+    /// `dispatch_from` does when `try_dispatch_pinned` gave the request back).
+    pub async fn dispatch_waiting(&self, group: &Arc<Group>, mut pending: Pending) {
         // Only computed when no connection can take the request at once.
         let mut deadline = None;
         loop {
