@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{Cli, ConfigError};
+use crate::config::{Cli, ConfigError, UpstreamParts};
 use crate::frame::messages::{self, consistency, error_code, ErrorInfo};
 use crate::frame::opcode;
 use crate::frame::result::Rows;
@@ -30,6 +30,11 @@ impl Report {
         println!("    fix: {hint}");
     }
 
+    /// A step that cannot run because one it needs failed: not a new failure.
+    fn skip(&mut self, step: &str, why: &str) {
+        println!("– {step}: skipped ({why})");
+    }
+
     fn finish(self) -> ExitCode {
         if self.failed {
             println!("Some checks failed.");
@@ -44,6 +49,7 @@ impl Report {
 fn config_hint(e: &ConfigError) -> &'static str {
     match e {
         ConfigError::NoRegion => "pass --region (e.g. us-east-1) or set AWS_REGION",
+        ConfigError::Region { .. } => "region names look like us-east-1, eu-west-2, ap-southeast-1",
         ConfigError::Endpoint(_) => "--endpoint takes HOST or HOST:PORT (IPv6 in brackets)",
         ConfigError::Tls(_) => {
             "--ca-file must be a readable PEM file with at least one certificate"
@@ -97,59 +103,120 @@ fn provider_of(creds: &aws_credential_types::Credentials) -> String {
         .to_owned()
 }
 
+/// What the network steps established, for the steps that depend on them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    Nothing,
+    Tls,
+}
+
 pub async fn run(cli: &Cli) -> ExitCode {
     let mut report = Report::default();
-    let resolved = match cli.resolve().await {
-        Ok(r) => r,
-        Err(e) => {
-            report.fail("configuration", &e, config_hint(&e));
+    let parts = cli.upstream_parts().await;
+    configuration_step(&parts, &mut report);
+    let credentials_ok = credentials_step(&parts, &mut report).await;
+    let reached = network_steps(cli, &parts, &mut report).await;
+    let target = match parts.into_target(cli) {
+        Ok((target, _, _)) if reached == Reached::Tls && credentials_ok => target,
+        _ => {
+            report.skip("authentication", "needs the TLS and credentials steps");
+            report.skip("query", "needs authentication");
             return report.finish();
         }
     };
-    let target = &resolved.context.upstream;
-    report.pass(
-        "configuration",
-        format!(
-            "region {}, endpoint {}, TLS name {}",
-            resolved.region.as_deref().unwrap_or("-"),
-            target.address,
-            target.server_name.to_str()
-        ),
-    );
-    if network_steps(target, &mut report).await.is_none() {
+    let Some(conn) = authentication_step(&target, &mut report).await else {
+        report.skip("query", "needs authentication");
         return report.finish();
+    };
+    query_step(conn, &mut report).await;
+    report.finish()
+}
+
+fn configuration_step(parts: &UpstreamParts, report: &mut Report) {
+    // A part derived from a broken one (no endpoint without a region) says nothing new.
+    let errors: Vec<&ConfigError> = [
+        parts.region.as_ref().err(),
+        parts.auth.as_ref().err(),
+        parts.address.as_ref().err(),
+        parts.server_name.as_ref().err(),
+        parts.tls.as_ref().err(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|e| !matches!(e, ConfigError::DerivedFromBroken(..)))
+    .collect();
+    // The region and the credentials can fail for one reason (no region): say it once.
+    let mut errors = errors;
+    errors.dedup_by_key(|e| e.to_string());
+    for e in &errors {
+        report.fail("configuration", e, config_hint(e));
     }
-    if let UpstreamAuth::SigV4 { credentials, .. } = &target.auth {
-        match credentials.get().await {
-            Ok(c) => {
-                let expiry = match credentials.expires_in() {
-                    Some(d) => format!("expire in {} min", d.as_secs() / 60),
-                    None => "do not expire".to_owned(),
-                };
-                let key = c.access_key_id();
-                let shown = format!("{}…", &key[..key.len().min(8)]);
-                report.pass(
-                    "credentials",
-                    format!("access key {shown} from {}; they {expiry}", provider_of(&c)),
-                );
-            }
-            Err(e) => {
-                report.fail(
-                    "credentials",
-                    &e,
-                    config_hint(&ConfigError::Credentials(e.clone())),
-                );
-                return report.finish();
-            }
+    if errors.is_empty() {
+        let region = parts.region.as_ref().ok().cloned().flatten();
+        report.pass(
+            "configuration",
+            format!(
+                "region {}, endpoint {}, TLS name {}",
+                region.as_deref().unwrap_or("-"),
+                parts.address.as_deref().unwrap_or("-"),
+                parts
+                    .server_name
+                    .as_ref()
+                    .map_or_else(|_| "-".to_owned(), |n| n.to_str().into_owned())
+            ),
+        );
+    }
+    for w in &parts.warnings {
+        println!("  note: {w}");
+    }
+}
+
+/// Whether signing credentials are there (true when the upstream needs none).
+async fn credentials_step(parts: &UpstreamParts, report: &mut Report) -> bool {
+    let credentials = match &parts.auth {
+        Ok((UpstreamAuth::SigV4 { credentials, .. }, _)) => credentials,
+        Ok(_) => return true,
+        Err(_) => {
+            report.skip("credentials", "needs the configuration above");
+            return false;
+        }
+    };
+    match credentials.get().await {
+        Ok(c) => {
+            let expiry = match credentials.expires_in() {
+                Some(d) => format!("expire in {} min", d.as_secs() / 60),
+                None => "do not expire".to_owned(),
+            };
+            let key = c.access_key_id();
+            let shown = format!("{}…", &key[..key.len().min(8)]);
+            report.pass(
+                "credentials",
+                format!("access key {shown} from {}; they {expiry}", provider_of(&c)),
+            );
+            true
+        }
+        Err(e) => {
+            report.fail(
+                "credentials",
+                &e,
+                config_hint(&ConfigError::Credentials(e.clone())),
+            );
+            false
         }
     }
-    let mut conn = match target.connect(4, Default::default()).await {
+}
+
+async fn authentication_step(
+    target: &UpstreamTarget,
+    report: &mut Report,
+) -> Option<crate::upstream::UpstreamConnection> {
+    match target.connect(4, Default::default()).await {
         Ok(c) => {
             report.pass(
                 "authentication",
                 "Keyspaces accepted the handshake (the clock is within its tolerance)",
             );
-            c
+            Some(c)
         }
         Err(UpstreamError::AuthRejected(info)) => {
             report.fail("authentication", &info.message, auth_hint(&info.message));
@@ -160,17 +227,20 @@ pub async fn run(cli: &Cli) -> ExitCode {
                     "synchronize the clock (chrony/NTP)",
                 );
             }
-            return report.finish();
+            None
         }
         Err(e) => {
             report.fail(
                 "authentication",
                 &e,
-                "see the step above; retry with RUST_LOG=debug for details",
+                "see the steps above; retry with RUST_LOG=debug for details",
             );
-            return report.finish();
+            None
         }
-    };
+    }
+}
+
+async fn query_step(mut conn: crate::upstream::UpstreamConnection, report: &mut Report) {
     let query = messages::query(4, 1, "SELECT * FROM system.local", consistency::LOCAL_ONE);
     let reply = async {
         conn.framed.send(query).await.ok()?;
@@ -220,27 +290,32 @@ pub async fn run(cli: &Cli) -> ExitCode {
             "the connection stalls: check for throttling or network drops",
         ),
     }
-    report.finish()
 }
 
-/// DNS, TCP and TLS, each reported; `None` once one fails.
-async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<()> {
-    let addrs: Vec<_> = match tokio::net::lookup_host(&target.address).await {
+/// DNS, TCP and TLS, each reported; a step whose input failed is reported as skipped.
+async fn network_steps(cli: &Cli, parts: &UpstreamParts, report: &mut Report) -> Reached {
+    let Ok(address) = &parts.address else {
+        report.skip("DNS", "needs an endpoint");
+        report.skip("TCP", "needs DNS");
+        report.skip("TLS", "needs TCP");
+        return Reached::Nothing;
+    };
+    let addrs: Vec<_> = match tokio::net::lookup_host(address.as_str()).await {
         Ok(a) => a.collect(),
         Err(e) => {
             report.fail("DNS", &e, "the endpoint name does not resolve: check --endpoint/--region and DNS (VPC endpoints need private DNS)");
-            return None;
+            Vec::new()
         }
     };
     let Some(addr) = addrs.first().copied() else {
-        report.fail("DNS", "no addresses", "check --endpoint");
-        return None;
+        report.skip("TCP", "needs DNS");
+        report.skip("TLS", "needs TCP");
+        return Reached::Nothing;
     };
     report.pass(
         "DNS",
         format!(
-            "{} → {}",
-            target.address,
+            "{address} → {}",
             addrs
                 .iter()
                 .map(|a| a.ip().to_string())
@@ -249,11 +324,13 @@ async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<(
         ),
     );
     let started = Instant::now();
-    let tcp = match tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr)).await {
+    let timeout = Duration::from_secs(cli.connect_timeout.max(1));
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             report.fail("TCP", &e, "nothing accepts connections there: check the port (9142), security groups, firewalls and the VPC endpoint");
-            return None;
+            report.skip("TLS", "needs TCP");
+            return Reached::Nothing;
         }
         Err(_) => {
             report.fail(
@@ -261,7 +338,8 @@ async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<(
                 "connect timed out",
                 "packets are dropped: allow outbound TCP 9142 (security groups, NACLs, proxies)",
             );
-            return None;
+            report.skip("TLS", "needs TCP");
+            return Reached::Nothing;
         }
     };
     report.pass(
@@ -271,16 +349,20 @@ async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<(
             started.elapsed().as_millis()
         ),
     );
-    if target.insecure_plaintext {
+    if cli.insecure_plaintext_upstream_for_benchmarks {
         report.fail(
             "TLS",
             "plaintext upstream (benchmark mode)",
             "drop --insecure-plaintext-upstream-for-benchmarks: Keyspaces is TLS-only",
         );
-        return Some(());
+        return Reached::Tls;
     }
-    match TlsConnector::from(target.tls.clone())
-        .connect(target.server_name.clone(), tcp)
+    let (Ok(tls), Ok(name)) = (&parts.tls, &parts.server_name) else {
+        report.skip("TLS", "needs the trusted roots and the TLS name");
+        return Reached::Nothing;
+    };
+    match TlsConnector::from(tls.clone())
+        .connect(name.clone(), tcp)
         .await
     {
         Ok(tls) => {
@@ -294,14 +376,14 @@ async fn network_steps(target: &UpstreamTarget, report: &mut Report) -> Option<(
                 "TLS",
                 format!(
                     "{version}, certificate valid for {} and trusted",
-                    target.server_name.to_str()
+                    name.to_str()
                 ),
             );
-            Some(())
+            Reached::Tls
         }
         Err(e) => {
             report.fail("TLS", &e, tls_hint(&e));
-            None
+            Reached::Nothing
         }
     }
 }

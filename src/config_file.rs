@@ -15,10 +15,28 @@ use clap::{ArgMatches, Command};
 pub enum ConfigFileError {
     #[error("cannot read config file {path}: {reason}")]
     Read { path: String, reason: String },
-    #[error("config file {path}: unknown key `{key}`")]
-    UnknownKey { path: String, key: String },
+    #[error("config file {path}: unknown key `{key}`{suggestion}")]
+    UnknownKey {
+        path: String,
+        key: String,
+        suggestion: String,
+    },
     #[error("config file {path}: key `{key}` has an unsupported value type")]
     BadValue { path: String, key: String },
+}
+
+/// Keys a config file may not set: they steer reading the configuration itself.
+const NOT_IN_FILE: &[&str] = &["config", "print-config", "help", "version"];
+
+/// The known key nearest to a misspelt one, when it is near enough to be a typo.
+fn closest_key(cmd: &Command, key: &str) -> Option<String> {
+    cmd.get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|long| !NOT_IN_FILE.contains(long))
+        .map(|long| (strsim::damerau_levenshtein(key, long), long))
+        .filter(|(distance, long)| *distance <= 3.max(long.len() / 4))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, long)| long.to_owned())
 }
 
 fn as_arg(key: &str, v: &toml::Value) -> Option<Vec<String>> {
@@ -60,16 +78,13 @@ pub fn file_args(
         let long = key.replace('_', "-");
         let arg = cmd
             .get_arguments()
-            .find(|a| {
-                a.get_long() == Some(long.as_str())
-                    && !matches!(
-                        long.as_str(),
-                        "config" | "print-config" | "help" | "version"
-                    )
-            })
+            .find(|a| a.get_long() == Some(long.as_str()) && !NOT_IN_FILE.contains(&long.as_str()))
             .ok_or_else(|| ConfigFileError::UnknownKey {
                 path: path_s.clone(),
                 key: key.clone(),
+                suggestion: closest_key(cmd, &long)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default(),
             })?;
         let id = arg.get_id().as_str();
         if matches!(
@@ -149,6 +164,20 @@ mod tests {
     fn unknown_keys_are_errors() {
         let f = write("regoin = \"eu-west-1\"\n");
         let err = parse(&["keyspaces-proxy", "--config", f.path().to_str().unwrap()]).unwrap_err();
-        assert!(err.to_string().contains("unknown key `regoin`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown key `regoin` (did you mean `region`?)"),
+            "{err}"
+        );
+        let f = write("max_rate_per_conection = 5\n");
+        let err = parse(&["keyspaces-proxy", "--config", f.path().to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(did you mean `max-rate-per-connection`?)"),
+            "{err}"
+        );
+        let f = write("completely_unrelated = 5\n");
+        let err = parse(&["keyspaces-proxy", "--config", f.path().to_str().unwrap()]).unwrap_err();
+        assert!(!err.to_string().contains("did you mean"), "{err}");
     }
 }

@@ -2,6 +2,7 @@
 //! terminating the client's handshake locally and signing the upstream one with SigV4.
 
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod check;
 pub mod config;

@@ -5,6 +5,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
+
+use super::region::{check_region, did_you_mean, RegionCheck};
 use super::{
     default_endpoint_host, parse_endpoint, Cli, ClientAuthMode, ConfigError, UpstreamAuthMode,
     UpstreamMode, KEYSPACES_PORT,
@@ -20,15 +23,75 @@ use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::tls::{client_config, server_name};
 use crate::upstream::{UpstreamAuth, UpstreamTarget};
 
+const CREDENTIALS_FILE_FLAG: &str = "--client-credentials-file";
+
 /// A context ready to serve, and the credential cache to keep warm (SigV4 only).
 pub struct Resolved {
     pub context: ProxyContext,
     pub credentials: Option<Arc<CredentialCache>>,
     pub region: Option<String>,
+    /// Doubts about the configuration that do not stop it (an unknown region name).
+    pub warnings: Vec<String>,
+}
+
+/// The region and the doubts that came with resolving the upstream.
+pub struct UpstreamSummary {
+    pub region: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+impl UpstreamParts {
+    /// One target from the parts; the first broken part is the error.
+    pub fn into_target(
+        self,
+        cli: &Cli,
+    ) -> Result<
+        (
+            UpstreamTarget,
+            Option<Arc<CredentialCache>>,
+            UpstreamSummary,
+        ),
+        ConfigError,
+    > {
+        let region = self.region?;
+        let (auth, credentials) = self.auth?;
+        let target = UpstreamTarget {
+            address: self.address?,
+            server_name: self.server_name?,
+            tls: self.tls?,
+            insecure_plaintext: cli.insecure_plaintext_upstream_for_benchmarks,
+            auth,
+            connect_timeout: Duration::from_secs(cli.connect_timeout.max(1)),
+            max_frame_len: cli.max_frame_len,
+        };
+        let summary = UpstreamSummary {
+            region,
+            warnings: self.warnings,
+        };
+        Ok((target, credentials, summary))
+    }
+}
+
+struct UpstreamAuthParts {
+    region: Result<Option<String>, ConfigError>,
+    auth: Result<(UpstreamAuth, Option<Arc<CredentialCache>>), ConfigError>,
+    warnings: Vec<String>,
+}
+
+/// The path to Keyspaces, part by part (see [`Cli::upstream_parts`]).
+pub struct UpstreamParts {
+    pub region: Result<Option<String>, ConfigError>,
+    pub auth: Result<(UpstreamAuth, Option<Arc<CredentialCache>>), ConfigError>,
+    /// `host:port` to dial.
+    pub address: Result<String, ConfigError>,
+    pub server_name: Result<ServerName<'static>, ConfigError>,
+    pub tls: Result<Arc<rustls::ClientConfig>, ConfigError>,
+    pub warnings: Vec<String>,
 }
 
 impl Cli {
     pub async fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
+        self.users_need_password_auth()?;
         match self.client_auth {
             ClientAuthMode::Kmsauth => Ok(ClientAuth::KmsAuth(Arc::new(self.kmsauth().await?))),
             ClientAuthMode::None => Ok(ClientAuth::None),
@@ -46,6 +109,24 @@ impl Cli {
                 Ok(ClientAuth::Password(users))
             }
         }
+    }
+
+    /// Users given without `--client-auth password` would be ignored and every client let in
+    /// without a password: a trap, so it is refused.
+    fn users_need_password_auth(&self) -> Result<(), ConfigError> {
+        let mode = match self.client_auth {
+            ClientAuthMode::Password => return Ok(()),
+            ClientAuthMode::None => "none",
+            ClientAuthMode::Kmsauth => "kmsauth",
+        };
+        let flag = if self.client_credentials_file.is_some() {
+            CREDENTIALS_FILE_FLAG
+        } else if !self.client_users.is_empty() {
+            "--client-user"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::UsersWithoutPasswordAuth { flag, mode })
     }
 
     /// The kmsauth settings (pure, so the checks are unit-tested).
@@ -113,77 +194,152 @@ impl Cli {
         }
     }
 
-    /// Resolves region, credentials, endpoint and TLS. Reaches the AWS chain only for SigV4.
-    pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
-        let client_auth = self.client_auth().await?;
+    /// The region: the flag, else (for SigV4) the AWS region chain; checked for shape.
+    async fn region_and_auth(&self) -> UpstreamAuthParts {
         let mut region = self.region.as_deref().map(str::to_ascii_lowercase);
-        let (auth, credentials) = match self.upstream_auth {
+        let auth = match self.upstream_auth {
             UpstreamAuthMode::Sigv4 => {
-                let (provider, chain_region) = provider_from_chain(
+                match provider_from_chain(
                     self.profile.as_deref(),
                     self.role_arn.as_deref(),
                     region.as_deref(),
                 )
-                .await?;
-                region = region.or(chain_region.map(|r| r.to_ascii_lowercase()));
-                let region = region.clone().ok_or(ConfigError::NoRegion)?;
-                let cache = CredentialCache::new(provider);
-                (
-                    UpstreamAuth::SigV4 {
-                        credentials: cache.clone(),
-                        region,
-                    },
-                    Some(cache),
-                )
+                .await
+                {
+                    Ok((provider, chain_region)) => {
+                        region = region.or(chain_region.map(|r| r.to_ascii_lowercase()));
+                        match region.clone() {
+                            Some(region) => {
+                                let cache = CredentialCache::new(provider);
+                                Ok((
+                                    UpstreamAuth::SigV4 {
+                                        credentials: cache.clone(),
+                                        region,
+                                    },
+                                    Some(cache),
+                                ))
+                            }
+                            None => Err(ConfigError::NoRegion),
+                        }
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             UpstreamAuthMode::Plain => match (&self.upstream_username, &self.upstream_password) {
-                (Some(u), Some(p)) => (
+                (Some(u), Some(p)) => Ok((
                     UpstreamAuth::Plain {
                         username: u.clone(),
                         password: zeroize::Zeroizing::new(p.clone()),
                     },
                     None,
-                ),
-                _ => return Err(ConfigError::NoUpstreamCredentials),
+                )),
+                _ => Err(ConfigError::NoUpstreamCredentials),
             },
             UpstreamAuthMode::Astra => match &self.upstream_password {
-                Some(p) if p.starts_with("AstraCS:") => (
+                Some(p) if p.starts_with("AstraCS:") => Ok((
                     UpstreamAuth::Plain {
                         username: "token".into(),
                         password: zeroize::Zeroizing::new(p.clone()),
                     },
                     None,
-                ),
-                _ => return Err(ConfigError::NoAstraToken),
+                )),
+                _ => Err(ConfigError::NoAstraToken),
             },
         };
-        let (host, port) = match &self.endpoint {
-            Some(e) => parse_endpoint(e)?,
-            None => {
-                let r = region.as_deref().ok_or(ConfigError::NoRegion)?;
-                (default_endpoint_host(r, self.fips), KEYSPACES_PORT)
-            }
+        let mut warnings = Vec::new();
+        let region = match region {
+            None => Ok(None),
+            Some(r) => match check_region(&r) {
+                RegionCheck::Known => Ok(Some(r)),
+                RegionCheck::Unknown { closest } => {
+                    warnings.push(format!(
+                        "region {r:?} is not one this version knows{}; using it as given",
+                        did_you_mean(closest)
+                    ));
+                    Ok(Some(r))
+                }
+                RegionCheck::Malformed { closest } => Err(ConfigError::Region {
+                    region: r,
+                    suggestion: did_you_mean(closest),
+                }),
+            },
         };
-        let loopback =
-            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if self.insecure_plaintext_upstream_for_benchmarks && !loopback {
-            return Err(ConfigError::PlaintextNotLoopback(host));
-        }
-        let name = self.tls_server_name.clone().unwrap_or_else(|| host.clone());
-        let address = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let upstream = UpstreamTarget {
-            address,
-            server_name: server_name(&name)?,
-            tls: client_config(self.ca_file.as_deref())?,
-            insecure_plaintext: self.insecure_plaintext_upstream_for_benchmarks,
+        UpstreamAuthParts {
+            region,
             auth,
-            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
-            max_frame_len: self.max_frame_len,
+            warnings,
+        }
+    }
+
+    /// Every part of the path to Keyspaces, each resolved on its own so that `check` can go
+    /// on past a broken one. Reaches the AWS chain only for SigV4.
+    pub async fn upstream_parts(&self) -> UpstreamParts {
+        let UpstreamAuthParts {
+            region,
+            auth,
+            warnings,
+        } = self.region_and_auth().await;
+        let host_port = match (&self.endpoint, &region) {
+            (Some(e), _) => parse_endpoint(e),
+            (None, Ok(Some(r))) => Ok((default_endpoint_host(r, self.fips), KEYSPACES_PORT)),
+            (None, Ok(None)) => Err(ConfigError::NoRegion),
+            (None, Err(_)) => Err(ConfigError::DerivedFromBroken(
+                "endpoint",
+                "the region above",
+            )),
         };
+        let host_port = host_port.and_then(|(host, port)| {
+            let loopback =
+                host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if self.insecure_plaintext_upstream_for_benchmarks && !loopback {
+                return Err(ConfigError::PlaintextNotLoopback(host));
+            }
+            Ok((host, port))
+        });
+        let server_name = match (&self.tls_server_name, &host_port) {
+            (Some(name), _) | (None, Ok((name, _))) => server_name(name).map_err(Into::into),
+            (None, Err(_)) => Err(ConfigError::DerivedFromBroken(
+                "TLS server name",
+                "the endpoint above",
+            )),
+        };
+        UpstreamParts {
+            address: host_port.map(|(host, port)| {
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            }),
+            server_name,
+            tls: client_config(self.ca_file.as_deref()).map_err(Into::into),
+            region,
+            auth,
+            warnings,
+        }
+    }
+
+    /// Resolves region, credentials, endpoint and TLS into one target; the first broken part
+    /// is the error.
+    pub async fn upstream_target(
+        &self,
+    ) -> Result<
+        (
+            UpstreamTarget,
+            Option<Arc<CredentialCache>>,
+            UpstreamSummary,
+        ),
+        ConfigError,
+    > {
+        self.upstream_parts().await.into_target(self)
+    }
+
+    /// Resolves everything the proxy serves with: client authentication, the upstream target
+    /// and the pools.
+    pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let client_auth = self.client_auth().await?;
+        let (upstream, credentials, summary) = self.upstream_target().await?;
+        let region = summary.region.clone();
         let pool = match self.upstream_mode {
             UpstreamMode::Dedicated => None,
             UpstreamMode::Pooled => Some(Pool::new(upstream.clone(), self.pool_settings())),
@@ -233,6 +389,7 @@ impl Cli {
             },
             credentials,
             region,
+            warnings: summary.warnings,
         })
     }
 }
@@ -382,5 +539,25 @@ mod tests {
             cli.client_auth().await,
             Ok(ClientAuth::Password(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn users_without_password_auth_are_refused() {
+        for (mode, extra) in [
+            ("none", ["--client-user", "a:b"]),
+            ("kmsauth", ["--client-credentials-file", "/nonexistent"]),
+        ] {
+            let cli = Cli::parse_from(
+                ["keyspaces-proxy", "--client-auth", mode]
+                    .into_iter()
+                    .chain(extra),
+            );
+            match cli.client_auth().await {
+                Err(ConfigError::UsersWithoutPasswordAuth { flag, mode: m }) => {
+                    assert_eq!((flag, m), (extra[0], mode));
+                }
+                other => panic!("{mode}: {:?}", other.map(|_| ())),
+            }
+        }
     }
 }

@@ -1,0 +1,280 @@
+//! Running the proxy as a process: resolve the configuration, bind, say where it listens and
+//! whether the upstream is usable, serve until a signal. The `keyspaces-proxy` binary and the
+//! demo (which runs it beside the emulator) share it.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use crate::admin::AdminState;
+use crate::auth::credentials::CredentialCache;
+use crate::auth::identity_roles::IdentityRoles;
+use crate::config::{Cli, ConfigError, LogFormat};
+use crate::session::ProxyContext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({flag}): {reason}")]
+    Bind {
+        addr: SocketAddr,
+        flag: &'static str,
+        reason: String,
+    },
+}
+
+/// Where the proxy accepts connections, once it does.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub clients: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// Colour only for a person at a terminal: escape codes in a file or the journal are noise,
+/// and `NO_COLOR` (no-color.org) turns them off everywhere.
+fn use_colour() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
+/// `info`, less the SDK's warning per failed instance-metadata region lookup: it repeats a
+/// page of debug output for what the proxy's own error says in one line. `RUST_LOG` overrides.
+const DEFAULT_LOG_FILTER: &str = "info,aws_config::imds::region=error";
+
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(use_colour())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A bind failure that names the address, the flag that sets it and what to do.
+fn bind_error(addr: SocketAddr, flag: &'static str, e: &std::io::Error) -> StartError {
+    use std::io::ErrorKind;
+    let reason = match e.kind() {
+        ErrorKind::AddrInUse => format!(
+            "the address is already in use (another keyspaces-proxy, or Cassandra?); stop that \
+             process or choose another address with {flag}"
+        ),
+        ErrorKind::PermissionDenied => {
+            format!(
+                "permission denied (ports below 1024 need privileges); choose another with {flag}"
+            )
+        }
+        ErrorKind::AddrNotAvailable => {
+            format!("this machine has no such address; choose another with {flag}")
+        }
+        _ => e.to_string(),
+    };
+    StartError::Bind { addr, flag, reason }
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(addr, flag, &e))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// First SIGTERM/SIGINT: drain. Second: exit at once.
+fn watch_stop_signals(shutdown: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = shutdown.send(true);
+        stop_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// SIGHUP: re-read the configuration (file, environment, flags) for client users and reload
+/// AWS credentials, without touching open connections.
+fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            // The error is rendered at once: the boxed one is not Send across the awaits below.
+            match Cli::parse_with_config(std::env::args_os().collect()).map_err(|e| e.to_string()) {
+                Ok(cli) => reload_clients(&ctx, &cli).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration invalid; nothing reloaded")
+                }
+            }
+            if let Some(c) = &credentials {
+                match c.refresh(true).await {
+                    Ok(_) => tracing::info!("SIGHUP: AWS credentials reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: credential reload failed"),
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (ctx, credentials);
+}
+
+/// Applies a re-read configuration's identity roles and client users; a part that fails to
+/// load keeps its previous value.
+async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
+    if let Some(pools) = &ctx.identity_pools {
+        match cli.identity_roles.as_deref().map(IdentityRoles::load) {
+            Some(Ok(roles)) => {
+                pools.replace_roles(roles).await;
+                tracing::info!("SIGHUP: identity roles reloaded");
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "SIGHUP: keeping the previous identity roles")
+            }
+            None => pools.replace_roles(IdentityRoles::default()).await,
+        }
+    }
+    match cli.client_auth().await {
+        Ok(auth) => {
+            ctx.client_auth.store(Arc::new(auth));
+            // Sessions vouched for by the old users must be checked again.
+            ctx.sessions.clear();
+            tracing::info!("SIGHUP: client authentication reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client users"),
+    }
+}
+
+/// Opens the pool's first connections now, so the first client's STARTUP needs no upstream
+/// round trip, and says in the log whether the upstream is usable, and why not: "listening"
+/// alone says nothing about Keyspaces.
+fn warm_upstream(ctx: &ProxyContext) {
+    let address = ctx.upstream.address.clone();
+    let Some(pool) = ctx.pool.clone() else {
+        tracing::info!(
+            upstream = %address,
+            "dedicated mode: each client gets its own upstream connection when it connects \
+             (`keyspaces-proxy check` tests the path now)"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        match pool.group(4, None).await {
+            Ok(group) => tracing::info!(
+                upstream = %address,
+                connections = group.ready_count(),
+                "upstream usable: authenticated to Keyspaces"
+            ),
+            Err(e) => tracing::warn!(
+                upstream = %address,
+                reason = %e,
+                "upstream not usable yet: clients get an error until it is (retried as they \
+                 connect; /readyz and `keyspaces-proxy check` say more)"
+            ),
+        }
+    });
+}
+
+/// Serves until SIGTERM/SIGINT and the drain that follows. `announce` runs once both
+/// listeners are bound.
+pub async fn run(cli: Cli, announce: impl FnOnce(Listening)) -> Result<(), StartError> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut resolved = cli.resolve().await?;
+    resolved.context.shutdown = shutdown_rx;
+    for w in &resolved.warnings {
+        tracing::warn!("{w}");
+    }
+    let listener = bind(cli.listen, "--listen").await?;
+    let admin_listener = bind(cli.metrics_listen, "--metrics-listen").await?;
+    watch_stop_signals(shutdown_tx);
+    if let Some(cache) = &resolved.credentials {
+        match cache.get().await {
+            Ok(c) => tracing::info!(access_key_id = c.access_key_id(), "AWS credentials loaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "AWS credentials not available yet; will retry per connection")
+            }
+        }
+        cache.spawn_refresher();
+    }
+    if let Some(w) = cli.exposure_warning() {
+        tracing::warn!(listen = %cli.listen, "{w}");
+    }
+    let listening = Listening {
+        clients: listener.local_addr().unwrap_or(cli.listen),
+        metrics: admin_listener.local_addr().unwrap_or(cli.metrics_listen),
+    };
+    tracing::info!(
+        upstream = %resolved.context.upstream.address,
+        region = resolved.region.as_deref().unwrap_or("-"),
+        "listening on {} for CQL clients; /metrics, /livez, /readyz on {}",
+        listening.clients,
+        listening.metrics
+    );
+    warm_upstream(&resolved.context);
+    announce(listening);
+    let ctx = Arc::new(resolved.context);
+    watch_reload(ctx.clone(), resolved.credentials.clone());
+    let admin = Arc::new(AdminState {
+        ctx: ctx.clone(),
+        credentials: resolved.credentials.clone(),
+    });
+    // The admin endpoints stay up while draining: /readyz then reports the shutdown.
+    let (_admin_stop, admin_rx) = watch::channel(false);
+    tokio::spawn(crate::admin::serve(admin_listener, admin, admin_rx));
+    crate::server::serve(
+        listener,
+        ctx,
+        cli.max_connections,
+        Duration::from_secs(cli.drain_timeout),
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_taken_port_names_the_address_and_the_flag() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind(addr, "--listen").await.err().unwrap().to_string();
+        assert!(err.contains(&addr.to_string()), "{err}");
+        assert!(err.contains("--listen"), "{err}");
+        assert!(err.contains("already in use"), "{err}");
+    }
+}
