@@ -23,6 +23,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/integration/requirements.txt
 
+# Every crate in Cargo.lock, other platforms' too: cargo deny reads them all, while a build
+# downloads only this platform's, so a fresh machine would otherwise fail offline.
+cargo fetch --locked
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Advisories (against the RustSec snapshot in .ci/), licences, bans and sources.

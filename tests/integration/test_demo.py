@@ -1,0 +1,97 @@
+"""The one-command demo as a newcomer meets it: keyspaces-demo starts, prints what to type next,
+and exactly those commands work (cqlsh, the Python snippet, the metrics line). Its build must
+reuse what the proxy's own build compiled."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import BIN_DIR, ROOT, free_port
+
+CQLSH = Path(sys.executable).parent / "cqlsh"
+
+
+def features(package):
+    """{"name version": {features}} of a package's normal and build dependencies here."""
+    out = subprocess.run(
+        ["cargo", "tree", "--locked", "--offline", "-e", "normal,build", "-p", package,
+         "--prefix", "none", "-f", "{p} {f}"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        feats = set(parts[-1].split(",")) if len(parts) > 2 and not parts[-1].startswith("(") else set()
+        found.setdefault(f"{parts[0]} {parts[1]}", set()).update(feats)
+    return found
+
+
+def test_demo_build_reuses_the_proxy_build():
+    """cargo unifies features per build: any crate the two share with other features would be
+    compiled again for the demo, right after the README's first command built it."""
+    proxy = features("keyspaces-proxy")
+    for other in ("keyspaces-demo", "keyspaces-emulator"):
+        theirs = features(other)
+        drift = {k: sorted(theirs[k] ^ proxy[k]) for k in proxy
+                 if k in theirs and theirs[k] != proxy[k]}
+        assert not drift, f"{other}: align these features in Cargo.toml: {drift}"
+
+
+def start_demo(tmp_path):
+    port, metrics = free_port(), free_port()
+    out = tmp_path / "demo.out"
+    env = dict(os.environ, KEYSPACES_PROXY_CLIENT_AUTH="password", KEYSPACES_PROXY_CLIENT_USERS="a:b",
+               AWS_PROFILE="not-there")
+    proc = subprocess.Popen(
+        [str(BIN_DIR / "keyspaces-demo"), "--listen", f"127.0.0.1:{port}",
+         "--metrics-listen", f"127.0.0.1:{metrics}"],
+        stdout=out.open("w"), stderr=subprocess.STDOUT, env=env,
+    )
+    deadline = time.time() + 60
+    while "Ctrl-C stops the demo" not in out.read_text():
+        assert proc.poll() is None, out.read_text()
+        assert time.time() < deadline, out.read_text()
+        time.sleep(0.05)
+    return proc, out.read_text(), port, metrics
+
+
+def test_demo_prints_commands_that_work(tmp_path):
+    """The caller's KEYSPACES_PROXY_* and AWS_* settings cannot change the demo."""
+    proc, text, port, metrics = start_demo(tmp_path)
+    try:
+        assert f"keyspaces-proxy listens on 127.0.0.1:{port}" in text
+        one_liner = re.search(r"^  (cqlsh .* -e .*)$", text, re.M).group(1)
+        argv = shlex.split(one_liner)
+        argv[0] = str(CQLSH)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "Amazon Keyspaces" in res.stdout and "us-east-1" in res.stdout, res.stdout
+
+        # The interactive walk-through, typed as printed.
+        session = re.search(rf"^  cqlsh 127\.0\.0\.1 {port}\n((?:    .*\n)+)", text, re.M).group(1)
+        statements = "".join(line.strip() + "\n" for line in session.splitlines())
+        res = subprocess.run([str(CQLSH), "127.0.0.1", str(port)], input=statements,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "error" not in res.stderr.lower(), res.stderr
+        assert "hello" in res.stdout and "keyspaces" in res.stdout, res.stdout
+
+        snippet = re.search(r"^  python3 -c '\n(.*?)'\n", text, re.M | re.S).group(1)
+        res = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "Amazon Keyspaces" in res.stdout, res.stdout
+
+        curl_line = re.search(r"^  curl -s (\S+) \| grep (\S+)$", text, re.M)
+        import urllib.request
+        body = urllib.request.urlopen(curl_line.group(1), timeout=10).read().decode()
+        assert curl_line.group(2) in body
+        assert f"127.0.0.1:{metrics}" in curl_line.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
