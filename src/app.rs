@@ -50,9 +50,13 @@ const DEFAULT_LOG_FILTER: &str = "info,aws_config::imds::region=error";
 pub fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // No report of a failed log write: tracing-subscriber would `eprintln!` it, which panics
+    // on a closed stderr (a log shipper that went away) and takes down whichever task was
+    // logging, the signal handler and client sessions included.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(use_colour())
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -87,37 +91,44 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Start
         .map_err(|e| bind_error(addr, flag, &e))
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// First SIGTERM/SIGINT: drain. Second: exit at once.
+/// First SIGTERM/SIGINT: drain. Second: exit at once. The handlers are installed before this
+/// returns, not when the task first runs: a signal sent right after "listening" is logged must
+/// drain, not kill.
+#[cfg(unix)]
 fn watch_stop_signals(shutdown: watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM/SIGINT: they will stop the proxy without draining");
+            return;
+        }
+    };
     tokio::spawn(async move {
-        stop_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         let _ = shutdown.send(true);
-        stop_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+#[cfg(not(unix))]
+fn watch_stop_signals(shutdown: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = shutdown.send(true);
+        let _ = tokio::signal::ctrl_c().await;
         std::process::exit(130);
     });
 }
@@ -125,12 +136,14 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
 /// SIGHUP: re-read the configuration (file, environment, flags) for client users and reload
 /// AWS credentials, without touching open connections.
 fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>>) {
+    // Installed now, like the stop signals: SIGHUP's default action would end the process.
+    #[cfg(unix)]
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP: reloading is unavailable");
+        return;
+    };
     #[cfg(unix)]
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             // The error is rendered at once: the boxed one is not Send across the awaits below.
             match Cli::parse_with_config(std::env::args_os().collect()).map_err(|e| e.to_string()) {
@@ -235,17 +248,17 @@ pub async fn run(cli: Cli, announce: impl FnOnce(Listening)) -> Result<(), Start
         clients: listener.local_addr().unwrap_or(cli.listen),
         metrics: admin_listener.local_addr().unwrap_or(cli.metrics_listen),
     };
+    let ctx = Arc::new(resolved.context);
+    watch_reload(ctx.clone(), resolved.credentials.clone());
     tracing::info!(
-        upstream = %resolved.context.upstream.address,
+        upstream = %ctx.upstream.address,
         region = resolved.region.as_deref().unwrap_or("-"),
         "listening on {} for CQL clients; /metrics, /livez, /readyz on {}",
         listening.clients,
         listening.metrics
     );
-    warm_upstream(&resolved.context);
+    warm_upstream(&ctx);
     announce(listening);
-    let ctx = Arc::new(resolved.context);
-    watch_reload(ctx.clone(), resolved.credentials.clone());
     let admin = Arc::new(AdminState {
         ctx: ctx.clone(),
         credentials: resolved.credentials.clone(),

@@ -205,3 +205,66 @@ fn a_taken_port_is_named_once_with_its_flag() {
         out.stderr
     );
 }
+
+/// A log reader that goes away (a crashed log shipper) must not take the process with it:
+/// every later log line fails to write, and SIGTERM must still drain and exit.
+#[cfg(unix)]
+#[test]
+fn a_closed_stderr_does_not_stop_signals_from_working() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let aws = aws_file(dir.path());
+    let closed = format!("127.0.0.1:{}", closed_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyspaces-proxy"))
+        .args([
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            &closed,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ACCESS_KEY_ID", "AKIDFIRSTRUN")
+        .env("AWS_SECRET_ACCESS_KEY", "first-run-secret")
+        .env("AWS_CONFIG_FILE", &aws)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &aws)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no listening line"
+        );
+    }
+    // From here every log line fails to write, the signal handler's own first.
+    drop(stderr);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the proxy once its stderr was closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
