@@ -247,8 +247,12 @@ impl Cli {
             },
         };
         let mut warnings = Vec::new();
+        // Only an AWS region is checked: with plain credentials and an explicit endpoint
+        // (Cassandra, Astra) the name is only a label and may be another cloud's (`us-east1`).
+        let aws_region = self.upstream_auth == UpstreamAuthMode::Sigv4 || self.endpoint.is_none();
         let region = match region {
             None => Ok(None),
+            Some(r) if !aws_region => Ok(Some(r)),
             Some(r) => match check_region(&r) {
                 RegionCheck::Known => Ok(Some(r)),
                 RegionCheck::Unknown { closest } => {
@@ -539,6 +543,29 @@ mod tests {
             cli.client_auth().await,
             Ok(ClientAuth::Password(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn only_aws_region_names_are_checked() {
+        let plain = |endpoint: Option<&str>| {
+            let mut args = vec![
+                "keyspaces-proxy",
+                "--region",
+                "us-east1",
+                "--upstream-auth",
+                "plain",
+                "--upstream-username",
+                "u",
+                "--upstream-password",
+                "p",
+            ];
+            args.extend(endpoint.map(|e| ["--endpoint", e]).into_iter().flatten());
+            Cli::parse_from(args)
+        };
+        let parts = plain(Some("127.0.0.1:9042")).upstream_parts().await;
+        assert_eq!(parts.region.unwrap().as_deref(), Some("us-east1"));
+        let parts = plain(None).upstream_parts().await;
+        assert!(matches!(parts.region, Err(ConfigError::Region { .. })));
     }
 
     #[tokio::test]
