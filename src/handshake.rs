@@ -7,9 +7,14 @@
 use std::sync::Arc;
 
 use crate::auth::client::{bad_credentials_message, ClientAuth};
+use crate::frame::compression::decompressed;
 use crate::frame::header::is_supported_version;
 use crate::frame::messages::{self, error_code};
 use crate::frame::{opcode, Compression, Frame};
+
+/// The largest AUTH_RESPONSE body, decompressed, worth reading: a username and a password or
+/// a kmsauth token are far smaller, and a decompression bomb stops here.
+const MAX_CREDENTIALS_BODY: usize = 64 << 10;
 
 /// What the session must do with a frame received during the handshake.
 #[derive(Debug, PartialEq, Eq)]
@@ -192,7 +197,21 @@ impl ClientHandshake {
         if matches!(self.auth.as_ref(), ClientAuth::None) {
             return Step::Close(protocol_error(version, stream, "Unexpected AUTH_RESPONSE"));
         }
-        let token = messages::parse_auth_token(&frame.body).unwrap_or_default();
+        // Drivers compress everything after STARTUP once it negotiated an algorithm (the Python
+        // driver with lz4 installed, Java 3): read the credentials through it.
+        let plain = match decompressed(frame.clone(), compression, MAX_CREDENTIALS_BODY) {
+            Ok(f) => f,
+            Err(e) => {
+                return Step::Close(protocol_error(
+                    version,
+                    stream,
+                    &format!("Invalid compressed frame: {e}"),
+                ))
+            }
+        };
+        let token = messages::message_body(&plain.header, &plain.body)
+            .and_then(messages::parse_auth_token)
+            .unwrap_or_default();
         let Ok((user, password)) = messages::parse_plain_token(token) else {
             return Step::Reply(messages::error(
                 version,
@@ -332,6 +351,28 @@ mod tests {
         assert_eq!(a.success.opcode(), opcode::AUTH_SUCCESS);
         assert_eq!(a.success.stream(), 3);
         assert_eq!(a.user.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn compressed_credentials_are_read_with_the_negotiated_algorithm() {
+        for (name, algo) in [("lz4", Compression::Lz4), ("snappy", Compression::Snappy)] {
+            let users = UserStore::parse("app:pw").unwrap();
+            let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+            let startup =
+                messages::startup(4, 1, &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", name)]);
+            assert!(matches!(hs.on_frame(&startup), Step::Reply(_)));
+            let token = messages::plain_token("app", "pw");
+            let packed =
+                crate::frame::compression::compressed(messages::auth_response(4, 2, &token), algo);
+            assert!(packed.header.has_flag(crate::frame::flags::COMPRESSION));
+            let Step::Verify(creds) = hs.on_frame(&packed) else {
+                panic!("{name}")
+            };
+            assert_eq!(
+                (creds.user.as_str(), &creds.secret[..]),
+                ("app", &b"pw"[..])
+            );
+        }
     }
 
     #[test]

@@ -19,4 +19,5 @@ pub mod session;
 pub mod statement;
 pub mod topology;
 pub mod upstream;
+pub mod use_statement;
 pub mod writer;

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub upstream_streams_in_use: Gauge,
     pub prepared_statements: Gauge,
     pub reprepares: Counter,
+    pub keyspace_switches: Counter,
     pub credential_refreshes: Family<Labels, Counter>,
     pub credentials_expiry: Gauge<f64, AtomicU64>,
 }
@@ -74,6 +75,12 @@ impl Metrics {
             "client_connections",
             "Client connections open now",
             client_connections.clone(),
+        );
+        let keyspace_switches = Counter::default();
+        registry.register(
+            "upstream_keyspace_switches",
+            "Shared upstream connections whose keyspace a request switched (taken out of rotation)",
+            keyspace_switches.clone(),
         );
         let client_connections_opened = Counter::default();
         registry.register(
@@ -246,6 +253,7 @@ impl Metrics {
             upstream_streams_in_use,
             prepared_statements,
             reprepares,
+            keyspace_switches,
             credential_refreshes,
             credentials_expiry,
         }

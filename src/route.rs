@@ -15,11 +15,13 @@ use crate::frame::header::opcode;
 use crate::frame::messages::{self, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
+use crate::frame::validate::validate_request;
 use crate::frame::{Compression, Frame};
 use crate::handshake;
-use crate::statement::{guard_consistency, parse_use};
+use crate::statement::guard_consistency;
 use crate::topology::{classify, rewrite_result, SystemTable};
 use crate::upstream::prepared::PreparedCache;
+use crate::use_statement::{classify_use, UseStatement};
 
 /// At most this many system-table prepared statements are remembered per connection.
 const MAX_SYSTEM_PREPARED: usize = 256;
@@ -112,11 +114,18 @@ impl Router {
                 ),
             ));
         }
+        if h.stream < 0 {
+            // Negative ids are the server's, for events: an answer there would never reach the
+            // request, and the client would wait for it for ever.
+            return Route::Client(self.protocol_error(
+                h.stream,
+                &format!(
+                    "Invalid stream id {}: negative ids are reserved for server events",
+                    h.stream
+                ),
+            ));
+        }
         match h.opcode {
-            opcode::OPTIONS => Route::Client(handshake::supported(self.version, h.stream)),
-            // Events from Keyspaces are never relayed (the topology they describe is not the
-            // client's), so registering is acknowledged and ends there.
-            opcode::REGISTER => Route::Client(messages::ready(self.version, h.stream)),
             opcode::STARTUP | opcode::AUTH_RESPONSE => Route::Client(self.protocol_error(
                 h.stream,
                 &format!(
@@ -124,50 +133,58 @@ impl Router {
                     opcode::name(h.opcode)
                 ),
             )),
-            opcode::QUERY | opcode::PREPARE | opcode::EXECUTE => self.inspect_request(frame),
-            opcode::BATCH if self.consistency_guard.is_some() => self.inspect_request(frame),
             op if !opcode::is_request(op) => Route::Close(self.protocol_error(
                 h.stream,
                 &format!("Unknown or unexpected opcode 0x{op:02x}"),
             )),
-            _ => self.to_upstream(frame),
+            _ => match self.checked(frame) {
+                Ok(plain) => self.route_checked(plain),
+                Err(refusal) => refusal,
+            },
         }
     }
 
-    fn to_upstream(&self, frame: Frame) -> Route {
-        let stream = frame.stream();
-        match transcode(
-            frame,
-            self.client_compression,
-            self.upstream_compression,
-            self.max_frame_len,
-        ) {
-            Ok(f) => Route::Upstream(f),
-            Err(e) => Route::Close(self.compression_error(stream, &e)),
+    fn route_checked(&mut self, plain: Frame) -> Route {
+        let stream = plain.stream();
+        match plain.opcode() {
+            opcode::OPTIONS => Route::Client(handshake::supported(self.version, stream)),
+            // Events from Keyspaces are never relayed (the topology they describe is not the
+            // client's), so registering is acknowledged and ends there.
+            opcode::REGISTER => Route::Client(messages::ready(self.version, stream)),
+            opcode::QUERY | opcode::PREPARE | opcode::EXECUTE => self.inspect_request(plain),
+            opcode::BATCH if self.consistency_guard.is_some() => self.inspect_request(plain),
+            _ => Route::Upstream(compressed(plain, self.upstream_compression)),
         }
+    }
+
+    /// The request decompressed and checked for structure (see `frame::validate`): a body the
+    /// upstream could not decode would make it close a connection other clients share, so it
+    /// is answered here, on its own stream, and goes no further.
+    fn checked(&self, frame: Frame) -> Result<Frame, Route> {
+        let stream = frame.stream();
+        let plain = decompressed(frame, self.client_compression, self.max_frame_len)
+            .map_err(|e| Route::Close(self.compression_error(stream, &e)))?;
+        let op = plain.opcode();
+        message_body(&plain.header, &plain.body)
+            .and_then(|body| validate_request(self.version, op, body))
+            .map_err(|e| {
+                Route::Client(self.protocol_error(
+                    stream,
+                    &format!("Invalid {} message: {e}", opcode::name(op)),
+                ))
+            })?;
+        Ok(plain)
     }
 
     fn compression_error(&self, stream: i16, e: &CompressionError) -> Frame {
         self.protocol_error(stream, &format!("Invalid compressed frame: {e}"))
     }
 
-    fn inspect_request(&mut self, frame: Frame) -> Route {
-        let stream = frame.stream();
-        let plain = match decompressed(frame, self.client_compression, self.max_frame_len) {
-            Ok(f) => f,
-            Err(e) => return Route::Close(self.compression_error(stream, &e)),
-        };
-        if self.split_use && plain.opcode() == opcode::QUERY {
-            let keyspace = message_body(&plain.header, &plain.body)
-                .ok()
-                .and_then(|b| parse_query(b).ok())
-                .and_then(|q| parse_use(q.text));
-            if let Some(keyspace) = keyspace {
-                self.forget(stream);
-                return Route::Use {
-                    keyspace,
-                    frame: compressed(plain, self.upstream_compression),
-                };
+    fn inspect_request(&mut self, plain: Frame) -> Route {
+        let stream = plain.stream();
+        if self.split_use {
+            if let Some(route) = self.route_use(stream, &plain) {
+                return route;
             }
         }
         let plain = match &self.consistency_guard {
@@ -201,6 +218,45 @@ impl Router {
             None => self.forget(stream),
         }
         Route::Upstream(compressed(plain, self.upstream_compression))
+    }
+
+    /// A `USE` on a shared connection would switch the keyspace of every client pinned there:
+    /// an exact one becomes [`Route::Use`], any other statement starting with `USE` is refused,
+    /// and so is preparing one (its EXECUTE would be the same statement by another name).
+    fn route_use(&mut self, stream: i16, plain: &Frame) -> Option<Route> {
+        let op = plain.opcode();
+        let body = message_body(&plain.header, &plain.body).ok()?;
+        let text = match op {
+            opcode::QUERY => parse_query(body).ok()?.text,
+            opcode::PREPARE => parse_prepare(body).ok()?,
+            _ => return None,
+        };
+        let refuse = |why: &str| {
+            Some(Route::Client(messages::error(
+                self.version,
+                stream,
+                error_code::INVALID,
+                why,
+            )))
+        };
+        match (classify_use(text), op) {
+            (UseStatement::NotUse, _) => None,
+            (UseStatement::Use(keyspace), opcode::QUERY) => {
+                self.forget(stream);
+                Some(Route::Use {
+                    keyspace,
+                    frame: compressed(plain.clone(), self.upstream_compression),
+                })
+            }
+            (UseStatement::Use(_), _) => refuse(
+                "USE cannot be prepared through keyspaces-proxy (its upstream connections are \
+                 shared): send it as a simple statement",
+            ),
+            (UseStatement::Unparsable, _) => refuse(
+                "keyspaces-proxy accepts USE only as `USE keyspace` or `USE \"Keyspace\"`, \
+                 optionally followed by `;` and comments",
+            ),
+        }
     }
 
     fn forget(&mut self, stream: i16) {
@@ -439,6 +495,60 @@ mod tests {
             plain.on_client_frame(messages::query(4, 3, "USE ks", 1)),
             Route::Upstream(_)
         ));
+    }
+
+    fn error_code_of(route: Route) -> i32 {
+        match route {
+            Route::Client(f) => {
+                assert_eq!(f.opcode(), opcode::ERROR);
+                messages::ErrorInfo::parse(&f.body).unwrap().code
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn use_spellings_that_are_not_exact_never_go_upstream() {
+        let mut r = router(Compression::None).split_use(true);
+        for cql in [
+            "USE ks other",
+            "USE ks.t",
+            "\u{feff}USE ks",
+            "use ks; SELECT 1",
+        ] {
+            let route = r.on_client_frame(messages::query(4, 5, cql, 1));
+            assert_eq!(error_code_of(route), error_code::INVALID, "{cql:?}");
+        }
+        let Route::Use { keyspace, .. } =
+            r.on_client_frame(messages::query(4, 5, "USE ks -- the orders keyspace", 1))
+        else {
+            panic!("a comment after an exact USE is fine")
+        };
+        assert_eq!(keyspace, "ks");
+        let prepare = |cql: &str| {
+            let mut body = bytes::BytesMut::new();
+            body.put_long_string(cql);
+            Frame::new(Header::request(4, 6, opcode::PREPARE), body.freeze())
+        };
+        for cql in ["USE ks", "USE ks extra"] {
+            let route = r.on_client_frame(prepare(cql));
+            assert_eq!(error_code_of(route), error_code::INVALID, "{cql:?}");
+        }
+        assert!(matches!(
+            r.on_client_frame(prepare("SELECT * FROM t")),
+            Route::Upstream(_)
+        ));
+    }
+
+    #[test]
+    fn negative_streams_get_a_protocol_error() {
+        let mut r = router(Compression::None).split_use(true);
+        let route = r.on_client_frame(messages::query(4, -7, "SELECT * FROM t", 1));
+        let Route::Client(f) = &route else {
+            panic!("{route:?}")
+        };
+        assert_eq!(f.stream(), -7);
+        assert_eq!(error_code_of(route), error_code::PROTOCOL_ERROR);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Cheap classification of CQL text and in-place consistency rewriting, for the few decisions
-//! the proxy makes about statements (USE, read/write, Keyspaces' consistency rules).
+//! the proxy makes about statements (read/write, Keyspaces' consistency rules; `USE` has a
+//! module of its own, `use_statement`).
 
 use bytes::{Bytes, BytesMut};
 
@@ -25,27 +26,6 @@ pub fn is_write(cql: &str) -> bool {
     ["insert", "update", "delete", "begin"]
         .iter()
         .any(|k| w.eq_ignore_ascii_case(k))
-}
-
-/// The keyspace of a `USE` statement: quoted names keep their case, others are lowercased, as
-/// CQL resolves identifiers.
-pub fn parse_use(cql: &str) -> Option<String> {
-    let t = cql.trim().trim_end_matches(';').trim_end();
-    if !first_word(t).eq_ignore_ascii_case("use") {
-        return None;
-    }
-    let rest = t.trim_start()[3..].trim();
-    if let Some(inner) = rest.strip_prefix('"') {
-        let inner = inner.strip_suffix('"')?;
-        if inner.is_empty() {
-            return None;
-        }
-        return Some(inner.replace("\"\"", "\""));
-    }
-    if rest.is_empty() || !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return None;
-    }
-    Some(rest.to_ascii_lowercase())
 }
 
 /// The consistency Keyspaces accepts for a statement sent at `cl`, or `None` if `cl` is fine.
@@ -150,17 +130,6 @@ mod tests {
     use crate::frame::request::{parse_execute, parse_query};
     use crate::frame::types::WriteExt;
     use crate::upstream::prepared::PreparedStatement;
-
-    #[test]
-    fn use_statements() {
-        assert_eq!(parse_use("USE ks").as_deref(), Some("ks"));
-        assert_eq!(parse_use("  use MyKs ; ").as_deref(), Some("myks"));
-        assert_eq!(parse_use("USE \"MyKs\"").as_deref(), Some("MyKs"));
-        assert_eq!(parse_use("USE \"a\"\"b\"").as_deref(), Some("a\"b"));
-        assert_eq!(parse_use("USER ks"), None);
-        assert_eq!(parse_use("USE ks.t"), None);
-        assert_eq!(parse_use("SELECT * FROM use"), None);
-    }
 
     #[test]
     fn raises_write_consistency_only() {

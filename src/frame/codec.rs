@@ -59,6 +59,40 @@ pub enum FrameError {
     },
     #[error("protocol version {version} uses a header format this proxy does not speak")]
     LegacyVersion { version: u8 },
+    #[error("the client speaks {0}, not the CQL native protocol")]
+    Foreign(ForeignProtocol),
+}
+
+/// Protocols recognised by their first byte, so that a client pointed at the wrong port (or
+/// configured for TLS against the plaintext one) is told at once instead of waiting out the
+/// handshake deadline for a frame that never comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForeignProtocol {
+    /// A TLS record header (handshake content type 0x16).
+    Tls,
+    /// An ASCII letter: `GET `, `POST`, `PRI ` (HTTP/2's preface) and other text protocols.
+    Http,
+}
+
+impl std::fmt::Display for ForeignProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForeignProtocol::Tls => "TLS",
+            ForeignProtocol::Http => "HTTP (or another text protocol)",
+        })
+    }
+}
+
+impl ForeignProtocol {
+    /// No CQL envelope starts with these bytes: its first byte is the version (3 to 5, with the
+    /// response bit 0x80).
+    fn recognise(first: u8) -> Option<ForeignProtocol> {
+        match first {
+            0x16 => Some(ForeignProtocol::Tls),
+            b'A'..=b'Z' => Some(ForeignProtocol::Http),
+            _ => None,
+        }
+    }
 }
 
 /// Decodes and encodes protocol envelopes. One instance per connection direction.
@@ -87,6 +121,9 @@ impl Decoder for FrameCodec {
         let Some(&first) = src.first() else {
             return Ok(None);
         };
+        if let Some(foreign) = ForeignProtocol::recognise(first) {
+            return Err(FrameError::Foreign(foreign).into());
+        }
         // v1/v2 envelopes are 8 bytes long with a one-byte stream id: refuse before misreading them.
         let version = first & 0x7f;
         if version < 3 {
@@ -225,6 +262,25 @@ mod tests {
             FrameCodec::default().decode(&mut buf),
             Err(FrameDecodeError::Frame(FrameError::TooLarge { .. }))
         ));
+    }
+
+    #[test]
+    fn recognises_tls_and_http_at_the_first_byte() {
+        for (bytes, want) in [
+            (&[0x16u8][..], ForeignProtocol::Tls),
+            (&[0x16, 0x03, 0x01, 0x02, 0x00][..], ForeignProtocol::Tls),
+            (&b"GET / HTTP/1.1\r\n"[..], ForeignProtocol::Http),
+            (&b"PRI * HTTP/2.0"[..], ForeignProtocol::Http),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert!(
+                matches!(
+                    FrameCodec::default().decode(&mut buf),
+                    Err(FrameDecodeError::Frame(FrameError::Foreign(p))) if p == want
+                ),
+                "{bytes:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ pub mod messages;
 pub mod request;
 pub mod result;
 pub mod types;
+pub mod validate;
 
-pub use codec::{Frame, FrameCodec, FrameDecodeError, FrameError};
+pub use codec::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 pub use compression::Compression;
 pub use header::{flags, opcode, Header};

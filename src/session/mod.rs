@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -15,7 +16,7 @@ use tracing::Instrument;
 
 use crate::auth::client::ClientAuth;
 use crate::frame::messages::{self, error_code, unsupported_version_message};
-use crate::frame::{Frame, FrameCodec, FrameDecodeError, FrameError};
+use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step};
 use crate::metrics::{metrics, Metrics};
 use crate::upstream::pool::{Group, Pool};
@@ -129,6 +130,33 @@ fn is_bad_credentials(f: &Frame) -> bool {
         && messages::ErrorInfo::parse(&f.body).is_ok_and(|e| e.code == error_code::BAD_CREDENTIALS)
 }
 
+/// A client that speaks another protocol gets what it can read (HTTP: a 400 that says why; TLS:
+/// nothing, the close is its answer), and the log says what to change.
+async fn refuse_foreign(client: &mut ClientFramed, protocol: ForeignProtocol) {
+    Metrics::count(&metrics().client_closed, vec![("reason", "not_cql")]);
+    match protocol {
+        ForeignProtocol::Tls => tracing::warn!(
+            "the client speaks TLS, but the proxy's client port is plaintext: connect without \
+             TLS (cqlsh without --ssl, drivers without an SSL context)"
+        ),
+        ForeignProtocol::Http => {
+            tracing::warn!(
+                "the client speaks HTTP (or another text protocol), not CQL: health checks and \
+                 metrics are on --metrics-listen"
+            );
+            let body = "This is keyspaces-proxy's CQL port. Health checks and metrics \
+                        (/livez, /readyz, /metrics) are on --metrics-listen.\n";
+            let reply = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.get_mut().write_all(reply.as_bytes()).await;
+        }
+    }
+    let _ = client.get_mut().shutdown().await;
+}
+
 /// The error a client sees for a frame the decoder refused.
 fn decode_error_frame(e: &FrameError) -> Frame {
     match e {
@@ -143,6 +171,12 @@ fn decode_error_frame(e: &FrameError) -> Frame {
             0,
             error_code::PROTOCOL_ERROR,
             &unsupported_version_message(*version),
+        ),
+        FrameError::Foreign(_) => messages::error(
+            4,
+            0,
+            error_code::PROTOCOL_ERROR,
+            &format!("Invalid frame: {e}"),
         ),
     }
 }
@@ -180,6 +214,10 @@ async fn handshake(
         let frame = match client.next().await {
             None => return Ok(None),
             Some(Ok(f)) => f,
+            Some(Err(FrameDecodeError::Frame(FrameError::Foreign(protocol)))) => {
+                refuse_foreign(client, protocol).await;
+                return Ok(None);
+            }
             Some(Err(FrameDecodeError::Frame(e))) => {
                 Metrics::count(&metrics().client_closed, vec![("reason", "protocol_error")]);
                 client.send(decode_error_frame(&e)).await?;

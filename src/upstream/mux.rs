@@ -14,7 +14,9 @@ use super::streams::{Pending, StreamTable, TokenBucket};
 use crate::frame::header::holds_whole_frame;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
+use crate::frame::types::Reader;
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
+use crate::metrics::metrics;
 use crate::queue::FrameQueue;
 use crate::writer::write_queued;
 
@@ -271,6 +273,31 @@ impl MuxConn {
         let p = t.take(stream);
         self.mirror(&t);
         p
+    }
+
+    /// The backstop behind the router's `USE` handling: a SET_KEYSPACE answer naming another
+    /// keyspace than this connection was opened for means some request switched the keyspace
+    /// of every client sharing it. However it was spelt, the connection leaves rotation at
+    /// once; its in-flight requests fail (reads are retried elsewhere) rather than be answered
+    /// from the wrong keyspace.
+    pub fn close_if_keyspace_switched(&self, result: &Frame) {
+        if result_kind(&result.body).ok() != Some(kind::SET_KEYSPACE) {
+            return;
+        }
+        let switched_to = result
+            .body
+            .get(4..)
+            .and_then(|rest| Reader::new(rest).string().ok());
+        if switched_to.is_some() && switched_to == self.keyspace.as_deref() {
+            return;
+        }
+        metrics().keyspace_switches.inc();
+        tracing::error!(
+            conn = self.id,
+            opened_for = self.keyspace.as_deref().unwrap_or("-"),
+            "a request switched a shared upstream connection's keyspace; closing it"
+        );
+        self.close();
     }
 
     /// Requests in flight longer than `timeout` (answered by the caller).

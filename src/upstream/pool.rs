@@ -502,6 +502,9 @@ impl ConnOwner for Pool {
                 Metrics::count(&m.upstream_errors, vec![("code", error_code_name(e.code))]);
             }
         }
+        if frame.opcode() == opcode::RESULT {
+            conn.close_if_keyspace_switched(&frame);
+        }
         if request_op == opcode::PREPARE
             && frame.opcode() == opcode::RESULT
             && result_kind(&frame.body).ok() == Some(kind::PREPARED)

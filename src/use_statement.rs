@@ -1,0 +1,205 @@
+//! `USE` statements, recognised fail-closed. On a shared upstream connection a `USE` that slips
+//! through as an ordinary query switches the keyspace of every client pinned there, so anything
+//! whose first token is `USE` is either parsed exactly or refused: a spelling this parser does
+//! not understand (`USE ks -- note`, a keyspace followed by more words) must never reach
+//! Keyspaces as a plain QUERY.
+//!
+//! Detection is deliberately looser than the grammar (any Unicode white space or control
+//! character and every comment style count as separators), parsing deliberately strict
+//! (Cassandra's lexer: `' ' \t \n \r`, `--`/`//` line comments, `/* */` block comments,
+//! identifiers `[A-Za-z][A-Za-z0-9_]*`, quoted names with `""` escapes).
+
+/// What a statement's text says about `USE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UseStatement {
+    /// The first token is not `USE`.
+    NotUse,
+    /// `USE keyspace` with an optional `;`: quoted names keep their case, others are
+    /// lowercased, as CQL resolves identifiers.
+    Use(String),
+    /// Starts with `USE` but is not exactly `USE name [;]`: refuse it.
+    Unparsable,
+}
+
+/// Skips what might separate tokens for some parser: white space, control characters, any
+/// non-ASCII character (a byte-order mark) and comments. An unterminated block comment runs to
+/// the end.
+fn skip_trivia(s: &str, mut i: usize) -> usize {
+    let b = s.as_bytes();
+    loop {
+        let rest = &s[i..];
+        if rest.starts_with("--") || rest.starts_with("//") {
+            i = rest.find('\n').map_or(s.len(), |n| i + n + 1);
+        } else if let Some(body) = rest.strip_prefix("/*") {
+            i = body.find("*/").map_or(s.len(), |n| i + 2 + n + 2);
+        } else if let Some(c) = rest
+            .chars()
+            .next()
+            .filter(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+        {
+            i += c.len_utf8();
+        } else {
+            return i;
+        }
+        debug_assert!(i <= b.len());
+    }
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The end of the identifier-like word starting at `i` (`i` when there is none).
+fn word_end(s: &str, i: usize) -> usize {
+    i + s.as_bytes()[i..]
+        .iter()
+        .take_while(|b| is_word_byte(**b))
+        .count()
+}
+
+/// A keyspace name at `i`: `(name, end)`, or `None` if there is no well-formed one.
+fn keyspace_at(s: &str, i: usize) -> Option<(String, usize)> {
+    let b = s.as_bytes();
+    if b.get(i) == Some(&b'"') {
+        let mut name = String::new();
+        let mut j = i + 1;
+        loop {
+            let close = s[j..].find('"')? + j;
+            name.push_str(&s[j..close]);
+            if b.get(close + 1) == Some(&b'"') {
+                name.push('"');
+                j = close + 2;
+            } else {
+                return (!name.is_empty()).then_some((name, close + 1));
+            }
+        }
+    }
+    let end = word_end(s, i);
+    let word = &s[i..end];
+    let starts_with_letter = word.as_bytes().first().is_some_and(u8::is_ascii_alphabetic);
+    starts_with_letter.then(|| (word.to_ascii_lowercase(), end))
+}
+
+/// Only the four separators of Cassandra's grammar, and comments, between the exact tokens.
+fn strict_trivia(s: &str, i: usize) -> Option<usize> {
+    let end = skip_trivia(s, i);
+    let cql_separators = |piece: &str| {
+        let mut k = 0;
+        let b = piece.as_bytes();
+        while k < b.len() {
+            match b[k] {
+                b' ' | b'\t' | b'\n' | b'\r' => k += 1,
+                b'-' | b'/' if b.get(k + 1) == Some(&b[k]) => {
+                    k = piece[k..].find('\n').map_or(b.len(), |n| k + n + 1)
+                }
+                b'/' if b.get(k + 1) == Some(&b'*') => {
+                    k = piece[k + 2..].find("*/").map_or(b.len(), |n| k + 2 + n + 2)
+                }
+                _ => return false,
+            }
+        }
+        true
+    };
+    cql_separators(&s[i..end]).then_some(end)
+}
+
+pub fn classify_use(cql: &str) -> UseStatement {
+    let start = skip_trivia(cql, 0);
+    let end = word_end(cql, start);
+    if !cql[start..end].eq_ignore_ascii_case("use") {
+        return UseStatement::NotUse;
+    }
+    parse_use_rest(cql, start, end).map_or(UseStatement::Unparsable, UseStatement::Use)
+}
+
+fn parse_use_rest(cql: &str, start: usize, keyword_end: usize) -> Option<String> {
+    // The separators before USE must be the grammar's too.
+    if strict_trivia(cql, 0)? != start {
+        return None;
+    }
+    let name_start = strict_trivia(cql, keyword_end)?;
+    // `USE"ks"` is two tokens, `USEks` one word: a name needs a separator or a quote.
+    if name_start == keyword_end && cql.as_bytes().get(name_start) != Some(&b'"') {
+        return None;
+    }
+    let (keyspace, name_end) = keyspace_at(cql, name_start)?;
+    let mut i = strict_trivia(cql, name_end)?;
+    if cql.as_bytes().get(i) == Some(&b';') {
+        i = strict_trivia(cql, i + 1)?;
+    }
+    (i == cql.len()).then_some(keyspace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use UseStatement::*;
+
+    fn ks(name: &str) -> UseStatement {
+        Use(name.to_owned())
+    }
+
+    #[test]
+    fn exact_spellings_are_parsed() {
+        for (cql, want) in [
+            ("USE ks", ks("ks")),
+            ("  use MyKs ; ", ks("myks")),
+            ("USE \"MyKs\"", ks("MyKs")),
+            ("USE \"a\"\"b\"", ks("a\"b")),
+            ("USE\"Quoted\"", ks("Quoted")),
+            ("use\tks;", ks("ks")),
+            ("\r\nUSE\nks\r\n", ks("ks")),
+            ("USE ks -- trailing note", ks("ks")),
+            ("USE ks // trailing note\n", ks("ks")),
+            ("/* lead */ USE /* mid */ ks /* end */ ;", ks("ks")),
+            ("-- comment line\nUSE ks", ks("ks")),
+            ("USE ks; -- done", ks("ks")),
+            ("USE ks_2", ks("ks_2")),
+        ] {
+            assert_eq!(classify_use(cql), want, "{cql:?}");
+        }
+    }
+
+    #[test]
+    fn anything_else_starting_with_use_is_refused() {
+        for cql in [
+            "USE",
+            "USE ;",
+            "USE ks.t",
+            "USE ks other",
+            "USE ks; SELECT * FROM t",
+            "USE ks;;",
+            "USE \"\"",
+            "USE \"unterminated",
+            "USE 1ks",
+            "USE \u{a0}ks",
+            "\u{a0}USE ks",
+            "\u{feff}USE ks",
+            "USE\u{0c}ks",
+            "use ks\u{0}",
+            "/* unterminated USE ks",
+        ] {
+            let got = classify_use(cql);
+            assert!(
+                got == Unparsable || (got == NotUse && cql.starts_with("/*")),
+                "{cql:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_statements_are_not_use() {
+        for cql in [
+            "USER ks",
+            "USEks",
+            "SELECT * FROM use",
+            "INSERT INTO t (use) VALUES (1)",
+            "",
+            "   ",
+            "-- only a comment",
+            "\"USE\" ks",
+        ] {
+            assert_eq!(classify_use(cql), NotUse, "{cql:?}");
+        }
+    }
+}
