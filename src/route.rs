@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::frame::compression::{compressed, decompressed, transcode, CompressionError};
 use crate::frame::header::opcode;
-use crate::frame::messages::{self, error_code, message_body};
+use crate::frame::messages::{self, consistency, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
 use crate::frame::validate::validate_request;
@@ -243,9 +243,14 @@ impl Router {
             (UseStatement::NotUse, _) => None,
             (UseStatement::Use(keyspace), opcode::QUERY) => {
                 self.forget(stream);
+                // The canonical spelling goes upstream, not the client's: the proxy decided
+                // what it means, and a server need not parse comments the way it did.
+                let canonical = format!("USE \"{}\"", keyspace.replace('"', "\"\""));
+                let cl = parse_query(body).map_or(consistency::ONE, |q| q.consistency);
+                let frame = messages::query(self.version, stream, &canonical, cl);
                 Some(Route::Use {
                     keyspace,
-                    frame: compressed(plain.clone(), self.upstream_compression),
+                    frame: compressed(frame, self.upstream_compression),
                 })
             }
             (UseStatement::Use(_), _) => refuse(

@@ -70,7 +70,7 @@ pub enum FrameError {
 pub enum ForeignProtocol {
     /// A TLS record header (handshake content type 0x16).
     Tls,
-    /// An ASCII letter: `GET `, `POST`, `PRI ` (HTTP/2's preface) and other text protocols.
+    /// An HTTP method: `GET `, `POST`, `PRI ` (HTTP/2's preface), …
     Http,
 }
 
@@ -83,15 +83,23 @@ impl std::fmt::Display for ForeignProtocol {
     }
 }
 
+/// The first four bytes of HTTP/1 requests and of HTTP/2's connection preface.
+const HTTP_STARTS: [&[u8; 4]; 10] = [
+    b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ",
+];
+
 impl ForeignProtocol {
-    /// No CQL envelope starts with these bytes: its first byte is the version (3 to 5, with the
-    /// response bit 0x80).
-    fn recognise(first: u8) -> Option<ForeignProtocol> {
-        match first {
-            0x16 => Some(ForeignProtocol::Tls),
-            b'A'..=b'Z' => Some(ForeignProtocol::Http),
-            _ => None,
+    /// No CQL envelope starts with these bytes: its first byte is the version (3 to 5, DSE's
+    /// 0x41 and 0x42 — `A` and `B`, which drivers try first — with the response bit 0x80).
+    fn recognise(start: &[u8]) -> Option<ForeignProtocol> {
+        if start.first() == Some(&0x16) {
+            return Some(ForeignProtocol::Tls);
         }
+        let four = start.get(..4)?;
+        HTTP_STARTS
+            .iter()
+            .any(|m| m[..] == *four)
+            .then_some(ForeignProtocol::Http)
     }
 }
 
@@ -121,7 +129,7 @@ impl Decoder for FrameCodec {
         let Some(&first) = src.first() else {
             return Ok(None);
         };
-        if let Some(foreign) = ForeignProtocol::recognise(first) {
+        if let Some(foreign) = ForeignProtocol::recognise(src) {
             return Err(FrameError::Foreign(foreign).into());
         }
         // v1/v2 envelopes are 8 bytes long with a one-byte stream id: refuse before misreading them.
@@ -271,6 +279,7 @@ mod tests {
             (&[0x16, 0x03, 0x01, 0x02, 0x00][..], ForeignProtocol::Tls),
             (&b"GET / HTTP/1.1\r\n"[..], ForeignProtocol::Http),
             (&b"PRI * HTTP/2.0"[..], ForeignProtocol::Http),
+            (&b"POST /x"[..], ForeignProtocol::Http),
         ] {
             let mut buf = BytesMut::from(bytes);
             assert!(
@@ -280,6 +289,16 @@ mod tests {
                 ),
                 "{bytes:?}"
             );
+        }
+    }
+
+    #[test]
+    fn dse_versions_are_cql_not_text() {
+        // The Python driver opens with DSE_V2 (0x42, `B`) and downgrades on the error.
+        for first in [0x41u8, 0x42, 0xc2] {
+            let mut buf = BytesMut::from(&[first, 0, 0, 0, 5, 0, 0, 0, 0][..]);
+            let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+            assert_eq!(f.header.protocol_version(), first & 0x7f);
         }
     }
 
