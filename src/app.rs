@@ -2,6 +2,7 @@
 //! whether the upstream is usable, serve until a signal. The `keyspaces-proxy` binary and the
 //! demo (which runs it beside the emulator) share it.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::session::ProxyContext;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("--listen and --metrics-listen are both {0}: give each its own port")]
+    SameAddress(SocketAddr),
     #[error("cannot listen on {addr} ({flag}): {reason}")]
     Bind {
         addr: SocketAddr,
@@ -135,7 +138,11 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
 
 /// SIGHUP: re-read the configuration (file, environment, flags) for client users and reload
 /// AWS credentials, without touching open connections.
-fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>>) {
+fn watch_reload(
+    argv: Vec<OsString>,
+    ctx: Arc<ProxyContext>,
+    credentials: Option<Arc<CredentialCache>>,
+) {
     // Installed now, like the stop signals: SIGHUP's default action would end the process.
     #[cfg(unix)]
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
@@ -146,7 +153,7 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             // The error is rendered at once: the boxed one is not Send across the awaits below.
-            match Cli::parse_with_config(std::env::args_os().collect()).map_err(|e| e.to_string()) {
+            match Cli::parse_with_config(argv.clone()).map_err(|e| e.to_string()) {
                 Ok(cli) => reload_clients(&ctx, &cli).await,
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: configuration invalid; nothing reloaded")
@@ -161,7 +168,7 @@ fn watch_reload(ctx: Arc<ProxyContext>, credentials: Option<Arc<CredentialCache>
         }
     });
     #[cfg(not(unix))]
-    let _ = (ctx, credentials);
+    let _ = (argv, ctx, credentials);
 }
 
 /// Applies a re-read configuration's identity roles and client users; a part that fails to
@@ -220,9 +227,17 @@ fn warm_upstream(ctx: &ProxyContext) {
     });
 }
 
-/// Serves until SIGTERM/SIGINT and the drain that follows. `announce` runs once both
-/// listeners are bound.
-pub async fn run(cli: Cli, announce: impl FnOnce(Listening)) -> Result<(), StartError> {
+/// Serves until SIGTERM/SIGINT and the drain that follows. `argv` is the command line SIGHUP
+/// parses again (with the environment and config file as they are then); `announce` runs once
+/// both listeners are bound.
+pub async fn run(
+    cli: Cli,
+    argv: Vec<OsString>,
+    announce: impl FnOnce(Listening),
+) -> Result<(), StartError> {
+    if cli.listen == cli.metrics_listen && cli.listen.port() != 0 {
+        return Err(StartError::SameAddress(cli.listen));
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut resolved = cli.resolve().await?;
     resolved.context.shutdown = shutdown_rx;
@@ -249,7 +264,7 @@ pub async fn run(cli: Cli, announce: impl FnOnce(Listening)) -> Result<(), Start
         metrics: admin_listener.local_addr().unwrap_or(cli.metrics_listen),
     };
     let ctx = Arc::new(resolved.context);
-    watch_reload(ctx.clone(), resolved.credentials.clone());
+    watch_reload(argv, ctx.clone(), resolved.credentials.clone());
     tracing::info!(
         upstream = %ctx.upstream.address,
         region = resolved.region.as_deref().unwrap_or("-"),

@@ -14,6 +14,14 @@ use crate::frame::opcode;
 use crate::frame::result::Rows;
 use crate::upstream::{UpstreamAuth, UpstreamError, UpstreamTarget};
 
+/// A line on stdout; a closed stdout (`check | head -1`) ends the output, not the process.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Default)]
 struct Report {
     failed: bool,
@@ -21,26 +29,26 @@ struct Report {
 
 impl Report {
     fn pass(&mut self, step: &str, detail: impl std::fmt::Display) {
-        println!("✔ {step}: {detail}");
+        say!("✔ {step}: {detail}");
     }
 
     fn fail(&mut self, step: &str, detail: impl std::fmt::Display, hint: &str) {
         self.failed = true;
-        println!("✘ {step}: {detail}");
-        println!("    fix: {hint}");
+        say!("✘ {step}: {detail}");
+        say!("    fix: {hint}");
     }
 
     /// A step that cannot run because one it needs failed: not a new failure.
     fn skip(&mut self, step: &str, why: &str) {
-        println!("– {step}: skipped ({why})");
+        say!("– {step}: skipped ({why})");
     }
 
     fn finish(self) -> ExitCode {
         if self.failed {
-            println!("Some checks failed.");
+            say!("Some checks failed.");
             ExitCode::FAILURE
         } else {
-            println!("All checks passed.");
+            say!("All checks passed.");
             ExitCode::SUCCESS
         }
     }
@@ -113,7 +121,7 @@ enum Reached {
 pub async fn run(cli: &Cli) -> ExitCode {
     let mut report = Report::default();
     let parts = cli.upstream_parts().await;
-    configuration_step(&parts, &mut report);
+    configuration_step(cli, &parts, &mut report).await;
     let credentials_ok = credentials_step(&parts, &mut report).await;
     let reached = network_steps(cli, &parts, &mut report).await;
     let target = match parts.into_target(cli) {
@@ -132,7 +140,9 @@ pub async fn run(cli: &Cli) -> ExitCode {
     report.finish()
 }
 
-fn configuration_step(parts: &UpstreamParts, report: &mut Report) {
+async fn configuration_step(cli: &Cli, parts: &UpstreamParts, report: &mut Report) {
+    // The client side too: a configuration `check` passes must be one the proxy starts with.
+    let client = cli.client_auth().await.err();
     // A part derived from a broken one (no endpoint without a region) says nothing new.
     let errors: Vec<&ConfigError> = [
         parts.region.as_ref().err(),
@@ -140,6 +150,7 @@ fn configuration_step(parts: &UpstreamParts, report: &mut Report) {
         parts.address.as_ref().err(),
         parts.server_name.as_ref().err(),
         parts.tls.as_ref().err(),
+        client.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -167,16 +178,24 @@ fn configuration_step(parts: &UpstreamParts, report: &mut Report) {
         );
     }
     for w in &parts.warnings {
-        println!("  note: {w}");
+        say!("  note: {w}");
     }
 }
 
 /// Whether signing credentials are there (true when the upstream needs none).
 async fn credentials_step(parts: &UpstreamParts, report: &mut Report) -> bool {
-    let credentials = match &parts.auth {
-        Ok((UpstreamAuth::SigV4 { credentials, .. }, _)) => credentials,
-        Ok(_) => return true,
-        Err(_) => {
+    let credentials = match (&parts.auth, &parts.chain_credentials) {
+        (Ok((UpstreamAuth::SigV4 { credentials, .. }, _)), _) | (Err(_), Some(credentials)) => {
+            credentials
+        }
+        (Ok(_), _) => {
+            report.pass(
+                "credentials",
+                "none from AWS: the upstream takes a user name and password (--upstream-auth)",
+            );
+            return true;
+        }
+        (Err(_), None) => {
             report.skip("credentials", "needs the configuration above");
             return false;
         }

@@ -82,7 +82,7 @@ pub fn file_args(
             .ok_or_else(|| ConfigFileError::UnknownKey {
                 path: path_s.clone(),
                 key: key.clone(),
-                suggestion: closest_key(cmd, &long)
+                suggestion: closest_key(cmd, &long.to_ascii_lowercase())
                     .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default(),
             })?;

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         return runtime.block_on(check::run(&cli));
     }
     // Logging is up by now: the error is said once, in the log.
-    match runtime.block_on(app::run(cli, |_| {})) {
+    match runtime.block_on(app::run(cli, std::env::args_os().collect(), |_| {})) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -53,6 +53,32 @@ fn pin_environment(aws_file: &std::path::Path) {
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", aws_file);
 }
 
+/// A new directory only this user can read (it holds the emulator's CA key), never one that
+/// already exists: it is removed on exit, with everything in it.
+fn private_temp_dir() -> std::io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let mut attempt = 0u32;
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!(
+            "keyspaces-demo-{}-{nanos:08x}-{attempt}",
+            std::process::id()
+        ));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn next_steps(l: Listening) -> String {
     let host = l.clients.ip();
     let port = l.clients.port();
@@ -104,7 +130,7 @@ async fn serve(args: Args, state_dir: PathBuf) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("the emulator did not start: {e}"))?;
-    let argv = [
+    let argv: Vec<std::ffi::OsString> = [
         "keyspaces-proxy".to_owned(),
         format!("--region={REGION}"),
         format!("--endpoint={}", emulator.addr),
@@ -112,12 +138,19 @@ async fn serve(args: Args, state_dir: PathBuf) -> Result<(), String> {
         format!("--ca-file={}", emulator.ca_pem.display()),
         format!("--listen={}", args.listen),
         format!("--metrics-listen={}", args.metrics_listen),
-    ];
-    let cli = Cli::parse_with_config(argv.into_iter().map(Into::into).collect())
-        .map_err(|e| e.to_string())?;
-    app::run(cli, |l| println!("{}", next_steps(l)))
-        .await
-        .map_err(|e| e.to_string())
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect();
+    let cli = Cli::parse_with_config(argv.clone()).map_err(|e| e.to_string())?;
+    // SIGHUP re-reads the demo's own proxy command line, never the demo's.
+    app::run(cli, argv, |l| {
+        // A closed stdout (`keyspaces-demo | head`) must not end the demo.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "{}", next_steps(l));
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -132,16 +165,21 @@ fn main() -> ExitCode {
         }
     }
     let (state_dir, temporary) = match &args.state_dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("keyspaces-demo-{}", std::process::id())),
-            true,
-        ),
+        Some(d) => match std::fs::create_dir_all(d) {
+            Ok(()) => (d.clone(), false),
+            Err(e) => {
+                eprintln!("keyspaces-demo: cannot create {}: {e}", d.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => match private_temp_dir() {
+            Ok(d) => (d, true),
+            Err(e) => {
+                eprintln!("keyspaces-demo: cannot create a temporary directory: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
-    if let Err(e) = std::fs::create_dir_all(&state_dir) {
-        eprintln!("keyspaces-demo: cannot create {}: {e}", state_dir.display());
-        return ExitCode::FAILURE;
-    }
     let aws_file = state_dir.join("aws-empty");
     if let Err(e) = std::fs::write(&aws_file, "") {
         eprintln!("keyspaces-demo: cannot write {}: {e}", aws_file.display());

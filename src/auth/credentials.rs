@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
-use aws_smithy_types::error::display::DisplayErrorContext;
 
 use crate::metrics::{metrics, Metrics};
 
@@ -126,7 +125,7 @@ impl CredentialCache {
         let loaded = tokio::time::timeout(self.timeout, self.provider.provide_credentials()).await;
         let loaded = match loaded {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(CredentialsError(DisplayErrorContext(&e).to_string())),
+            Ok(Err(e)) => Err(CredentialsError(error_chain(&e))),
             Err(_) => Err(CredentialsError(format!(
                 "the credentials provider did not answer within {} s",
                 self.timeout.as_secs_f32()
@@ -192,6 +191,22 @@ impl CredentialCache {
 
 /// The AWS SDK configuration from the standard chain, for a profile, region and endpoint
 /// override (a VPC endpoint, or a local emulator in tests) when given.
+/// An error and its sources as one line of their messages, without the SDK's Debug dump
+/// (`DisplayErrorContext` appends one, a page long for a provider chain).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 pub async fn sdk_config(
     profile: Option<&str>,
     region: Option<&str>,

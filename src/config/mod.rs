@@ -30,6 +30,8 @@ const CHECK_FLAGS: &[&str] = &[
     "upstream_username",
     "upstream_password",
     "connect_timeout",
+    "max_frame_len",
+    "insecure_plaintext_upstream_for_benchmarks",
 ];
 
 /// Secrets never leave the process, not even in --print-config or a Debug dump.
@@ -60,19 +62,24 @@ impl std::fmt::Debug for Cli {
 pub enum ConfigError {
     #[error("no AWS region: none in --region, KEYSPACES_PROXY_REGION, AWS_REGION, the AWS profile or instance metadata; pass --region (e.g. --region us-east-1)")]
     NoRegion,
-    #[error("region {region:?} is not an AWS region name (like us-east-1){suggestion}")]
-    Region { region: String, suggestion: String },
+    #[error(
+        "region {region:?} (from {from}) is not an AWS region name (like us-east-1){suggestion}"
+    )]
+    Region {
+        region: String,
+        from: &'static str,
+        suggestion: String,
+    },
     #[error("no {0}: it is derived from {1}, which is not valid")]
     DerivedFromBroken(&'static str, &'static str),
     #[error("invalid endpoint {0:?}: expected HOST[:PORT]")]
     Endpoint(String),
     #[error("--client-auth password needs users: --client-credentials-file or --client-user")]
     NoClientUsers,
-    #[error("{flag} is set but --client-auth is {mode}, so clients would connect without a password: add --client-auth password, or remove {flag}")]
-    UsersWithoutPasswordAuth {
-        flag: &'static str,
-        mode: &'static str,
-    },
+    #[error("{flag} is set but --client-auth is none, so clients would connect without a password: add --client-auth password, or remove it")]
+    UsersWithoutPasswordAuth { flag: &'static str },
+    #[error("{flag} is set but --client-auth kmsauth does not use it (clients log in with kmsauth tokens): remove it, or use --client-auth password")]
+    UsersUnusedByKmsauth { flag: &'static str },
     #[error("--insecure-plaintext-upstream-for-benchmarks is refused: endpoint {0} is not a loopback address")]
     PlaintextNotLoopback(String),
     #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
@@ -134,15 +141,28 @@ impl Cli {
         )
     }
 
-    /// The clap command with the options `check` uses made global, so `keyspaces-proxy check
-    /// --region X` and `keyspaces-proxy --region X check` both work, while `check --help` lists
-    /// only those.
+    /// The clap command with every option global, so `keyspaces-proxy check --region X` and
+    /// `keyspaces-proxy --region X check` both work (and command lines copied from the server
+    /// still parse), while each subcommand's help lists only what it reads: `check` its
+    /// upstream options, `probe` none of them.
     pub fn command_with_globals() -> clap::Command {
         use clap::CommandFactory;
-        Cli::command().mut_args(|a| {
-            let global = CHECK_FLAGS.contains(&a.get_id().as_str());
-            a.global(global)
-        })
+        let cmd = Cli::command().mut_args(|a| a.global(true));
+        // clap does not copy a global into a subcommand that has an argument of the same id:
+        // hidden, local copies of the options a subcommand does not read keep them accepted
+        // there (and ignored) without listing them in its help.
+        let hidden_except = |reads: &[&str]| -> Vec<clap::Arg> {
+            cmd.get_arguments()
+                .filter(|a| !reads.contains(&a.get_id().as_str()))
+                .map(|a| a.clone().global(false).hide(true))
+                .collect()
+        };
+        let (for_check, for_probe) = (
+            hidden_except(CHECK_FLAGS),
+            hidden_except(&["metrics_listen"]),
+        );
+        cmd.mut_subcommand("check", |sc| sc.args(for_check))
+            .mut_subcommand("probe", |sc| sc.args(for_probe))
     }
 
     /// Parses `argv` with the config file merged in (flag > env > file > default).

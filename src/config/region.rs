@@ -2,7 +2,7 @@
 //! otherwise pass configuration and surface minutes later as a DNS failure, far from its cause.
 
 /// AWS regions known when this was written (commercial, GovCloud, China, European Sovereign
-/// Cloud). A well-formed name missing here is accepted with a warning: AWS opens regions faster
+/// Cloud, ISO). A well-formed name missing here is accepted with a warning: AWS opens regions faster
 /// than releases ship.
 pub(crate) const KNOWN_REGIONS: &[&str] = &[
     "us-east-1",
@@ -44,6 +44,12 @@ pub(crate) const KNOWN_REGIONS: &[&str] = &[
     "cn-north-1",
     "cn-northwest-1",
     "eusc-de-east-1",
+    "us-iso-east-1",
+    "us-iso-west-1",
+    "us-isob-east-1",
+    "us-isof-south-1",
+    "us-isof-east-1",
+    "eu-isoe-west-1",
 ];
 
 /// What a region name turned out to be.

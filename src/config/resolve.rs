@@ -23,7 +23,10 @@ use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::tls::{client_config, server_name};
 use crate::upstream::{UpstreamAuth, UpstreamTarget};
 
-const CREDENTIALS_FILE_FLAG: &str = "--client-credentials-file";
+const CREDENTIALS_FILE_FLAG: &str =
+    "--client-credentials-file (or KEYSPACES_PROXY_CLIENT_CREDENTIALS_FILE, or client-credentials-file in --config)";
+const CLIENT_USER_FLAG: &str =
+    "--client-user (or KEYSPACES_PROXY_CLIENT_USERS, or client-user in --config)";
 
 /// A context ready to serve, and the credential cache to keep warm (SigV4 only).
 pub struct Resolved {
@@ -75,6 +78,7 @@ impl UpstreamParts {
 struct UpstreamAuthParts {
     region: Result<Option<String>, ConfigError>,
     auth: Result<(UpstreamAuth, Option<Arc<CredentialCache>>), ConfigError>,
+    chain_credentials: Option<Arc<CredentialCache>>,
     warnings: Vec<String>,
 }
 
@@ -82,6 +86,8 @@ struct UpstreamAuthParts {
 pub struct UpstreamParts {
     pub region: Result<Option<String>, ConfigError>,
     pub auth: Result<(UpstreamAuth, Option<Arc<CredentialCache>>), ConfigError>,
+    /// The AWS chain's credentials when `auth` failed for want of a region.
+    pub chain_credentials: Option<Arc<CredentialCache>>,
     /// `host:port` to dial.
     pub address: Result<String, ConfigError>,
     pub server_name: Result<ServerName<'static>, ConfigError>,
@@ -100,7 +106,8 @@ impl Cli {
                     Some(p) => UserStore::load(p)?,
                     None => UserStore::default(),
                 };
-                for entry in &self.client_users {
+                // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USERS) adds no one.
+                for entry in self.client_users.iter().filter(|e| !e.is_empty()) {
                     users.add_entry(entry)?;
                 }
                 if users.is_empty() {
@@ -113,20 +120,19 @@ impl Cli {
 
     /// Users given without `--client-auth password` would be ignored and every client let in
     /// without a password: a trap, so it is refused.
-    fn users_need_password_auth(&self) -> Result<(), ConfigError> {
-        let mode = match self.client_auth {
-            ClientAuthMode::Password => return Ok(()),
-            ClientAuthMode::None => "none",
-            ClientAuthMode::Kmsauth => "kmsauth",
-        };
+    pub(crate) fn users_need_password_auth(&self) -> Result<(), ConfigError> {
         let flag = if self.client_credentials_file.is_some() {
             CREDENTIALS_FILE_FLAG
-        } else if !self.client_users.is_empty() {
-            "--client-user"
+        } else if self.client_users.iter().any(|u| !u.is_empty()) {
+            CLIENT_USER_FLAG
         } else {
             return Ok(());
         };
-        Err(ConfigError::UsersWithoutPasswordAuth { flag, mode })
+        match self.client_auth {
+            ClientAuthMode::Password => Ok(()),
+            ClientAuthMode::None => Err(ConfigError::UsersWithoutPasswordAuth { flag }),
+            ClientAuthMode::Kmsauth => Err(ConfigError::UsersUnusedByKmsauth { flag }),
+        }
     }
 
     /// The kmsauth settings (pure, so the checks are unit-tested).
@@ -197,6 +203,8 @@ impl Cli {
     /// The region: the flag, else (for SigV4) the AWS region chain; checked for shape.
     async fn region_and_auth(&self) -> UpstreamAuthParts {
         let mut region = self.region.as_deref().map(str::to_ascii_lowercase);
+        // Credentials need no region: without one, `check` still tests them.
+        let mut chain_credentials = None;
         let auth = match self.upstream_auth {
             UpstreamAuthMode::Sigv4 => {
                 match provider_from_chain(
@@ -219,7 +227,10 @@ impl Cli {
                                     Some(cache),
                                 ))
                             }
-                            None => Err(ConfigError::NoRegion),
+                            None => {
+                                chain_credentials = Some(CredentialCache::new(provider));
+                                Err(ConfigError::NoRegion)
+                            }
                         }
                     }
                     Err(e) => Err(e.into()),
@@ -264,6 +275,11 @@ impl Cli {
                 }
                 RegionCheck::Malformed { closest } => Err(ConfigError::Region {
                     region: r,
+                    from: if self.region.is_some() {
+                        "--region or KEYSPACES_PROXY_REGION"
+                    } else {
+                        "AWS_REGION or the AWS profile"
+                    },
                     suggestion: did_you_mean(closest),
                 }),
             },
@@ -271,6 +287,7 @@ impl Cli {
         UpstreamAuthParts {
             region,
             auth,
+            chain_credentials,
             warnings,
         }
     }
@@ -281,6 +298,7 @@ impl Cli {
         let UpstreamAuthParts {
             region,
             auth,
+            chain_credentials,
             warnings,
         } = self.region_and_auth().await;
         let host_port = match (&self.endpoint, &region) {
@@ -319,6 +337,7 @@ impl Cli {
             tls: client_config(self.ca_file.as_deref()).map_err(Into::into),
             region,
             auth,
+            chain_credentials,
             warnings,
         }
     }
@@ -532,6 +551,9 @@ mod tests {
             cli.client_auth().await,
             Err(ConfigError::NoClientUsers)
         ));
+        // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USERS) is no user.
+        let cli = Cli::parse_from(["keyspaces-proxy", "--client-user", ""]);
+        assert!(matches!(cli.client_auth().await, Ok(ClientAuth::None)));
         let cli = Cli::parse_from([
             "keyspaces-proxy",
             "--client-auth",
@@ -579,11 +601,12 @@ mod tests {
                     .into_iter()
                     .chain(extra),
             );
-            match cli.client_auth().await {
-                Err(ConfigError::UsersWithoutPasswordAuth { flag, mode: m }) => {
-                    assert_eq!((flag, m), (extra[0], mode));
+            match (mode, cli.client_auth().await) {
+                ("none", Err(ConfigError::UsersWithoutPasswordAuth { flag }))
+                | ("kmsauth", Err(ConfigError::UsersUnusedByKmsauth { flag })) => {
+                    assert!(flag.starts_with(extra[0]), "{flag}");
                 }
-                other => panic!("{mode}: {:?}", other.map(|_| ())),
+                (_, other) => panic!("{mode}: {:?}", other.map(|_| ())),
             }
         }
     }
