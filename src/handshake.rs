@@ -116,6 +116,17 @@ impl ClientHandshake {
                 "Unexpected response frame from a client",
             ));
         }
+        if h.stream < 0 {
+            // Negative ids are the server's, for events: no request is answered there.
+            return Step::Reply(protocol_error(
+                version,
+                h.stream,
+                &format!(
+                    "Invalid stream id {}: negative ids are reserved for server events",
+                    h.stream
+                ),
+            ));
+        }
         match (&self.state, h.opcode) {
             (_, opcode::OPTIONS) => Step::Reply(supported(version, h.stream)),
             (State::AwaitStartup, opcode::STARTUP) => self.on_startup(frame, version),
@@ -373,6 +384,23 @@ mod tests {
                 ("app", &b"pw"[..])
             );
         }
+    }
+
+    #[test]
+    fn negative_streams_are_refused_in_the_handshake_too() {
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        for frame in [
+            messages::options(4, -1),
+            messages::startup(4, -5, &[("CQL_VERSION", "3.0.0")]),
+        ] {
+            let step = hs.on_frame(&frame);
+            assert_eq!(error_of(&step).code, error_code::PROTOCOL_ERROR);
+            let (Step::Reply(f) | Step::Close(f)) = &step else {
+                unreachable!()
+            };
+            assert_eq!(f.stream(), frame.stream());
+        }
+        assert!(matches!(hs.on_frame(&startup(4)), Step::Connect(_)));
     }
 
     #[test]

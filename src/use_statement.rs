@@ -103,13 +103,45 @@ fn strict_trivia(s: &str, i: usize) -> Option<usize> {
     cql_separators(&s[i..end]).then_some(end)
 }
 
+/// The first word as a parser that deletes comments (rather than reading them as a space) would
+/// see it, lowercased: `U/**/SE ks` is `use` to such a parser (the emulator's engine is one).
+/// Stray non-ASCII and control characters inside the word are deleted too. At most 8 letters.
+fn first_word_without_comments(s: &str) -> String {
+    let mut i = skip_trivia(s, 0);
+    let mut word = String::new();
+    while word.len() < 8 {
+        let rest = &s[i..];
+        if let Some(body) = rest.strip_prefix("/*") {
+            i = body.find("*/").map_or(s.len(), |n| i + 2 + n + 2);
+        } else if rest.starts_with("--") || rest.starts_with("//") {
+            i = rest.find('\n').map_or(s.len(), |n| i + n + 1);
+        } else {
+            match rest.chars().next() {
+                Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
+                    word.push(c.to_ascii_lowercase());
+                    i += 1;
+                }
+                Some(c) if !c.is_ascii() || (c.is_control() && !c.is_ascii_whitespace()) => {
+                    i += c.len_utf8();
+                }
+                _ => break,
+            }
+        }
+    }
+    word
+}
+
 pub fn classify_use(cql: &str) -> UseStatement {
     let start = skip_trivia(cql, 0);
     let end = word_end(cql, start);
-    if !cql[start..end].eq_ignore_ascii_case("use") {
-        return UseStatement::NotUse;
+    if cql[start..end].eq_ignore_ascii_case("use") {
+        return parse_use_rest(cql, start, end).map_or(UseStatement::Unparsable, UseStatement::Use);
     }
-    parse_use_rest(cql, start, end).map_or(UseStatement::Unparsable, UseStatement::Use)
+    // Not USE to this lexer, but USE to one that deletes comments: refused, never forwarded.
+    if first_word_without_comments(cql) == "use" {
+        return UseStatement::Unparsable;
+    }
+    UseStatement::NotUse
 }
 
 fn parse_use_rest(cql: &str, start: usize, keyword_end: usize) -> Option<String> {
@@ -178,6 +210,11 @@ mod tests {
             "USE\u{0c}ks",
             "use ks\u{0}",
             "/* unterminated USE ks",
+            "U/**/SE ks2",
+            "us/* x */e ks2",
+            "U--x\nSE ks",
+            "U\u{200b}SE ks",
+            "U/**/SE\"ks\"",
         ] {
             let got = classify_use(cql);
             assert!(
@@ -198,6 +235,9 @@ mod tests {
             "   ",
             "-- only a comment",
             "\"USE\" ks",
+            "USEful",
+            "U/**/SEks",
+            "UPDATE t SET use = 1",
         ] {
             assert_eq!(classify_use(cql), NotUse, "{cql:?}");
         }

@@ -75,6 +75,18 @@ fn events_of<'a>(events: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Va
     events.iter().filter(move |e| e["event"] == kind.as_str())
 }
 
+/// Waits (on the emulator's log, not a clock) until `n` upstream connections authenticated.
+async fn until_authenticated(emu: &keyspaces_emulator::Emulator, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while events_of(&emu.events.snapshot(), "auth").count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} upstream connections never authenticated"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn local_query() -> Frame {
     messages::query(4, 0, "SELECT key FROM system.local", consistency::LOCAL_ONE)
 }
@@ -178,8 +190,8 @@ async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
     };
     let addr = proxy_without_rate_limit(&emu, settings).await;
     let mut c = ready(addr).await;
-    // Let the warm connections come up, so there is a choice.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The warm connections are up, so there is a choice.
+    until_authenticated(&emu, 4).await;
     let before = emu.events.snapshot().len();
     let responses = pipeline(&mut c, &local_query(), 3000, 32).await;
     assert_eq!(error_codes(&responses), Vec::<i32>::new());
@@ -210,7 +222,7 @@ async fn clients_are_re_spread_one_per_connection_when_the_pool_grows() {
     for _ in 0..4 {
         clients.push(ready(addr).await);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_authenticated(&emu, 2).await;
     // Each client sends its own statement, so the emulator's log tells them apart.
     let query = |i: usize| {
         messages::query(

@@ -43,7 +43,8 @@ def test_use_spellings_cannot_switch_a_shared_connection(shared, compression):
 
         bystander_reads_its_own()
         for cql in ["USE iso_b extra", "USE iso_b; SELECT * FROM t", "\ufeffUSE iso_b",
-                    "use\u00a0iso_b", "USE iso_b.t", "USE \"iso_b"]:
+                    "use\u00a0iso_b", "USE iso_b.t", "USE \"iso_b", "U/**/SE iso_b",
+                    "us/* x */e iso_b"]:
             with pytest.raises(InvalidRequest, match="accepts USE only as"):
                 hostile.execute(cql)
             bystander_reads_its_own()
