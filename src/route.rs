@@ -8,19 +8,20 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::frame::compression::{compressed, decompressed, transcode, CompressionError};
 use crate::frame::header::opcode;
 use crate::frame::messages::{self, consistency, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
+use crate::frame::types::WriteExt;
 use crate::frame::validate::validate_request;
 use crate::frame::{Compression, Frame};
 use crate::handshake;
 use crate::statement::guard_consistency;
 use crate::topology::{classify, rewrite_result, SystemTable};
-use crate::upstream::prepared::PreparedCache;
+use crate::upstream::prepared::{PreparedCache, PreparedStatement};
 use crate::use_statement::{classify_use, UseStatement};
 
 /// At most this many system-table prepared statements are remembered per connection.
@@ -57,6 +58,9 @@ pub struct Router {
     system_prepared: HashMap<Bytes, (SystemTable, Option<Vec<ColumnSpec>>)>,
     split_use: bool,
     consistency_guard: Option<Arc<PreparedCache>>,
+    /// The pool-wide prepared statements (pooled mode): an EXECUTE is classified by what its id
+    /// stands for, whichever client connection prepared it.
+    prepared: Option<Arc<PreparedCache>>,
 }
 
 impl Router {
@@ -77,12 +81,22 @@ impl Router {
             system_prepared: HashMap::new(),
             split_use: false,
             consistency_guard: None,
+            prepared: None,
         }
     }
 
     /// Report `USE` statements as `Route::Use` instead of forwarding them (pooled mode).
     pub fn split_use(mut self, on: bool) -> Self {
         self.split_use = on;
+        self
+    }
+
+    /// Classify EXECUTEs by the statements prepared anywhere in the pool; an id the pool does
+    /// not know is answered UNPREPARED, so the driver prepares it again through the proxy
+    /// (after a proxy restart, on another replica, after eviction) instead of its answer going
+    /// unexamined: a system-table read would otherwise reach the client unrewritten.
+    pub fn prepared(mut self, prepared: Option<Arc<PreparedCache>>) -> Self {
+        self.prepared = prepared;
         self
     }
 
@@ -187,6 +201,10 @@ impl Router {
                 return route;
             }
         }
+        let executed = match self.executed_statement(stream, &plain) {
+            Ok(statement) => statement,
+            Err(unknown) => return unknown,
+        };
         let plain = match &self.consistency_guard {
             Some(cache) => guard_consistency(plain, cache),
             None => plain,
@@ -204,9 +222,7 @@ impl Router {
                     .map(Pending::Prepare),
                 _ => parse_execute(body)
                     .ok()
-                    .filter(|_| !self.system_prepared.is_empty())
-                    .and_then(|e| self.system_prepared.get(e.id))
-                    .map(|(t, cols)| Pending::Rewrite(*t, cols.clone())),
+                    .and_then(|e| self.execute_pending(e.id, executed)),
             },
             // Malformed bodies go upstream untouched: Keyspaces answers them with its own error.
             Err(_) => None,
@@ -262,6 +278,54 @@ impl Router {
                  optionally followed by `;` and comments",
             ),
         }
+    }
+
+    /// What an EXECUTE's id stands for in the pool (pooled mode), or UNPREPARED for an id the
+    /// pool has not seen prepared. `Ok(None)` for other requests and in dedicated mode.
+    fn executed_statement(
+        &self,
+        stream: i16,
+        plain: &Frame,
+    ) -> Result<Option<PreparedStatement>, Route> {
+        let Some(cache) = self.prepared.as_ref() else {
+            return Ok(None);
+        };
+        if plain.opcode() != opcode::EXECUTE {
+            return Ok(None);
+        }
+        let Some(id) = message_body(&plain.header, &plain.body)
+            .and_then(parse_execute)
+            .ok()
+            .map(|e| e.id)
+        else {
+            return Ok(None);
+        };
+        if let Some(statement) = cache.get(id) {
+            return Ok(Some(statement));
+        }
+        if self.system_prepared.contains_key(id) {
+            return Ok(None);
+        }
+        let mut extra = BytesMut::with_capacity(2 + id.len());
+        extra.put_short_bytes(id);
+        Err(Route::Client(messages::error_with(
+            self.version,
+            stream,
+            error_code::UNPREPARED,
+            "Prepared query with ID not found: keyspaces-proxy has not seen it prepared; \
+             prepare it again",
+            &extra,
+        )))
+    }
+
+    /// The rewrite an EXECUTE's answer needs, from this connection's system statements or the
+    /// pool's.
+    fn execute_pending(&self, id: &[u8], executed: Option<PreparedStatement>) -> Option<Pending> {
+        if let Some((table, cols)) = self.system_prepared.get(id) {
+            return Some(Pending::Rewrite(*table, cols.clone()));
+        }
+        let (table, cols) = executed?.system?;
+        Some(Pending::Rewrite(table, cols.as_deref().map(<[_]>::to_vec)))
     }
 
     fn forget(&mut self, stream: i16) {
@@ -335,7 +399,7 @@ impl Router {
 
 #[cfg(test)]
 mod tests {
-    use bytes::{BufMut, BytesMut};
+    use bytes::BufMut;
 
     use super::*;
 
@@ -371,6 +435,57 @@ mod tests {
         Rows::parse(&f.body).unwrap().cells().unwrap()[0][0]
             .unwrap()
             .to_vec()
+    }
+
+    fn execute_frame(stream: i16, id: &[u8]) -> Frame {
+        let mut body = BytesMut::new();
+        body.put_short_bytes(id);
+        body.put_u16(6);
+        body.put_u8(0);
+        Frame::new(Header::request(4, stream, opcode::EXECUTE), body.freeze())
+    }
+
+    #[test]
+    fn executes_are_classified_by_the_pools_statements() {
+        let cache = Arc::new(PreparedCache::new(8));
+        // Prepared through another client connection of the same pool.
+        cache.insert(
+            Bytes::from_static(b"local-id"),
+            PreparedStatement {
+                query: Arc::from("SELECT rpc_address FROM system.local"),
+                keyspace: None,
+                system: Some((SystemTable::Local, None)),
+            },
+        );
+        let mut r = router(Compression::None)
+            .split_use(true)
+            .prepared(Some(cache.clone()));
+        assert!(matches!(
+            r.on_client_frame(execute_frame(7, b"local-id")),
+            Route::Upstream(_)
+        ));
+        let rewritten = r.on_upstream_frame(local_result(7)).unwrap().unwrap();
+        assert_eq!(
+            rpc_of(&rewritten),
+            vec![127, 0, 0, 7],
+            "the proxy's own address"
+        );
+
+        // An id nobody prepared through this pool: the driver is told to prepare it again.
+        let Route::Client(f) = r.on_client_frame(execute_frame(8, b"unseen")) else {
+            panic!()
+        };
+        assert_eq!(f.stream(), 8);
+        assert_eq!(
+            crate::upstream::pool::unprepared_id(&f.body).as_deref(),
+            Some(&b"unseen"[..])
+        );
+        // Dedicated mode (no pool) forwards it: its connection is the client's own.
+        let mut dedicated = router(Compression::None);
+        assert!(matches!(
+            dedicated.on_client_frame(execute_frame(9, b"unseen")),
+            Route::Upstream(_)
+        ));
     }
 
     #[test]

@@ -162,6 +162,7 @@ mod tests {
         cache.insert(
             Bytes::from_static(b"w1"),
             PreparedStatement {
+                system: None,
                 query: Arc::from("UPDATE t SET a = ? WHERE k = ?"),
                 keyspace: None,
             },

@@ -37,6 +37,7 @@ pub(super) async fn forward(
         ctx.max_frame_len,
     )
     .split_use(true)
+    .prepared(Some(pool.prepared.clone()))
     .consistency_guard(guard);
     let (mut frames, write) = split_client(client, ctx.max_frame_len);
     let mut out: FrameWriter<OwnedWriteHalf> =

@@ -275,17 +275,17 @@ impl MuxConn {
         p
     }
 
-    /// The backstop behind the router's `USE` handling: a SET_KEYSPACE answer naming another
+    /// The backstop behind the router's `USE` handling (`result`: a RESULT's message body): a
+    /// SET_KEYSPACE answer naming another
     /// keyspace than this connection was opened for means some request switched the keyspace
     /// of every client sharing it. However it was spelt, the connection leaves rotation at
     /// once; its in-flight requests fail (reads are retried elsewhere) rather than be answered
     /// from the wrong keyspace.
-    pub fn close_if_keyspace_switched(&self, result: &Frame) {
-        if result_kind(&result.body).ok() != Some(kind::SET_KEYSPACE) {
+    pub fn close_if_keyspace_switched(&self, result: &[u8]) {
+        if result_kind(result).ok() != Some(kind::SET_KEYSPACE) {
             return;
         }
         let switched_to = result
-            .body
             .get(4..)
             .and_then(|rest| Reader::new(rest).string().ok());
         if switched_to.is_some() && switched_to == self.keyspace.as_deref() {

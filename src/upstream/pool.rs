@@ -23,13 +23,14 @@ pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::prepared::{PreparedCache, PreparedStatement};
 use super::streams::{Pending, ReplyTo};
-use crate::frame::messages::{self, error_code, ErrorInfo};
+use crate::frame::messages::{self, error_code, message_body, ErrorInfo};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, Prepared};
 use crate::frame::types::Reader;
 use crate::frame::{opcode, Frame};
 use crate::metrics::{error_code_name, metrics, Metrics};
 use crate::statement::is_select;
+use crate::topology::classify;
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -403,7 +404,9 @@ impl Pool {
         mut pending: Pending,
         unprepared: Frame,
     ) {
-        let id = unprepared_id(&unprepared.body);
+        let id = message_body(&unprepared.header, &unprepared.body)
+            .ok()
+            .and_then(unprepared_id);
         let statement = id.as_deref().and_then(|id| self.prepared.get(id));
         let (Some(id), Some(statement)) = (id, statement) else {
             pending.reply.deliver(unprepared);
@@ -478,7 +481,9 @@ pub fn unprepared_id(body: &[u8]) -> Option<Bytes> {
 
 fn is_unprepared(frame: &Frame) -> bool {
     frame.opcode() == opcode::ERROR
-        && ErrorInfo::parse(&frame.body).is_ok_and(|e| e.code == error_code::UNPREPARED)
+        && message_body(&frame.header, &frame.body)
+            .and_then(ErrorInfo::parse)
+            .is_ok_and(|e| e.code == error_code::UNPREPARED)
 }
 
 impl ConnOwner for Pool {
@@ -497,27 +502,32 @@ impl ConnOwner for Pool {
                 received.saturating_duration_since(pending.sent_at),
             );
         }
+        // Tracing ids, warnings and custom payloads come before the message proper (v4 §2.2).
+        let body = message_body(&frame.header, &frame.body).unwrap_or_default();
         if frame.opcode() == opcode::ERROR {
-            if let Ok(e) = ErrorInfo::parse(&frame.body) {
+            if let Ok(e) = ErrorInfo::parse(body) {
                 Metrics::count(&m.upstream_errors, vec![("code", error_code_name(e.code))]);
             }
         }
         if frame.opcode() == opcode::RESULT {
-            conn.close_if_keyspace_switched(&frame);
+            conn.close_if_keyspace_switched(body);
         }
         if request_op == opcode::PREPARE
             && frame.opcode() == opcode::RESULT
-            && result_kind(&frame.body).ok() == Some(kind::PREPARED)
+            && result_kind(body).ok() == Some(kind::PREPARED)
         {
+            let request = message_body(&pending.request.header, &pending.request.body);
             if let (Ok(p), Ok(query)) = (
-                Prepared::parse(&frame.body, conn.version),
-                parse_prepare(&pending.request.body),
+                Prepared::parse(body, conn.version),
+                request.and_then(parse_prepare),
             ) {
+                let system = classify(query).map(|t| (t, p.result_columns.map(Arc::from)));
                 self.prepared.insert(
                     p.id,
                     PreparedStatement {
                         query: Arc::from(query),
                         keyspace: conn.keyspace.clone(),
+                        system,
                     },
                 );
             }

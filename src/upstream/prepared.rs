@@ -6,11 +6,18 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::frame::result::ColumnSpec;
+use crate::topology::SystemTable;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedStatement {
     pub query: Arc<str>,
     /// The keyspace in effect when it was prepared (unqualified tables resolve against it).
     pub keyspace: Option<Arc<str>>,
+    /// The system table it reads, if any, and then the result columns of its PREPARED answer,
+    /// which an EXECUTE with skip_metadata needs for its rows to be rewritten on any client
+    /// connection.
+    pub system: Option<(SystemTable, Option<Arc<[ColumnSpec]>>)>,
 }
 
 #[derive(Debug)]
@@ -64,6 +71,7 @@ mod tests {
         PreparedStatement {
             query: q.into(),
             keyspace: None,
+            system: None,
         }
     }
 

@@ -130,3 +130,19 @@ def test_malformed_bodies_get_an_error_and_never_reach_the_shared_connection(sha
                 assert bystander.execute("SELECT v FROM t WHERE k = 1").one().v == "iso_a"
             s.sendall(frame(4, 0x07, good))
             assert read_frame()[:2] == (4, 0x08)  # the connection is still usable
+
+
+def test_system_tables_prepared_elsewhere_are_still_rewritten(start_emulator, start_proxy):
+    """gocql and every driver after a reconnect reuse statement ids on new connections: an
+    EXECUTE is classified by what the pool knows of the id, and an id this proxy never saw
+    prepared (another replica, a restart) is answered UNPREPARED so the driver prepares it again
+    here. Either way system.peers stays empty: drivers must never learn Keyspaces' own nodes."""
+    emu = start_emulator(listen_on_peers=False)
+    proxy, other_proxy = start_proxy(emu), start_proxy(emu)
+    with cluster(proxy.port) as a, cluster(proxy.port) as b, cluster(other_proxy.port) as c:
+        prepared = a.connect().prepare("SELECT * FROM system.peers")
+        # The same pool, another client connection.
+        assert list(b.connect().execute(prepared)) == []
+        # Another proxy: UNPREPARED, the driver re-prepares through it, then the same answer.
+        assert list(c.connect().execute(prepared)) == []
+    # The emulator itself lists nine peers (test_emulator_direct.py): the proxy hides them.
