@@ -128,7 +128,7 @@ fn topology(c: &mut Criterion) {
         hex::decode(include_str!("../tests/data/system_local_result.hex").trim()).unwrap(),
     );
     let header = Header::response(4, 1, opcode::RESULT);
-    let ip = "127.0.0.1".parse().unwrap();
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     c.bench_function("system_local_rewrite", |b| {
         b.iter(|| rewrite_result(&header, black_box(&body), SystemTable::Local, None, ip).unwrap())
     });

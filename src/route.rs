@@ -20,7 +20,7 @@ use crate::frame::validate::validate_request;
 use crate::frame::{Compression, Frame};
 use crate::handshake;
 use crate::statement::guard_consistency;
-use crate::topology::{classify, rewrite_result, SystemTable};
+use crate::topology::{classify, rewrite_result, ProxyNode, SystemTable};
 use crate::upstream::prepared::{PreparedCache, PreparedStatement};
 use crate::use_statement::{classify_use, UseStatement};
 
@@ -52,7 +52,7 @@ pub struct Router {
     version: u8,
     client_compression: Compression,
     upstream_compression: Compression,
-    proxy_address: IpAddr,
+    node: ProxyNode,
     max_frame_len: usize,
     pending: HashMap<i16, Pending>,
     system_prepared: HashMap<Bytes, (SystemTable, Option<Vec<ColumnSpec>>)>,
@@ -75,7 +75,7 @@ impl Router {
             version,
             client_compression,
             upstream_compression,
-            proxy_address,
+            node: proxy_address.into(),
             max_frame_len,
             pending: HashMap::new(),
             system_prepared: HashMap::new(),
@@ -83,6 +83,12 @@ impl Router {
             consistency_guard: None,
             prepared: None,
         }
+    }
+
+    /// The seed of the proxy's host_id in system.local (see `topology::ProxyNode`).
+    pub fn host_id_seed(mut self, seed: &str) -> Self {
+        self.node = ProxyNode::new(self.node.address, seed);
+        self
     }
 
     /// Report `USE` statements as `Route::Use` instead of forwarding them (pooled mode).
@@ -364,7 +370,7 @@ impl Router {
                     &plain.body,
                     table,
                     cols.as_deref(),
-                    self.proxy_address,
+                    self.node,
                 ) {
                     Ok(body) => Frame::new(plain.header, body),
                     Err(e) => {

@@ -55,6 +55,42 @@ const ADDRESS_COLUMNS: [&str; 4] = [
     "preferred_ip",
 ];
 
+/// The node the proxy presents to drivers: its address, and a host_id that drivers which key
+/// nodes and prepared statements by it (Java 4, gocql) see unchanged on every connection and
+/// across upstream reconnects — Keyspaces answers with whichever load balancer's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyNode {
+    pub address: IpAddr,
+    pub host_id: [u8; 16],
+}
+
+impl ProxyNode {
+    /// host_id = a name-based UUID (version 5 layout, SHA-256) of `seed` and `address`: stable
+    /// across restarts; replicas behind one Service differ by their advertised address.
+    pub fn new(address: IpAddr, seed: &str) -> ProxyNode {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"keyspaces-proxy host_id\0");
+        h.update(seed.as_bytes());
+        h.update(b"\0");
+        h.update(ip_to_bytes(address));
+        let digest = h.finalize();
+        let mut host_id = [0u8; 16];
+        host_id.copy_from_slice(&digest[..16]);
+        host_id[6] = (host_id[6] & 0x0f) | 0x50;
+        host_id[8] = (host_id[8] & 0x3f) | 0x80;
+        ProxyNode { address, host_id }
+    }
+}
+
+impl From<IpAddr> for ProxyNode {
+    fn from(address: IpAddr) -> ProxyNode {
+        ProxyNode::new(address, "")
+    }
+}
+
+const TYPE_UUID: u16 = 0x000C;
+
 /// Rewrites a RESULT frame body for `table`. Non-ROWS results (errors never get here) pass
 /// through unchanged. `columns` is the prepared result metadata, for EXECUTEs that skipped it.
 pub fn rewrite_result(
@@ -62,8 +98,9 @@ pub fn rewrite_result(
     body: &Bytes,
     table: SystemTable,
     columns: Option<&[ColumnSpec]>,
-    proxy_address: IpAddr,
+    node: impl Into<ProxyNode>,
 ) -> Result<Bytes, BodyError> {
+    let node = node.into();
     let message = message_body(header, body)?;
     if result_kind(message)? != kind::ROWS {
         return Ok(body.clone());
@@ -73,7 +110,7 @@ pub fn rewrite_result(
     let mut out = BytesMut::with_capacity(body.len());
     out.put_slice(prefix);
     match table {
-        SystemTable::Local => rewrite_local(&rows, columns, proxy_address, &mut out)?,
+        SystemTable::Local => rewrite_local(&rows, columns, &node, &mut out)?,
         SystemTable::Peers => empty_rows(&rows, &mut out),
     }
     Ok(out.freeze())
@@ -92,27 +129,31 @@ fn put_metadata(rows: &Rows<'_>, flags: i32, paging: Option<&[u8]>, out: &mut By
 fn rewrite_local(
     rows: &Rows<'_>,
     hint: Option<&[ColumnSpec]>,
-    proxy_address: IpAddr,
+    node: &ProxyNode,
     out: &mut BytesMut,
 ) -> Result<(), BodyError> {
     put_metadata(rows, rows.flags, rows.paging_state, out);
     let columns = rows.columns.as_deref().or(hint);
-    let replace: Vec<bool> = match columns {
+    let address = ip_to_bytes(node.address);
+    // Per column: the proxy's value to put there instead of the upstream's, if any.
+    let replace: Vec<Option<&[u8]>> = match columns {
         Some(cols) => cols
             .iter()
-            .map(|c| c.type_id == TYPE_INET && ADDRESS_COLUMNS.contains(&c.name.as_str()))
+            .map(|c| match (c.type_id, c.name.as_str()) {
+                (TYPE_INET, name) if ADDRESS_COLUMNS.contains(&name) => Some(&address[..]),
+                (TYPE_UUID, "host_id") => Some(&node.host_id[..]),
+                _ => None,
+            })
             .collect(),
         // No metadata at all: nothing can be identified, so nothing is changed.
-        None => vec![false; rows.columns_count.max(0) as usize],
+        None => vec![None; rows.columns_count.max(0) as usize],
     };
-    let address = ip_to_bytes(proxy_address);
     out.put_i32(rows.rows_count);
     for row in rows.cells()? {
         for (i, cell) in row.iter().enumerate() {
-            if replace.get(i).copied().unwrap_or(false) && cell.is_some() {
-                out.put_bytes_value(Some(&address));
-            } else {
-                out.put_bytes_value(*cell);
+            match (replace.get(i).copied().flatten(), cell) {
+                (Some(value), Some(_)) => out.put_bytes_value(Some(value)),
+                _ => out.put_bytes_value(*cell),
             }
         }
     }
@@ -179,7 +220,7 @@ mod tests {
             &local_body(),
             SystemTable::Local,
             None,
-            "127.0.0.42".parse().unwrap(),
+            "127.0.0.42".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let rows = Rows::parse(&out).unwrap();
@@ -193,6 +234,34 @@ mod tests {
     }
 
     #[test]
+    fn host_id_is_the_proxys_own_and_stable() {
+        let body = rows_body(
+            "local",
+            &[("host_id", TYPE_UUID), ("rpc_address", TYPE_INET)],
+            &[vec![Some(&[0xaa; 16]), Some(&[10, 0, 0, 1])]],
+            None,
+        );
+        let h = Header::response(4, 1, opcode::RESULT);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let node = ProxyNode::new(ip, "prod");
+        let out = rewrite_result(&h, &body, SystemTable::Local, None, node).unwrap();
+        let rows = Rows::parse(&out).unwrap();
+        let host_id = rows.cells().unwrap()[0][0].unwrap().to_vec();
+        assert_eq!(host_id, node.host_id);
+        assert_eq!(host_id[6] >> 4, 5, "a version 5 layout");
+        assert_eq!(
+            ProxyNode::new(ip, "prod"),
+            node,
+            "the same on every connection"
+        );
+        assert_ne!(ProxyNode::new(ip, "other").host_id, node.host_id);
+        assert_ne!(
+            ProxyNode::new("10.1.2.4".parse().unwrap(), "prod").host_id,
+            node.host_id
+        );
+    }
+
+    #[test]
     fn local_with_ipv6_proxy_address() {
         let h = Header::response(4, 1, opcode::RESULT);
         let out = rewrite_result(
@@ -200,7 +269,7 @@ mod tests {
             &local_body(),
             SystemTable::Local,
             None,
-            "::1".parse().unwrap(),
+            "::1".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let cells = Rows::parse(&out)
@@ -227,7 +296,7 @@ mod tests {
             &body,
             SystemTable::Peers,
             None,
-            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let rows = Rows::parse(&out).unwrap();
@@ -250,7 +319,7 @@ mod tests {
             &local,
             SystemTable::Local,
             None,
-            "127.0.0.53".parse().unwrap(),
+            "127.0.0.53".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let before = Rows::parse(&local).unwrap();
@@ -260,6 +329,9 @@ mod tests {
         for (i, c) in cols.iter().enumerate() {
             if ADDRESS_COLUMNS.contains(&c.name.as_str()) && old[i].is_some() {
                 assert_eq!(new[i], Some(&[127u8, 0, 0, 53][..]), "{}", c.name);
+            } else if c.name == "host_id" {
+                let node = ProxyNode::from("127.0.0.53".parse::<IpAddr>().unwrap());
+                assert_eq!(new[i], Some(&node.host_id[..]), "the proxy's own host_id");
             } else {
                 assert_eq!(new[i], old[i], "{} must be unchanged", c.name);
             }
@@ -275,7 +347,7 @@ mod tests {
             &peers,
             SystemTable::Peers,
             None,
-            "127.0.0.53".parse().unwrap(),
+            "127.0.0.53".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let after = Rows::parse(&out).unwrap();
@@ -293,7 +365,7 @@ mod tests {
                 &body,
                 SystemTable::Local,
                 None,
-                "127.0.0.1".parse().unwrap()
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
             )
             .unwrap(),
             body
@@ -319,7 +391,7 @@ mod tests {
             &b.freeze(),
             SystemTable::Local,
             Some(&hint),
-            "127.0.0.9".parse().unwrap(),
+            "127.0.0.9".parse::<IpAddr>().unwrap(),
         )
         .unwrap();
         let cells = Rows::parse(&out).unwrap().cells().unwrap();

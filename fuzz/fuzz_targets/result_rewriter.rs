@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let body = Bytes::copy_from_slice(body);
     let hint = [ColumnSpec { name: "rpc_address".into(), type_id: 0x0010 }];
     for table in [SystemTable::Local, SystemTable::Peers] {
-        let _ = rewrite_result(&header, &body, table, None, "127.0.0.1".parse().unwrap());
-        let _ = rewrite_result(&header, &body, table, Some(&hint), "::1".parse().unwrap());
+        let _ = rewrite_result(&header, &body, table, None, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        let _ = rewrite_result(&header, &body, table, Some(&hint), "::1".parse::<std::net::IpAddr>().unwrap());
     }
 });

@@ -193,6 +193,17 @@ pub struct Cli {
     )]
     pub advertise_address: Option<IpAddr>,
 
+    /// Seed of the host_id system.local reports: a UUID of this seed and the advertised
+    /// address, the same on every connection and across restarts (drivers key nodes and
+    /// prepared statements by it). Replicas sharing a Service differ by their address.
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_HOST_ID_SEED",
+        default_value = ""
+    )]
+    pub host_id_seed: String,
+
     /// TOML mapping client identities to IAM roles: each mapped identity is signed upstream
     /// with its own assumed role, in a pool of its own (reloaded on SIGHUP).
     #[arg(

@@ -400,6 +400,7 @@ impl Cli {
                 upstream,
                 client_auth: arc_swap::ArcSwap::from_pointee(client_auth),
                 advertise_address: self.advertise_address,
+                host_id_seed: self.host_id_seed.clone(),
                 max_frame_len: self.max_frame_len,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
                 max_client_in_flight: self.max_client_in_flight.max(1),

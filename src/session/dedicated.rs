@@ -27,7 +27,8 @@ pub(super) async fn forward(
         upstream.compression,
         proxy_ip,
         ctx.max_frame_len,
-    );
+    )
+    .host_id_seed(&ctx.host_id_seed);
 
     let mut client = ClientIo::split(client, ctx.max_frame_len);
     let client_tx = client.tx.clone();

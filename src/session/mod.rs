@@ -34,6 +34,8 @@ pub struct ProxyContext {
     pub client_auth: arc_swap::ArcSwap<ClientAuth>,
     /// The address to advertise in `system.local`; by default the one the client dialled.
     pub advertise_address: Option<IpAddr>,
+    /// Seeds the host_id `system.local` reports (with the advertised address).
+    pub host_id_seed: String,
     pub max_frame_len: usize,
     pub handshake_timeout: Duration,
     /// Requests read from one client ahead of their answers (pooled mode); beyond it the

@@ -36,6 +36,7 @@ pub(super) async fn forward(
         proxy_ip,
         ctx.max_frame_len,
     )
+    .host_id_seed(&ctx.host_id_seed)
     .split_use(true)
     .prepared(Some(pool.prepared.clone()))
     .consistency_guard(guard);

@@ -139,6 +139,7 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         shutdown: tokio::sync::watch::channel(false).1,
         client_auth: arc_swap::ArcSwap::from_pointee(opts.client_auth),
         advertise_address: None,
+        host_id_seed: String::new(),
         max_frame_len: opts.max_frame_len,
         handshake_timeout: opts.handshake_timeout,
         max_client_in_flight: opts.max_client_in_flight,

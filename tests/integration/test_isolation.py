@@ -146,3 +146,18 @@ def test_system_tables_prepared_elsewhere_are_still_rewritten(start_emulator, st
         # Another proxy: UNPREPARED, the driver re-prepares through it, then the same answer.
         assert list(c.connect().execute(prepared)) == []
     # The emulator itself lists nine peers (test_emulator_direct.py): the proxy hides them.
+
+
+def test_host_id_is_stable_across_connections_and_restarts(start_emulator, start_proxy):
+    """Drivers key nodes and prepared statements by host_id: the proxy reports its own, derived
+    from --host-id-seed and its address, whichever upstream connection answered."""
+    emu = start_emulator(listen_on_peers=False)
+    first, restarted = start_proxy(emu), start_proxy(emu)
+    seeded = start_proxy(emu, "--host-id-seed", "blue")
+    ids = []
+    for proxy in (first, first, restarted, seeded):
+        with cluster(proxy.port) as c:
+            ids.append(c.connect().execute("SELECT host_id FROM system.local").one().host_id)
+    assert ids[0] == ids[1] == ids[2], ids
+    assert ids[3] != ids[0], "another seed, another host_id"
+    assert ids[0].version == 5
