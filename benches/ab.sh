@@ -11,11 +11,13 @@ duration=${DURATION:-4}
 level=${LEVEL:-4x128}
 rate=${FIXED_RATE:-150000}
 
-# The base build gets its own target directory: its dependency features may differ.
+# The base build gets its own target directory (its dependency features may differ); keep it
+# between runs with BASE_TARGET_DIR.
+base_target=${BASE_TARGET_DIR:-$work/base-target}
 git worktree add -q --detach "$work/base" "$base"
 trap 'git worktree remove --force "$work/base" 2>/dev/null || true; cleanup' EXIT
-(cd "$work/base" && cargo build --release --locked -q -p keyspaces-proxy --target-dir "$work/base-target")
-declare -A proxy_bin=([base]="$work/base-target/release/keyspaces-proxy" [head]="$bin/keyspaces-proxy")
+(cd "$work/base" && cargo build --release --locked -q -p keyspaces-proxy --target-dir "$base_target")
+declare -A proxy_bin=([base]="$base_target/release/keyspaces-proxy" [head]="$bin/keyspaces-proxy")
 
 wait_port() { # $1 port, $2 pid that must stay alive
   until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do

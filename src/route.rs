@@ -21,7 +21,7 @@ use crate::frame::{Compression, Frame};
 use crate::handshake;
 use crate::statement::guard_consistency;
 use crate::topology::{classify, rewrite_result, ProxyNode, SystemTable};
-use crate::upstream::prepared::{PreparedCache, PreparedStatement};
+use crate::upstream::prepared::PreparedCache;
 use crate::use_statement::{classify_use, UseStatement};
 
 /// At most this many system-table prepared statements are remembered per connection.
@@ -207,9 +207,13 @@ impl Router {
                 return route;
             }
         }
-        let executed = match self.executed_statement(stream, &plain) {
-            Ok(statement) => statement,
-            Err(unknown) => return unknown,
+        let executed = if plain.opcode() == opcode::EXECUTE {
+            match self.execute_pending(stream, &plain) {
+                Ok(pending) => pending,
+                Err(unknown) => return unknown,
+            }
+        } else {
+            None
         };
         let plain = match &self.consistency_guard {
             Some(cache) => guard_consistency(plain, cache),
@@ -226,9 +230,7 @@ impl Router {
                     .ok()
                     .and_then(classify)
                     .map(Pending::Prepare),
-                _ => parse_execute(body)
-                    .ok()
-                    .and_then(|e| self.execute_pending(e.id, executed)),
+                _ => executed,
             },
             // Malformed bodies go upstream untouched: Keyspaces answers them with its own error.
             Err(_) => None,
@@ -286,19 +288,10 @@ impl Router {
         }
     }
 
-    /// What an EXECUTE's id stands for in the pool (pooled mode), or UNPREPARED for an id the
-    /// pool has not seen prepared. `Ok(None)` for other requests and in dedicated mode.
-    fn executed_statement(
-        &self,
-        stream: i16,
-        plain: &Frame,
-    ) -> Result<Option<PreparedStatement>, Route> {
-        let Some(cache) = self.prepared.as_ref() else {
-            return Ok(None);
-        };
-        if plain.opcode() != opcode::EXECUTE {
-            return Ok(None);
-        }
+    /// The rewrite an EXECUTE's answer needs, known from this connection's system statements
+    /// or the pool's (pooled mode), whichever client connection prepared it; UNPREPARED for an
+    /// id the pool has not seen prepared.
+    fn execute_pending(&self, stream: i16, plain: &Frame) -> Result<Option<Pending>, Route> {
         let Some(id) = message_body(&plain.header, &plain.body)
             .and_then(parse_execute)
             .ok()
@@ -306,32 +299,28 @@ impl Router {
         else {
             return Ok(None);
         };
-        if let Some(statement) = cache.get(id) {
-            return Ok(Some(statement));
-        }
-        if self.system_prepared.contains_key(id) {
-            return Ok(None);
-        }
-        let mut extra = BytesMut::with_capacity(2 + id.len());
-        extra.put_short_bytes(id);
-        Err(Route::Client(messages::error_with(
-            self.version,
-            stream,
-            error_code::UNPREPARED,
-            "Prepared query with ID not found: keyspaces-proxy has not seen it prepared; \
-             prepare it again",
-            &extra,
-        )))
-    }
-
-    /// The rewrite an EXECUTE's answer needs, from this connection's system statements or the
-    /// pool's.
-    fn execute_pending(&self, id: &[u8], executed: Option<PreparedStatement>) -> Option<Pending> {
         if let Some((table, cols)) = self.system_prepared.get(id) {
-            return Some(Pending::Rewrite(*table, cols.clone()));
+            return Ok(Some(Pending::Rewrite(*table, cols.clone())));
         }
-        let (table, cols) = executed?.system?;
-        Some(Pending::Rewrite(table, cols.as_deref().map(<[_]>::to_vec)))
+        let Some(cache) = self.prepared.as_ref() else {
+            return Ok(None);
+        };
+        match cache.system_of(id) {
+            Some(system) => Ok(system
+                .map(|(table, cols)| Pending::Rewrite(table, cols.as_deref().map(<[_]>::to_vec)))),
+            None => {
+                let mut extra = BytesMut::with_capacity(2 + id.len());
+                extra.put_short_bytes(id);
+                Err(Route::Client(messages::error_with(
+                    self.version,
+                    stream,
+                    error_code::UNPREPARED,
+                    "Prepared query with ID not found: keyspaces-proxy has not seen it \
+                     prepared; prepare it again",
+                    &extra,
+                )))
+            }
+        }
     }
 
     fn forget(&mut self, stream: i16) {
@@ -457,7 +446,7 @@ mod tests {
         // Prepared through another client connection of the same pool.
         cache.insert(
             Bytes::from_static(b"local-id"),
-            PreparedStatement {
+            crate::upstream::prepared::PreparedStatement {
                 query: Arc::from("SELECT rpc_address FROM system.local"),
                 keyspace: None,
                 system: Some((SystemTable::Local, None)),

@@ -37,6 +37,13 @@ pub struct Resolved {
     pub warnings: Vec<String>,
 }
 
+/// The upstream target, the credentials to keep warm (SigV4) and what resolving them found.
+pub type ResolvedUpstream = (
+    UpstreamTarget,
+    Option<Arc<CredentialCache>>,
+    UpstreamSummary,
+);
+
 /// The region and the doubts that came with resolving the upstream.
 pub struct UpstreamSummary {
     pub region: Option<String>,
@@ -45,17 +52,7 @@ pub struct UpstreamSummary {
 
 impl UpstreamParts {
     /// One target from the parts; the first broken part is the error.
-    pub fn into_target(
-        self,
-        cli: &Cli,
-    ) -> Result<
-        (
-            UpstreamTarget,
-            Option<Arc<CredentialCache>>,
-            UpstreamSummary,
-        ),
-        ConfigError,
-    > {
+    pub fn into_target(self, cli: &Cli) -> Result<ResolvedUpstream, ConfigError> {
         let region = self.region?;
         let (auth, credentials) = self.auth?;
         let target = UpstreamTarget {
@@ -344,16 +341,7 @@ impl Cli {
 
     /// Resolves region, credentials, endpoint and TLS into one target; the first broken part
     /// is the error.
-    pub async fn upstream_target(
-        &self,
-    ) -> Result<
-        (
-            UpstreamTarget,
-            Option<Arc<CredentialCache>>,
-            UpstreamSummary,
-        ),
-        ConfigError,
-    > {
+    pub async fn upstream_target(&self) -> Result<ResolvedUpstream, ConfigError> {
         self.upstream_parts().await.into_target(self)
     }
 

@@ -50,6 +50,14 @@ fn consistency(r: &mut Reader<'_>) -> BodyResult<()> {
 
 /// A bound value: [bytes] in v3 (any negative length is null); [value] in v4, where -1 is null,
 /// -2 unset, and anything lower an error.
+/// A [long] timestamp; Cassandra refuses i64::MIN with a ProtocolException.
+fn timestamp(r: &mut Reader<'_>) -> BodyResult<()> {
+    if r.take(8, "timestamp")? == i64::MIN.to_be_bytes() {
+        return Err(invalid("timestamp out of bounds"));
+    }
+    Ok(())
+}
+
 fn value(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
     let n = r.i32()?;
     match n {
@@ -93,10 +101,7 @@ fn query_parameters(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
         consistency(r)?;
     }
     if flags & DEFAULT_TIMESTAMP != 0 {
-        let ts = r.take(8, "timestamp")?;
-        if ts == i64::MIN.to_be_bytes() {
-            return Err(invalid("timestamp out of bounds"));
-        }
+        timestamp(r)?;
     }
     Ok(())
 }
@@ -128,10 +133,7 @@ fn batch(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
         consistency(r)?;
     }
     if flags & query_flags::DEFAULT_TIMESTAMP != 0 {
-        let ts = r.take(8, "timestamp")?;
-        if ts == i64::MIN.to_be_bytes() {
-            return Err(invalid("timestamp out of bounds"));
-        }
+        timestamp(r)?;
     }
     Ok(())
 }

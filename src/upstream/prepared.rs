@@ -9,6 +9,9 @@ use bytes::Bytes;
 use crate::frame::result::ColumnSpec;
 use crate::topology::SystemTable;
 
+/// The system table a statement reads, and its PREPARED result columns.
+pub type SystemStatement = (SystemTable, Option<Arc<[ColumnSpec]>>);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedStatement {
     pub query: Arc<str>,
@@ -17,7 +20,7 @@ pub struct PreparedStatement {
     /// The system table it reads, if any, and then the result columns of its PREPARED answer,
     /// which an EXECUTE with skip_metadata needs for its rows to be rewritten on any client
     /// connection.
-    pub system: Option<(SystemTable, Option<Arc<[ColumnSpec]>>)>,
+    pub system: Option<SystemStatement>,
 }
 
 #[derive(Debug)]
@@ -52,6 +55,12 @@ impl PreparedCache {
 
     pub fn get(&self, id: &[u8]) -> Option<PreparedStatement> {
         self.lock().get(id).cloned()
+    }
+
+    /// Whether `id` is known and, if its statement reads a system table, which one. On every
+    /// EXECUTE's path, so nothing but that is cloned.
+    pub fn system_of(&self, id: &[u8]) -> Option<Option<SystemStatement>> {
+        self.lock().get(id).map(|s| s.system.clone())
     }
 
     pub fn len(&self) -> usize {
