@@ -299,8 +299,11 @@ impl Router {
         else {
             return Ok(None);
         };
-        if let Some((table, cols)) = self.system_prepared.get(id) {
-            return Ok(Some(Pending::Rewrite(*table, cols.clone())));
+        // Almost always empty: skip hashing the id for ordinary traffic.
+        if !self.system_prepared.is_empty() {
+            if let Some((table, cols)) = self.system_prepared.get(id) {
+                return Ok(Some(Pending::Rewrite(*table, cols.clone())));
+            }
         }
         let Some(cache) = self.prepared.as_ref() else {
             return Ok(None);
