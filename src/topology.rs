@@ -204,8 +204,8 @@ mod tests {
             ],
             &[vec![
                 Some(b"local"),
-                Some(&[10, 1, 2, 3]),
-                Some(&[10, 1, 2, 3]),
+                Some(&[127, 1, 2, 3]),
+                Some(&[127, 1, 2, 3]),
                 Some(b"org.apache.cassandra.dht.Murmur3Partitioner"),
             ]],
             None,
@@ -238,11 +238,11 @@ mod tests {
         let body = rows_body(
             "local",
             &[("host_id", TYPE_UUID), ("rpc_address", TYPE_INET)],
-            &[vec![Some(&[0xaa; 16]), Some(&[10, 0, 0, 1])]],
+            &[vec![Some(&[0xaa; 16]), Some(&[127, 0, 3, 1])]],
             None,
         );
         let h = Header::response(4, 1, opcode::RESULT);
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let ip: IpAddr = "127.0.2.3".parse().unwrap();
         let node = ProxyNode::new(ip, "prod");
         let out = rewrite_result(&h, &body, SystemTable::Local, None, node).unwrap();
         let rows = Rows::parse(&out).unwrap();
@@ -256,7 +256,7 @@ mod tests {
         );
         assert_ne!(ProxyNode::new(ip, "other").host_id, node.host_id);
         assert_ne!(
-            ProxyNode::new("10.1.2.4".parse().unwrap(), "prod").host_id,
+            ProxyNode::new("127.0.2.4".parse().unwrap(), "prod").host_id,
             node.host_id
         );
     }
@@ -380,7 +380,7 @@ mod tests {
         b.put_i32(metadata_flags::NO_METADATA);
         b.put_i32(1);
         b.put_i32(1);
-        b.put_bytes_value(Some(&[10, 0, 0, 1]));
+        b.put_bytes_value(Some(&[127, 0, 3, 1]));
         let hint = [ColumnSpec {
             name: "rpc_address".into(),
             type_id: TYPE_INET,

@@ -143,7 +143,7 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
     rows.put_i32(metadata_flags::NO_METADATA);
     rows.put_i32(1);
     rows.put_i32(1);
-    rows.put_bytes_value(Some(&[10, 9, 9, 9]));
+    rows.put_bytes_value(Some(&[127, 9, 9, 9]));
     let out = r
         .on_upstream_frame(Frame::new(
             Header::response(4, 3, opcode::RESULT),
