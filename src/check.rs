@@ -144,7 +144,7 @@ async fn configuration_step(cli: &Cli, parts: &UpstreamParts, report: &mut Repor
     // The client side too: a configuration `check` passes must be one the proxy starts with.
     let client = cli.client_auth().await.err();
     // A part derived from a broken one (no endpoint without a region) says nothing new.
-    let errors: Vec<&ConfigError> = [
+    let mut errors: Vec<&ConfigError> = [
         parts.region.as_ref().err(),
         parts.auth.as_ref().err(),
         parts.address.as_ref().err(),
@@ -157,18 +157,17 @@ async fn configuration_step(cli: &Cli, parts: &UpstreamParts, report: &mut Repor
     .filter(|e| !matches!(e, ConfigError::DerivedFromBroken(..)))
     .collect();
     // The region and the credentials can fail for one reason (no region): say it once.
-    let mut errors = errors;
     errors.dedup_by_key(|e| e.to_string());
     for e in &errors {
         report.fail("configuration", e, config_hint(e));
     }
     if errors.is_empty() {
-        let region = parts.region.as_ref().ok().cloned().flatten();
+        let region = parts.region.as_ref().ok().and_then(|r| r.as_deref());
         report.pass(
             "configuration",
             format!(
                 "region {}, endpoint {}, TLS name {}",
-                region.as_deref().unwrap_or("-"),
+                region.unwrap_or("-"),
                 parts.address.as_deref().unwrap_or("-"),
                 parts
                     .server_name

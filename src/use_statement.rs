@@ -21,18 +21,25 @@ pub enum UseStatement {
     Unparsable,
 }
 
+/// The end of the comment starting at `i` (`--` or `//` to the end of the line, `/* */`), if
+/// one starts there. An unterminated comment runs to the end.
+fn comment_end(s: &str, i: usize) -> Option<usize> {
+    let rest = &s[i..];
+    if rest.starts_with("--") || rest.starts_with("//") {
+        Some(rest.find('\n').map_or(s.len(), |n| i + n + 1))
+    } else {
+        let body = rest.strip_prefix("/*")?;
+        Some(body.find("*/").map_or(s.len(), |n| i + 2 + n + 2))
+    }
+}
+
 /// Skips what might separate tokens for some parser: white space, control characters, any
-/// non-ASCII character (a byte-order mark) and comments. An unterminated block comment runs to
-/// the end.
+/// non-ASCII character (a byte-order mark) and comments.
 fn skip_trivia(s: &str, mut i: usize) -> usize {
-    let b = s.as_bytes();
     loop {
-        let rest = &s[i..];
-        if rest.starts_with("--") || rest.starts_with("//") {
-            i = rest.find('\n').map_or(s.len(), |n| i + n + 1);
-        } else if let Some(body) = rest.strip_prefix("/*") {
-            i = body.find("*/").map_or(s.len(), |n| i + 2 + n + 2);
-        } else if let Some(c) = rest
+        if let Some(end) = comment_end(s, i) {
+            i = end;
+        } else if let Some(c) = s[i..]
             .chars()
             .next()
             .filter(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
@@ -41,7 +48,6 @@ fn skip_trivia(s: &str, mut i: usize) -> usize {
         } else {
             return i;
         }
-        debug_assert!(i <= b.len());
     }
 }
 
@@ -83,24 +89,14 @@ fn keyspace_at(s: &str, i: usize) -> Option<(String, usize)> {
 /// Only the four separators of Cassandra's grammar, and comments, between the exact tokens.
 fn strict_trivia(s: &str, i: usize) -> Option<usize> {
     let end = skip_trivia(s, i);
-    let cql_separators = |piece: &str| {
-        let mut k = 0;
-        let b = piece.as_bytes();
-        while k < b.len() {
-            match b[k] {
-                b' ' | b'\t' | b'\n' | b'\r' => k += 1,
-                b'-' | b'/' if b.get(k + 1) == Some(&b[k]) => {
-                    k = piece[k..].find('\n').map_or(b.len(), |n| k + n + 1)
-                }
-                b'/' if b.get(k + 1) == Some(&b'*') => {
-                    k = piece[k + 2..].find("*/").map_or(b.len(), |n| k + 2 + n + 2)
-                }
-                _ => return false,
-            }
-        }
-        true
-    };
-    cql_separators(&s[i..end]).then_some(end)
+    let mut k = i;
+    while k < end {
+        k = match s.as_bytes()[k] {
+            b' ' | b'\t' | b'\n' | b'\r' => k + 1,
+            _ => comment_end(s, k)?,
+        };
+    }
+    Some(end)
 }
 
 /// The first word as a parser that deletes comments (rather than reading them as a space) would
@@ -110,13 +106,10 @@ fn first_word_without_comments(s: &str) -> String {
     let mut i = skip_trivia(s, 0);
     let mut word = String::new();
     while word.len() < 8 {
-        let rest = &s[i..];
-        if let Some(body) = rest.strip_prefix("/*") {
-            i = body.find("*/").map_or(s.len(), |n| i + 2 + n + 2);
-        } else if rest.starts_with("--") || rest.starts_with("//") {
-            i = rest.find('\n').map_or(s.len(), |n| i + n + 1);
+        if let Some(end) = comment_end(s, i) {
+            i = end;
         } else {
-            match rest.chars().next() {
+            match s[i..].chars().next() {
                 Some(c) if c.is_ascii_alphanumeric() || c == '_' => {
                     word.push(c.to_ascii_lowercase());
                     i += 1;

@@ -213,19 +213,17 @@ impl Cli {
                 {
                     Ok((provider, chain_region)) => {
                         region = region.or(chain_region.map(|r| r.to_ascii_lowercase()));
+                        let cache = CredentialCache::new(provider);
                         match region.clone() {
-                            Some(region) => {
-                                let cache = CredentialCache::new(provider);
-                                Ok((
-                                    UpstreamAuth::SigV4 {
-                                        credentials: cache.clone(),
-                                        region,
-                                    },
-                                    Some(cache),
-                                ))
-                            }
+                            Some(region) => Ok((
+                                UpstreamAuth::SigV4 {
+                                    credentials: cache.clone(),
+                                    region,
+                                },
+                                Some(cache),
+                            )),
                             None => {
-                                chain_credentials = Some(CredentialCache::new(provider));
+                                chain_credentials = Some(cache);
                                 Err(ConfigError::NoRegion)
                             }
                         }

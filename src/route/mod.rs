@@ -278,10 +278,12 @@ impl Router {
             return None;
         }
         let body = message_body(&plain.header, &plain.body).ok()?;
-        let text = match op {
-            opcode::QUERY => parse_query(body).ok()?.text,
-            opcode::PREPARE => parse_prepare(body).ok()?,
-            _ => return None,
+        // The consistency, for a QUERY: a USE that is routed keeps it.
+        let (text, cl) = if op == opcode::QUERY {
+            let q = parse_query(body).ok()?;
+            (q.text, q.consistency)
+        } else {
+            (parse_prepare(body).ok()?, consistency::ONE)
         };
         let refuse = |why: &str| {
             Some(Route::Client(messages::error(
@@ -298,7 +300,6 @@ impl Router {
                 // The canonical spelling goes upstream, not the client's: the proxy decided
                 // what it means, and a server need not parse comments the way it did.
                 let canonical = format!("USE \"{}\"", keyspace.replace('"', "\"\""));
-                let cl = parse_query(body).map_or(consistency::ONE, |q| q.consistency);
                 let frame = messages::query(self.version, stream, &canonical, cl);
                 Some(Route::Use {
                     keyspace,
