@@ -71,7 +71,9 @@ class Emulator:
     def events(self):
         if not self.events_path.exists():
             return []
-        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+        # Complete lines only: the emulator may be writing the next one right now.
+        lines = self.events_path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 class Processes:

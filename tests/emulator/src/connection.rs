@@ -1,20 +1,12 @@
 //! One client connection to the emulator: TLS, the Keyspaces handshake, then requests.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
-use keyspaces_proxy::auth::sigv4;
-use keyspaces_proxy::frame::compression::{compressed, decompressed};
-use keyspaces_proxy::frame::header::{is_supported_version, Header};
-use keyspaces_proxy::frame::messages::{
-    self, consistency, error_code, unsupported_version_message,
-};
-use keyspaces_proxy::frame::request::{parse_execute, parse_query};
-use keyspaces_proxy::frame::{opcode, Compression, Frame, FrameCodec};
-use keyspaces_proxy::writer::{FrameWriter, QUEUE_DEPTH};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -22,7 +14,23 @@ use tokio_util::codec::FramedRead;
 
 use crate::auth::{new_nonce, verify_plain, verify_sigv4, AuthFailure};
 use crate::engine::{throttled, Reply};
+use crate::sigv4::{self, SignedResponse};
+use crate::wire::request::{decode, Request};
+use crate::wire::writer::{write_out, Out, QUEUE_DEPTH};
+use crate::wire::{
+    consistency, error_code, flags, opcode, response, Compression, Frame, FrameDecoder,
+};
 use crate::Shared;
+
+/// The text Keyspaces answers a v5 (or any other unsupported) client with; drivers look for
+/// exactly this to downgrade (KEYSPACES.md).
+pub fn unsupported_version_message(version: u8) -> String {
+    format!(
+        "Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4)"
+    )
+}
+
+const PASSWORD_AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -68,45 +76,6 @@ struct Conn {
     tx: mpsc::Sender<Out>,
 }
 
-/// What the connection's writer task is given.
-pub enum Out {
-    Frame(Frame),
-    /// Write these bytes (part of a frame), then close: a connection lost mid-response.
-    Cut(Bytes),
-}
-
-/// Coalesces queued frames into one write, like the proxy's own writer.
-async fn write_out<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, w: W) {
-    let mut out = FrameWriter::new(w, None);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut batched = 0;
-        while let Some(o) = next.take() {
-            match o {
-                Out::Frame(f) => {
-                    if out.push(&f).await.is_err() {
-                        return;
-                    }
-                }
-                Out::Cut(bytes) => {
-                    let _ = out.flush().await;
-                    let _ = out.write_raw(&bytes).await;
-                    let _ = out.shutdown().await;
-                    return;
-                }
-            }
-            batched += 1;
-            if batched < 1024 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if out.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = out.shutdown().await;
-}
-
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let id = shared.next_conn_id();
     shared.events.record(json!({"event": "connect", "conn": id, "peer": peer.to_string(), "local": local.to_string()}));
@@ -131,7 +100,10 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         }
     };
     let (read, write) = tokio::io::split(io);
-    let mut frames = FramedRead::new(read, FrameCodec::new(shared.config.max_frame_len));
+    let decoder = FrameDecoder {
+        max_frame_len: shared.config.max_frame_len,
+    };
+    let mut frames = FramedRead::new(read, decoder);
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let writer = tokio::spawn(write_out(rx, write));
     let mut conn = Conn {
@@ -162,15 +134,9 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         let frame = match next {
             Ok(f) => f,
             Err(e) => {
-                let _ = conn
-                    .tx
-                    .send(Out::Frame(messages::error(
-                        4,
-                        0,
-                        error_code::PROTOCOL_ERROR,
-                        &e.to_string(),
-                    )))
-                    .await;
+                let body = response::error(error_code::PROTOCOL_ERROR, &e.to_string());
+                let f = Frame::response(conn.version, 0, opcode::ERROR, body);
+                let _ = conn.tx.send(Out::Frame(f)).await;
                 break;
             }
         };
@@ -185,71 +151,97 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
     let _ = writer.await;
 }
 
+/// How an answer is framed: compressed once compression is on; traced requests get a tracing
+/// session id in front of the body, as Cassandra does.
+#[derive(Debug, Clone, Copy)]
+struct Framing {
+    version: u8,
+    compression: Compression,
+    traced: bool,
+}
+
+impl Framing {
+    fn frame(self, stream: i16, op: u8, body: Bytes) -> Frame {
+        let mut f = Frame::response(self.version, stream, op, body);
+        if self.traced {
+            let mut b = BytesMut::with_capacity(16 + f.body.len());
+            b.put_u128(rand::random::<u128>());
+            b.put_slice(&f.body);
+            f.body = b.freeze();
+            f.flags |= flags::TRACING;
+        }
+        if let Some(packed) = self.compression.compress(&f.body) {
+            f.body = packed;
+            f.flags |= flags::COMPRESSION;
+        }
+        f
+    }
+}
+
 impl Conn {
-    async fn send(&self, header: Header, body: Bytes, may_compress: bool) -> bool {
-        let f = Frame::new(header, body);
-        let f = if may_compress {
-            compressed(f, self.compression)
-        } else {
-            f
-        };
-        self.tx.send(Out::Frame(f)).await.is_ok()
+    fn framing(&self, traced: bool) -> Framing {
+        let ready = matches!(self.state, State::Ready);
+        Framing {
+            version: self.version,
+            compression: if ready {
+                self.compression
+            } else {
+                Compression::None
+            },
+            traced,
+        }
     }
 
     async fn reply(&self, stream: i16, op: u8, body: Bytes) -> bool {
-        let ready = matches!(self.state, State::Ready);
-        self.send(Header::response(self.version, stream, op), body, ready)
-            .await
+        let f = self.framing(false).frame(stream, op, body);
+        self.tx.send(Out::Frame(f)).await.is_ok()
     }
 
     async fn error(&self, stream: i16, code: i32, message: &str) -> bool {
-        let f = messages::error(self.version, stream, code, message);
-        self.reply(stream, opcode::ERROR, f.body).await
+        self.reply(stream, opcode::ERROR, response::error(code, message))
+            .await
     }
 
     /// Handles one frame; false to close the connection.
     async fn on_frame(&mut self, frame: Frame) -> bool {
-        let h = frame.header;
-        let v = h.protocol_version();
-        if !is_supported_version(v) {
-            let f = messages::error(
-                4,
-                h.stream,
-                error_code::PROTOCOL_ERROR,
-                &unsupported_version_message(v),
-            );
+        let v = frame.protocol_version();
+        let stream = frame.stream;
+        if !(3..=4).contains(&v) {
+            let body = response::error(error_code::PROTOCOL_ERROR, &unsupported_version_message(v));
+            let f = Frame::response(4, stream, opcode::ERROR, body);
             return self.tx.send(Out::Frame(f)).await.is_ok();
         }
         if matches!(self.state, State::AwaitStartup) {
             self.version = v;
-        } else if v != self.version || h.is_response() {
+        } else if v != self.version || frame.is_response() {
             self.error(
-                h.stream,
+                stream,
                 error_code::PROTOCOL_ERROR,
                 "Invalid message version or direction",
             )
             .await;
             return false;
         }
-        let frame = match decompressed(frame, self.compression, self.shared.config.max_frame_len) {
-            Ok(f) => f,
-            Err(e) => {
-                self.error(h.stream, error_code::PROTOCOL_ERROR, &e.to_string())
-                    .await;
-                return false;
+        let body = if frame.flags & flags::COMPRESSION != 0 {
+            let max = self.shared.config.max_frame_len;
+            match self.compression.decompress(&frame.body, max) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.error(stream, error_code::PROTOCOL_ERROR, &e.to_string())
+                        .await;
+                    return false;
+                }
             }
+        } else {
+            frame.body.clone()
         };
-        let body = match messages::message_body(&frame.header, &frame.body) {
-            // A view of the frame's body past its prefixes, not a copy.
-            Ok(b) => frame.body.slice(frame.body.len() - b.len()..),
-            Err(e) => {
-                return self
-                    .error(h.stream, error_code::PROTOCOL_ERROR, &e.to_string())
-                    .await
-            }
+        let request = match decode(v, frame.flags, frame.opcode, &body) {
+            Ok(r) => r,
+            Err(e) => return self.undecodable(stream, frame.opcode, &e.0).await,
         };
-        match (&self.state, h.opcode) {
-            (_, opcode::OPTIONS) => {
+        let traced = frame.flags & flags::TRACING != 0;
+        match (&self.state, request) {
+            (_, Request::Options) => {
                 let algos: Vec<&str> = self
                     .shared
                     .config
@@ -257,69 +249,87 @@ impl Conn {
                     .iter()
                     .filter_map(|c| c.name())
                     .collect();
-                let f = messages::supported(
-                    self.version,
-                    h.stream,
-                    &[
-                        ("CQL_VERSION", &["3.4.4"]),
-                        ("COMPRESSION", &algos),
-                        ("PROTOCOL_VERSIONS", &["3/v3", "4/v4"]),
-                    ],
-                );
-                self.reply(h.stream, opcode::SUPPORTED, f.body).await
+                let body = response::supported(&[
+                    ("CQL_VERSION", &["3.4.4"]),
+                    ("COMPRESSION", &algos),
+                    ("PROTOCOL_VERSIONS", &["3/v3", "4/v4"]),
+                ]);
+                self.reply(stream, opcode::SUPPORTED, body).await
             }
-            (State::AwaitStartup, opcode::STARTUP) => self.on_startup(h.stream, &body).await,
-            (State::AwaitCredentials, opcode::AUTH_RESPONSE) => {
-                self.on_credentials(h.stream, &body).await
+            (State::AwaitStartup, Request::Startup(options)) => {
+                self.on_startup(stream, options).await
             }
-            (State::AwaitSignature { .. }, opcode::AUTH_RESPONSE) => {
-                self.on_signature(h.stream, &body).await
+            (State::AwaitCredentials, Request::AuthResponse(token)) => {
+                self.on_credentials(stream, token.unwrap_or_default()).await
             }
-            (State::Ready, opcode::REGISTER) => {
-                self.reply(h.stream, opcode::READY, Bytes::new()).await
+            (State::AwaitSignature { .. }, Request::AuthResponse(token)) => {
+                self.on_signature(stream, token.unwrap_or_default()).await
             }
-            (State::Ready, opcode::QUERY | opcode::PREPARE | opcode::EXECUTE | opcode::BATCH) => {
-                self.on_request(h.stream, h.opcode, body).await
+            (State::Ready, Request::Register(_)) => {
+                self.reply(stream, opcode::READY, Bytes::new()).await
             }
-            (State::Ready, op) => {
-                let msg = format!("Unexpected message {}", opcode::name(op));
-                self.error(h.stream, error_code::PROTOCOL_ERROR, &msg).await
+            (
+                State::Ready,
+                r @ (Request::Query(..)
+                | Request::Prepare(_)
+                | Request::Execute(..)
+                | Request::Batch(_)),
+            ) => {
+                self.on_request(stream, frame.opcode, &body, &r, traced)
+                    .await
             }
-            (State::AwaitStartup, op) => {
+            (State::Ready, _) => {
+                let msg = format!("Unexpected message {}", opcode::name(frame.opcode));
+                self.error(stream, error_code::PROTOCOL_ERROR, &msg).await
+            }
+            (State::AwaitStartup, _) => {
                 let msg = format!(
                     "Unexpected message {}, expecting STARTUP or OPTIONS",
-                    opcode::name(op)
+                    opcode::name(frame.opcode)
                 );
-                self.error(h.stream, error_code::PROTOCOL_ERROR, &msg).await
+                self.error(stream, error_code::PROTOCOL_ERROR, &msg).await
             }
-            (_, op) => {
+            (_, _) => {
                 let msg = format!(
                     "Unexpected message {} before authentication",
-                    opcode::name(op)
+                    opcode::name(frame.opcode)
                 );
-                self.error(h.stream, error_code::UNAUTHORIZED, &msg).await
+                self.error(stream, error_code::UNAUTHORIZED, &msg).await
             }
         }
     }
 
-    async fn on_startup(&mut self, stream: i16, body: &[u8]) -> bool {
-        let options = match messages::parse_startup(body) {
-            Ok(o) => o,
-            Err(e) => {
-                return self
-                    .error(stream, error_code::PROTOCOL_ERROR, &e.to_string())
-                    .await
-            }
-        };
-        let mut sorted: Vec<_> = options
+    /// A body the emulator's decoder cannot read. Cassandra answers a ProtocolException and,
+    /// for errors in decoding, closes the connection (3.11 does): with
+    /// `close_on_protocol_error` the emulator does the same, failing everything else in flight
+    /// on this connection — the cost a proxy that forwards such a body imposes on bystanders.
+    async fn undecodable(&mut self, stream: i16, op: u8, why: &str) -> bool {
+        let message = format!("Invalid {} message: {why}", opcode::name(op));
+        let close = self.shared.config.close_on_protocol_error;
+        self.shared.events.record(json!({
+            "event": "undecodable", "conn": self.id, "opcode": opcode::name(op),
+            "error": why, "closed": close,
+        }));
+        let sent = self
+            .error(stream, error_code::PROTOCOL_ERROR, &message)
+            .await;
+        if close {
+            let _ = self.tx.send(Out::Close).await;
+            return false;
+        }
+        sent
+    }
+
+    async fn on_startup(&mut self, stream: i16, options: BTreeMap<&str, &str>) -> bool {
+        let sorted: Vec<_> = options
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        sorted.sort();
         self.shared
             .events
             .record(json!({"event": "startup", "conn": self.id, "options": sorted}));
-        let compression = match Compression::from_option(options.get("COMPRESSION").copied()) {
+        let requested = options.get("COMPRESSION").copied().unwrap_or("");
+        let compression = match requested.parse::<Compression>() {
             Ok(c) if c == Compression::None || self.shared.config.compression.contains(&c) => c,
             _ => {
                 return self
@@ -336,8 +346,8 @@ impl Conn {
             tokio::time::sleep(delay).await;
         }
         self.state = State::AwaitCredentials;
-        let f = messages::authenticate(self.version, stream, messages::PASSWORD_AUTHENTICATOR);
-        let ok = self.reply(stream, opcode::AUTHENTICATE, f.body).await;
+        let body = response::authenticate(PASSWORD_AUTHENTICATOR);
+        let ok = self.reply(stream, opcode::AUTHENTICATE, body).await;
         // Compression applies to every frame after the answer to STARTUP.
         self.compression = compression;
         ok
@@ -367,8 +377,8 @@ impl Conn {
         match result {
             Ok(()) => {
                 self.state = State::Ready;
-                let f = messages::auth_success(self.version, stream, None);
-                self.reply(stream, opcode::AUTH_SUCCESS, f.body).await
+                let body = response::auth_token(None);
+                self.reply(stream, opcode::AUTH_SUCCESS, body).await
             }
             Err(e) => {
                 self.state = State::AwaitCredentials;
@@ -378,37 +388,33 @@ impl Conn {
         }
     }
 
-    async fn on_credentials(&mut self, stream: i16, body: &[u8]) -> bool {
-        let token = messages::parse_auth_token(body).unwrap_or_default();
+    async fn on_credentials(&mut self, stream: i16, token: &[u8]) -> bool {
         if token == sigv4::INITIAL_RESPONSE {
             let nonce = new_nonce();
-            let f = messages::auth_challenge(
-                self.version,
-                stream,
-                Some(format!("nonce={nonce}").as_bytes()),
-            );
+            let body = response::auth_token(Some(format!("nonce={nonce}").as_bytes()));
             self.state = State::AwaitSignature { nonce };
-            return self.reply(stream, opcode::AUTH_CHALLENGE, f.body).await;
+            return self.reply(stream, opcode::AUTH_CHALLENGE, body).await;
         }
-        match messages::parse_plain_token(token) {
-            Ok((user, password)) => {
-                let user = user.to_owned();
+        // PLAIN: `[authzid]\0user\0password` (RFC 4616).
+        let mut parts = token.splitn(3, |b| *b == 0);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(_), Some(user), Some(password)) => {
+                let user = String::from_utf8_lossy(user).into_owned();
                 let r = verify_plain(&self.shared.config.plain_users, &user, password);
                 self.auth_result(stream, "plain", &user, false, r).await
             }
-            Err(_) => {
+            _ => {
                 let r = Err(AuthFailure::Malformed("not a PLAIN or SigV4 token".into()));
                 self.auth_result(stream, "unknown", "", false, r).await
             }
         }
     }
 
-    async fn on_signature(&mut self, stream: i16, body: &[u8]) -> bool {
+    async fn on_signature(&mut self, stream: i16, token: &[u8]) -> bool {
         let State::AwaitSignature { nonce } = &self.state else {
             return false;
         };
-        let token = messages::parse_auth_token(body).unwrap_or_default();
-        let parsed = sigv4::SignedResponse::parse(token).ok();
+        let parsed = SignedResponse::parse(token).ok();
         let key_id = parsed
             .as_ref()
             .map(|p| p.access_key.to_owned())
@@ -433,7 +439,14 @@ impl Conn {
             .await
     }
 
-    async fn on_request(&mut self, stream: i16, op: u8, body: Bytes) -> bool {
+    async fn on_request(
+        &mut self,
+        stream: i16,
+        op: u8,
+        body: &[u8],
+        request: &Request<'_>,
+        traced: bool,
+    ) -> bool {
         self.requests += 1;
         let close_after = self.shared.faults.close_after();
         if close_after != 0 && self.requests >= close_after {
@@ -443,13 +456,13 @@ impl Conn {
             return false;
         }
         if self.shared.events.enabled() {
-            self.record_request(op, &body);
+            self.record_request(op, request);
         }
         let engine = &self.shared.engine;
         let reply = if self.limiter.allow() {
-            engine.handle(op, &body, self.keyspace.as_deref())
+            engine.handle(op, body, self.keyspace.as_deref())
         } else {
-            throttled(engine.classify(op, &body))
+            throttled(engine.classify(request))
         };
         let Reply {
             opcode: rop,
@@ -460,43 +473,36 @@ impl Conn {
         if keyspace.is_some() {
             self.keyspace = keyspace;
         }
-        let header = Header::response(self.version, stream, rop);
+        let framing = self.framing(traced);
         let cut_at = self.shared.faults.cut_response_at();
         if cut_at != 0 && self.requests >= cut_at {
             self.shared
                 .events
                 .record(json!({"event": "fault_cut_response", "conn": self.id}));
-            let whole = compressed(Frame::new(header, rbody), self.compression).to_bytes();
+            let whole = framing.frame(stream, rop, rbody).to_bytes();
             let half = whole.slice(..whole.len() / 2);
             let _ = self.tx.send(Out::Cut(half)).await;
             return false;
         }
         let latency = self.shared.faults.latency();
+        let answer = framing.frame(stream, rop, rbody);
         if latency.is_zero() {
-            return self.send(header, rbody, true).await;
+            return self.tx.send(Out::Frame(answer)).await.is_ok();
         }
-        let (tx, algo) = (self.tx.clone(), self.compression);
+        let tx = self.tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            let _ = tx
-                .send(Out::Frame(compressed(Frame::new(header, rbody), algo)))
-                .await;
+            let _ = tx.send(Out::Frame(answer)).await;
         });
         true
     }
 
-    fn record_request(&self, op: u8, body: &[u8]) {
-        let (cql, cl) = match op {
-            opcode::QUERY => parse_query(body)
-                .map(|q| (Some(q.text.to_owned()), Some(q.consistency)))
-                .unwrap_or((None, None)),
-            opcode::PREPARE => (
-                keyspaces_proxy::frame::request::parse_prepare(body)
-                    .ok()
-                    .map(str::to_owned),
-                None,
-            ),
-            opcode::EXECUTE => (None, parse_execute(body).ok().map(|e| e.consistency)),
+    fn record_request(&self, op: u8, request: &Request<'_>) {
+        let (cql, cl) = match request {
+            Request::Query(text, p) => (Some(*text), Some(p.consistency)),
+            Request::Prepare(text) => (Some(*text), None),
+            Request::Execute(_, p) => (None, Some(p.consistency)),
+            Request::Batch(b) => (None, Some(b.consistency)),
             _ => (None, None),
         };
         self.shared.events.record(json!({

@@ -16,9 +16,10 @@ use kassandra::frame::response::result::QueryResult;
 use kassandra::frame::response::Response;
 use kassandra::frame::FrameFlags;
 use kassandra::KassandraSession;
-use keyspaces_proxy::frame::messages::{consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::opcode;
-use keyspaces_proxy::frame::request::parse_query;
+
+use crate::wire::request::Request as WireRequest;
+use crate::wire::response::{self, ErrorInfo};
+use crate::wire::{consistency, error_code, opcode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatementKind {
@@ -83,10 +84,9 @@ fn kind_of(q: &QueryString) -> StatementKind {
 }
 
 fn error_reply(code: i32, message: &str, kind: StatementKind) -> Reply {
-    let f = keyspaces_proxy::frame::messages::error(4, 0, code, message);
     Reply {
         opcode: opcode::ERROR,
-        body: f.body,
+        body: response::error(code, message),
         kind,
         keyspace: None,
     }
@@ -183,25 +183,16 @@ impl Engine {
     }
 
     /// The kind of a request, for rate limiting, without executing it.
-    pub fn classify(&self, op: u8, body: &[u8]) -> StatementKind {
-        match op {
-            opcode::QUERY => match parse_query(body) {
-                Ok(q) if keyspaces_proxy::statement::is_select(q.text) => StatementKind::Read,
-                _ => StatementKind::Write,
-            },
-            opcode::EXECUTE => {
-                let id = keyspaces_proxy::frame::request::parse_execute(body)
-                    .map(|e| Bytes::copy_from_slice(e.id));
-                id.ok()
-                    .and_then(|id| {
-                        self.prepared_kinds
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get(&id)
-                            .copied()
-                    })
-                    .unwrap_or(StatementKind::Read)
-            }
+    pub fn classify(&self, request: &WireRequest<'_>) -> StatementKind {
+        match request {
+            WireRequest::Query(text, _) if is_select(text) => StatementKind::Read,
+            WireRequest::Execute(id, _) => self
+                .prepared_kinds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(*id)
+                .copied()
+                .unwrap_or(StatementKind::Read),
             _ => StatementKind::Write,
         }
     }
@@ -227,7 +218,7 @@ impl Engine {
             );
         };
         if op == opcode::QUERY || op == opcode::PREPARE {
-            if let Ok(text) = keyspaces_proxy::frame::types::Reader::new(body).long_string() {
+            if let Some(text) = leading_long_string(body) {
                 if mentions_peers_v2(text) {
                     return error_reply(
                         error_code::INVALID,
@@ -260,7 +251,7 @@ impl Engine {
                 let kind = kind_of(&q);
                 // Ids derive from keyspace and text, as Cassandra's do, so a re-prepare after
                 // UNPREPARED yields the id the client already holds.
-                let text = keyspaces_proxy::frame::request::parse_prepare(body).unwrap_or_default();
+                let text = leading_long_string(body).unwrap_or_default();
                 match session.prepare_with_id(q, statement_id(keyspace, text)) {
                     Ok(r) => {
                         if let QueryResult::Prepared(p) = &r {
@@ -356,24 +347,45 @@ fn statement_id(keyspace: Option<&str>, text: &str) -> u128 {
     u128::from_be_bytes(id)
 }
 
+/// Cassandra's text for an unknown prepared id.
 fn unprepared(id: &[u8]) -> Reply {
-    use keyspaces_proxy::frame::types::WriteExt;
-    let mut extra = Vec::new();
-    extra.put_short_bytes(id);
     let message = format!("Prepared query with ID {} not found", hex::encode(id));
-    let f = keyspaces_proxy::frame::messages::error_with(
-        4,
-        0,
-        error_code::UNPREPARED,
-        &message,
-        &extra,
-    );
     Reply {
         opcode: opcode::ERROR,
-        body: f.body,
+        body: response::unprepared(id, &message),
         kind: StatementKind::Read,
         keyspace: None,
     }
+}
+
+/// The [long string] a QUERY or PREPARE body starts with.
+fn leading_long_string(body: &[u8]) -> Option<&str> {
+    let (len, rest) = body.split_at_checked(4)?;
+    let len = usize::try_from(i32::from_be_bytes([len[0], len[1], len[2], len[3]])).ok()?;
+    std::str::from_utf8(rest.get(..len)?).ok()
+}
+
+/// Whether a statement reads: its first word, past whitespace and comments, is SELECT.
+fn is_select(cql: &str) -> bool {
+    let mut rest = cql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--").or_else(|| rest.strip_prefix("//")) {
+            rest = r
+                .split_once('\n')
+                .map_or("", |(_, after)| after)
+                .trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r
+                .split_once("*/")
+                .map_or("", |(_, after)| after)
+                .trim_start();
+        } else {
+            break;
+        }
+    }
+    rest.get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("select"))
+        && !rest[6..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
 }
 
 /// The INSERTs that make `system.local` and `system.peers` look like Keyspaces'.
@@ -403,34 +415,23 @@ fn system_rows(t: &Topology) -> Vec<String> {
     stmts
 }
 
-/// ERROR bodies for throttling, as Keyspaces reports exceeding the per-connection rate.
+/// ERROR bodies for throttling: Keyspaces reports exceeding the per-connection rate as
+/// Read/WriteTimeout at LOCAL_QUORUM with 0 of 2 responses (KEYSPACES.md, "Limits").
 pub fn throttled(kind: StatementKind) -> Reply {
-    let mut extra = BytesMut::new();
-    use bytes::BufMut;
-    use keyspaces_proxy::frame::types::WriteExt;
-    extra.put_u16(consistency::LOCAL_QUORUM);
-    extra.put_i32(0);
-    extra.put_i32(2);
-    let (code, message) = match kind {
-        StatementKind::Write | StatementKind::Schema => {
-            extra.put_string("SIMPLE");
-            (
-                error_code::WRITE_TIMEOUT,
-                "Operation timed out - received only 0 responses.",
-            )
-        }
-        StatementKind::Read | StatementKind::Use => {
-            extra.put_u8(0);
-            (
-                error_code::READ_TIMEOUT,
-                "Operation timed out - received only 0 responses.",
-            )
-        }
+    let message = "Operation timed out - received only 0 responses.";
+    let (code, extra) = match kind {
+        StatementKind::Write | StatementKind::Schema => (
+            error_code::WRITE_TIMEOUT,
+            response::timeout_fields(consistency::LOCAL_QUORUM, 0, 2, Some("SIMPLE")),
+        ),
+        StatementKind::Read | StatementKind::Use => (
+            error_code::READ_TIMEOUT,
+            response::timeout_fields(consistency::LOCAL_QUORUM, 0, 2, None),
+        ),
     };
-    let f = keyspaces_proxy::frame::messages::error_with(4, 0, code, message, &extra);
     Reply {
         opcode: opcode::ERROR,
-        body: f.body,
+        body: response::error_with(code, message, &extra),
         kind,
         keyspace: None,
     }
@@ -439,16 +440,112 @@ pub fn throttled(kind: StatementKind) -> Reply {
 /// The error message in an ERROR reply (tests).
 pub fn error_message(reply: &Reply) -> Option<ErrorInfo> {
     (reply.opcode == opcode::ERROR)
-        .then(|| ErrorInfo::parse(&reply.body).ok())
+        .then(|| ErrorInfo::parse(&reply.body))
         .flatten()
 }
 
 #[cfg(test)]
 mod tests {
-    use keyspaces_proxy::frame::messages;
-    use keyspaces_proxy::frame::result::Rows;
+    use bytes::Buf;
+
+    use crate::wire::request::build;
 
     use super::*;
+
+    /// A Rows RESULT (spec §4.2.5.2), read just far enough for these tests.
+    struct Rows {
+        rows_count: usize,
+        cells: Vec<Vec<Option<Vec<u8>>>>,
+    }
+
+    fn skip_type(b: &mut &[u8]) {
+        match b.get_u16() {
+            0x0000 => {
+                let n = b.get_u16() as usize;
+                b.advance(n);
+            }
+            0x0020 | 0x0022 => skip_type(b),
+            0x0021 => {
+                skip_type(b);
+                skip_type(b);
+            }
+            0x0031 => {
+                for _ in 0..b.get_u16() {
+                    skip_type(b);
+                }
+            }
+            0x0030 => {
+                for _ in 0..2 {
+                    let n = b.get_u16() as usize;
+                    b.advance(n);
+                }
+                for _ in 0..b.get_u16() {
+                    let n = b.get_u16() as usize;
+                    b.advance(n);
+                    skip_type(b);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    impl Rows {
+        fn parse(mut b: &[u8]) -> Rows {
+            assert_eq!(b.get_i32(), 2, "not a Rows result");
+            let flags = b.get_i32();
+            let columns = b.get_i32() as usize;
+            if flags & 0x02 != 0 {
+                let n = b.get_i32() as usize;
+                b.advance(n);
+            }
+            let global = flags & 0x01 != 0;
+            if global {
+                for _ in 0..2 {
+                    let n = b.get_u16() as usize;
+                    b.advance(n);
+                }
+            }
+            if flags & 0x04 == 0 {
+                for _ in 0..columns {
+                    let names = if global { 1 } else { 3 };
+                    for _ in 0..names {
+                        let n = b.get_u16() as usize;
+                        b.advance(n);
+                    }
+                    skip_type(&mut b);
+                }
+            }
+            let rows_count = b.get_i32() as usize;
+            let mut cells = Vec::new();
+            for _ in 0..rows_count {
+                let mut row = Vec::new();
+                for _ in 0..columns {
+                    let n = b.get_i32();
+                    row.push((n >= 0).then(|| {
+                        let v = b[..n as usize].to_vec();
+                        b.advance(n as usize);
+                        v
+                    }));
+                }
+                cells.push(row);
+            }
+            Rows { rows_count, cells }
+        }
+    }
+
+    #[test]
+    fn only_select_reads() {
+        for q in [
+            "SELECT 1",
+            " select * from t",
+            "/* c */ -- x\n SeLeCt k FROM t",
+        ] {
+            assert!(is_select(q), "{q}");
+        }
+        for q in ["SELECTED", "INSERT INTO t", "-- SELECT", "/* SELECT"] {
+            assert!(!is_select(q), "{q}");
+        }
+    }
 
     fn engine() -> Engine {
         let t = Topology {
@@ -463,8 +560,7 @@ mod tests {
     }
 
     fn run(e: &Engine, cql: &str, cl: u16, ks: Option<&str>) -> Reply {
-        let f = messages::query(4, 1, cql, cl);
-        e.handle(opcode::QUERY, &f.body, ks)
+        e.handle(opcode::QUERY, &build::query(cql, cl), ks)
     }
 
     #[test]
@@ -472,13 +568,12 @@ mod tests {
         let e = engine();
         let r = run(&e, "SELECT cluster_name, release_version, partitioner, data_center FROM system.local WHERE key='local'", consistency::ONE, None);
         assert_eq!(r.opcode, opcode::RESULT, "{:?}", error_message(&r));
-        let rows = Rows::parse(&r.body).unwrap();
-        let cells = rows.cells().unwrap();
-        assert_eq!(cells[0][0], Some(&b"Amazon Keyspaces"[..]));
-        assert_eq!(cells[0][1], Some(&b"3.11.2"[..]));
-        assert_eq!(cells[0][3], Some(&b"us-east-1"[..]));
+        let cells = Rows::parse(&r.body).cells;
+        assert_eq!(cells[0][0].as_deref(), Some(&b"Amazon Keyspaces"[..]));
+        assert_eq!(cells[0][1].as_deref(), Some(&b"3.11.2"[..]));
+        assert_eq!(cells[0][3].as_deref(), Some(&b"us-east-1"[..]));
         let r = run(&e, "SELECT * FROM system.peers", consistency::ONE, None);
-        assert_eq!(Rows::parse(&r.body).unwrap().rows_count, 9);
+        assert_eq!(Rows::parse(&r.body).rows_count, 9);
         let r = run(&e, "SELECT * FROM system.peers_v2", consistency::ONE, None);
         assert_eq!(
             error_message(&r).unwrap().message,
@@ -529,7 +624,7 @@ mod tests {
             consistency::LOCAL_ONE,
             None,
         );
-        assert_eq!(Rows::parse(&r.body).unwrap().rows_count, 1);
+        assert_eq!(Rows::parse(&r.body).rows_count, 1);
     }
 
     #[test]

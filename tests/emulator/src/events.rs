@@ -44,7 +44,8 @@ impl EventLog {
             return;
         }
         if let Some(f) = self.file.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = writeln!(f, "{event}");
+            // One write per line: a reader polling the file never sees half an event.
+            let _ = f.write_all(format!("{event}\n").as_bytes());
         }
         let mut mem = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         if mem.len() < MEMORY_LIMIT {

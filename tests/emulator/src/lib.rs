@@ -7,14 +7,15 @@ pub mod connection;
 pub mod engine;
 pub mod events;
 pub mod faults;
+pub mod sigv4;
 pub mod tls;
+pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use keyspaces_proxy::frame::Compression;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -23,6 +24,7 @@ pub use auth::{PlainUser, SigV4Key};
 pub use engine::Partitioner;
 pub use events::EventLog;
 pub use faults::Faults;
+pub use wire::Compression;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
@@ -67,7 +69,13 @@ pub struct EmulatorConfig {
     pub expired_certificate: bool,
     /// Accept SigV4 from access keys it does not know (issued by a test STS), unverified.
     pub accept_unknown_keys: bool,
+    /// Close the connection after answering a request body the emulator cannot decode, as
+    /// Cassandra does: everything else in flight on it fails.
+    pub close_on_protocol_error: bool,
 }
+
+/// Cassandra's default `native_transport_max_frame_size_in_mb` (256).
+pub const DEFAULT_MAX_FRAME_LEN: usize = 256 * 1024 * 1024;
 
 impl Default for EmulatorConfig {
     fn default() -> Self {
@@ -85,10 +93,11 @@ impl Default for EmulatorConfig {
             compression: Vec::new(),
             record_events: false,
             event_log: None,
-            max_frame_len: keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
             insecure_plaintext: false,
             expired_certificate: false,
             accept_unknown_keys: false,
+            close_on_protocol_error: false,
         }
     }
 }

@@ -3,8 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use keyspaces_emulator::{Emulator, EmulatorConfig, Partitioner, PlainUser, SigV4Key};
-use keyspaces_proxy::frame::Compression;
+use keyspaces_emulator::{Compression, Emulator, EmulatorConfig, Partitioner, PlainUser, SigV4Key};
 
 /// A local, Keyspaces-faithful CQL endpoint for tests, benchmarks and trying keyspaces-proxy
 /// without an AWS account.
@@ -68,6 +67,10 @@ struct Cli {
     /// without checking the signature; they are logged by key id.
     #[arg(long)]
     accept_unknown_keys: bool,
+    /// Close a connection after answering a request body it cannot decode, as Cassandra
+    /// does (every other request in flight on it fails).
+    #[arg(long)]
+    close_on_protocol_error: bool,
     /// Fault: accept and immediately close every connection.
     #[arg(long)]
     refuse_connections: bool,
@@ -101,7 +104,7 @@ fn main() -> ExitCode {
     }
     let mut compression = Vec::new();
     for c in &cli.compression {
-        match Compression::from_option(Some(c)) {
+        match c.parse::<Compression>() {
             Ok(Compression::None) => {}
             Ok(a) => compression.push(a),
             Err(e) => {
@@ -127,9 +130,22 @@ fn main() -> ExitCode {
         insecure_plaintext: cli.insecure_plaintext_for_benchmarks,
         expired_certificate: cli.expired_certificate,
         accept_unknown_keys: cli.accept_unknown_keys,
+        close_on_protocol_error: cli.close_on_protocol_error,
         ..EmulatorConfig::default()
     };
-    let runtime = match keyspaces_proxy::runtime::build(cli.worker_threads) {
+    // One thread: a current-thread runtime, without the work-stealing a single worker would
+    // only pay for.
+    let mut runtime = match cli.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyspaces-emulator: {e}");
