@@ -1,6 +1,6 @@
 //! Keeps drivers on the proxy: `system.local` names the proxy's address and `system.peers` is
 //! empty, so a driver's load balancer has exactly one host to use: us. Results are rewritten
-//! from what the upstream returned (partitioner, tokens, versions stay Keyspaces' own).
+//! from what the upstream returned (partitioner and versions stay Keyspaces' own).
 
 use std::net::IpAddr;
 
@@ -90,6 +90,13 @@ impl From<IpAddr> for ProxyNode {
 }
 
 const TYPE_UUID: u16 = 0x000C;
+const TYPE_SET: u16 = 0x0022;
+
+/// `tokens` for the one node drivers see: `{'0'}`, a single token, so the proxy owns the whole
+/// ring under either partitioner Keyspaces reports ("0" is a valid Murmur3 and Random token).
+/// Each Keyspaces endpoint answers with its own tokens; passing them through would hand a
+/// driver a different ring on every reconnect of its control connection.
+const PROXY_TOKENS: [u8; 9] = [0, 0, 0, 1, 0, 0, 0, 1, b'0'];
 
 /// Rewrites a RESULT frame body for `table`. Non-ROWS results (errors never get here) pass
 /// through unchanged. `columns` is the prepared result metadata, for EXECUTEs that skipped it.
@@ -142,6 +149,7 @@ fn rewrite_local(
             .map(|c| match (c.type_id, c.name.as_str()) {
                 (TYPE_INET, name) if ADDRESS_COLUMNS.contains(&name) => Some(&address[..]),
                 (TYPE_UUID, "host_id") => Some(&node.host_id[..]),
+                (TYPE_SET, "tokens") => Some(&PROXY_TOKENS[..]),
                 _ => None,
             })
             .collect(),
@@ -332,6 +340,9 @@ mod tests {
             } else if c.name == "host_id" {
                 let node = ProxyNode::from("127.0.0.53".parse::<IpAddr>().unwrap());
                 assert_eq!(new[i], Some(&node.host_id[..]), "the proxy's own host_id");
+            } else if c.name == "tokens" {
+                assert_ne!(old[i], new[i], "the emulator's tokens are not the proxy's");
+                assert_eq!(new[i], Some(&PROXY_TOKENS[..]), "one token, the whole ring");
             } else {
                 assert_eq!(new[i], old[i], "{} must be unchanged", c.name);
             }

@@ -15,7 +15,7 @@ use tokio_util::codec::FramedRead;
 use crate::auth::{new_nonce, verify_plain, verify_sigv4, AuthFailure};
 use crate::engine::{throttled, Reply};
 use crate::sigv4::{self, SignedResponse};
-use crate::wire::request::{decode, Request};
+use crate::wire::request::{decode, message_start, Request};
 use crate::wire::writer::{write_out, Out, QUEUE_DEPTH};
 use crate::wire::{
     consistency, error_code, flags, opcode, response, Compression, Frame, FrameDecoder,
@@ -239,6 +239,9 @@ impl Conn {
             Ok(r) => r,
             Err(e) => return self.undecodable(stream, frame.opcode, &e.0).await,
         };
+        // The engine reads the message itself, past any custom payload (decoding succeeded,
+        // so the offset is there).
+        let message = &body[message_start(v, frame.flags, &body).unwrap_or(0)..];
         let traced = frame.flags & flags::TRACING != 0;
         match (&self.state, request) {
             (_, Request::Options) => {
@@ -275,7 +278,7 @@ impl Conn {
                 | Request::Execute(..)
                 | Request::Batch(_)),
             ) => {
-                self.on_request(stream, frame.opcode, &body, &r, traced)
+                self.on_request(stream, frame.opcode, message, &r, traced)
                     .await
             }
             (State::Ready, _) => {

@@ -289,6 +289,15 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Where the message starts in a request body: past the custom payload, if the frame has one.
+pub fn message_start(version: u8, frame_flags: u8, body: &[u8]) -> Result<usize, DecodeError> {
+    let mut c = Cursor { rest: body };
+    if frame_flags & flags::CUSTOM_PAYLOAD != 0 && version >= 4 {
+        c.bytes_map()?;
+    }
+    Ok(body.len() - c.rest.len())
+}
+
 /// Decodes a request body (already decompressed). `frame_flags` says whether a custom
 /// payload precedes the message (v4, spec §2.2).
 pub fn decode(
