@@ -446,13 +446,25 @@ async fn unprepared_is_re_prepared_without_the_client_noticing() {
         ErrorInfo::parse(&r.body)
     );
     assert_eq!(single_text(&r), "after");
+    // Traced: the emulator puts a tracing id in front of the UNPREPARED body (as in front of
+    // every answer to a traced request); the proxy still reads it and re-prepares.
+    emu.forget_prepared();
+    let mut traced = execute(&select, &[&key]);
+    traced.header.flags |= keyspaces_proxy::frame::header::flags::TRACING;
+    let r = c.call(traced).await;
+    assert_eq!(r.opcode(), opcode::RESULT, "{:?}", r.body);
+    assert!(r
+        .header
+        .has_flag(keyspaces_proxy::frame::header::flags::TRACING));
+    let rows = Rows::parse(&r.body[16..]).unwrap();
+    assert_eq!(rows.cells().unwrap()[0][0], Some(&b"after"[..]));
     let events = emu.events.snapshot();
     let prepares = events_of(&events, "request")
         .filter(|e| e["opcode"] == "PREPARE")
         .count();
     assert_eq!(
-        prepares, 4,
-        "two client PREPAREs and two transparent re-prepares"
+        prepares, 5,
+        "two client PREPAREs and three transparent re-prepares"
     );
 }
 
