@@ -468,6 +468,63 @@ async fn unprepared_is_re_prepared_without_the_client_noticing() {
     );
 }
 
+/// A bystander's read in flight on a connection that is lost is sent again on the other,
+/// healthy connection: the client gets its rows, not an error.
+#[tokio::test]
+async fn a_read_cut_with_its_connection_is_answered_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let settings = PoolSettings {
+        min_connections: 2,
+        max_connections: 2,
+        ..PoolSettings::default()
+    };
+    let addr = proxy_without_rate_limit(&emu, settings).await;
+    let mut c = ready(addr).await;
+    assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+    until_authenticated(&emu, 2).await;
+    let before = events_of(&emu.events.snapshot(), "request").count();
+    // The next answer is held back until its connection is cut.
+    emu.faults.set_latency(Duration::from_secs(600));
+    c.send(local_query()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let events = emu.events.snapshot();
+        if let Some(e) = events_of(&events, "request").nth(before) {
+            break e["conn"].as_u64().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the emulator"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    emu.faults.set_latency(Duration::ZERO);
+    emu.faults.disconnect(first);
+    let r = tokio::time::timeout(Duration::from_secs(60), c.recv())
+        .await
+        .expect("answered")
+        .expect("the client connection stays open");
+    assert_eq!(
+        r.opcode(),
+        opcode::RESULT,
+        "{:?}",
+        ErrorInfo::parse(&r.body)
+    );
+    let events = emu.events.snapshot();
+    let conns: Vec<u64> = events_of(&events, "request")
+        .skip(before)
+        .map(|e| e["conn"].as_u64().unwrap())
+        .collect();
+    assert_eq!(conns.len(), 2, "sent once, then once more");
+    assert_ne!(conns[0], conns[1], "the retry went to the other connection");
+    assert_eq!(
+        events_of(&events, "fault_disconnect").count(),
+        1,
+        "only one was cut"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_loss_mid_load_answers_every_request_then_recovers() {
     let dir = tempfile::tempdir().unwrap();

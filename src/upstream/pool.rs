@@ -446,7 +446,9 @@ impl Pool {
 
     /// Whether a request may be sent again after its connection died: reads only.
     fn is_retry_safe(&self, request: &Frame) -> bool {
-        let body = request.body.as_ref();
+        let Ok(body) = message_body(&request.header, &request.body) else {
+            return false;
+        };
         match request.opcode() {
             opcode::OPTIONS | opcode::PREPARE => true,
             opcode::QUERY => parse_query(body).is_ok_and(|q| is_select(q.text)),

@@ -122,11 +122,18 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         shared,
     };
     let mut disconnects = conn.shared.faults.disconnects();
+    disconnects.mark_unchanged();
+    let mut cut = false;
     loop {
         let next = tokio::select! {
             n = frames.next() => n,
-            _ = disconnects.changed() => {
+            Ok(()) = disconnects.changed() => {
+                let (_, target) = *disconnects.borrow_and_update();
+                if target.is_some_and(|t| t != id) {
+                    continue;
+                }
                 conn.shared.events.record(json!({"event": "fault_disconnect", "conn": id}));
+                cut = true;
                 break;
             }
         };
@@ -148,6 +155,10 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         .events
         .record(json!({"event": "disconnect", "conn": id}));
     drop(conn);
+    if cut {
+        // A lost connection: answers still queued (or delayed by injected latency) never go out.
+        writer.abort();
+    }
     let _ = writer.await;
 }
 

@@ -7,7 +7,8 @@ use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct Faults {
-    disconnect: watch::Sender<u64>,
+    /// Bumped per fault; the target is one connection's id, or every connection.
+    disconnect: watch::Sender<(u64, Option<u64>)>,
     latency_ms: AtomicU64,
     close_after: AtomicU64,
     refuse_connections: AtomicBool,
@@ -19,7 +20,7 @@ pub struct Faults {
 impl Default for Faults {
     fn default() -> Self {
         Faults {
-            disconnect: watch::Sender::new(0),
+            disconnect: watch::Sender::new((0, None)),
             latency_ms: AtomicU64::new(0),
             close_after: AtomicU64::new(0),
             refuse_connections: AtomicBool::new(false),
@@ -33,9 +34,16 @@ impl Default for Faults {
 impl Faults {
     /// Drops every open connection at once, mid-request if need be.
     pub fn disconnect_all(&self) {
-        self.disconnect.send_modify(|n| *n += 1);
+        self.disconnect
+            .send_modify(|(n, target)| (*n, *target) = (*n + 1, None));
     }
-    pub fn disconnects(&self) -> watch::Receiver<u64> {
+    /// Drops one connection (its id in the event log), mid-request if need be: nothing queued
+    /// on it is written any more.
+    pub fn disconnect(&self, conn: u64) {
+        self.disconnect
+            .send_modify(|(n, target)| (*n, *target) = (*n + 1, Some(conn)));
+    }
+    pub fn disconnects(&self) -> watch::Receiver<(u64, Option<u64>)> {
         self.disconnect.subscribe()
     }
     /// Added before every request's answer.
