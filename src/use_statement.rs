@@ -21,23 +21,88 @@ pub enum UseStatement {
     Unparsable,
 }
 
+/// How a lexer ends a block comment. Cassandra's ends it at the first `*/` after the `/*`;
+/// others read `/*/` as a whole comment or nest comments. A statement is only let through as
+/// "not USE" when no lexer in this list sees USE first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Cassandra,
+    Overlapping,
+    Nested,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lexer {
+    block: Block,
+    /// Cassandra ends `--`/`//` comments at `\n` or `\r`; some lexers only at `\n`.
+    line_ends_at_cr: bool,
+}
+
+const CASSANDRA: Lexer = Lexer {
+    block: Block::Cassandra,
+    line_ends_at_cr: true,
+};
+
+const OTHER_LEXERS: [Lexer; 5] = [
+    Lexer {
+        block: Block::Cassandra,
+        line_ends_at_cr: false,
+    },
+    Lexer {
+        block: Block::Overlapping,
+        line_ends_at_cr: true,
+    },
+    Lexer {
+        block: Block::Overlapping,
+        line_ends_at_cr: false,
+    },
+    Lexer {
+        block: Block::Nested,
+        line_ends_at_cr: true,
+    },
+    Lexer {
+        block: Block::Nested,
+        line_ends_at_cr: false,
+    },
+];
+
 /// The end of the comment starting at `i` (`--` or `//` to the end of the line, `/* */`), if
 /// one starts there. An unterminated comment runs to the end.
-fn comment_end(s: &str, i: usize) -> Option<usize> {
+fn comment_end(s: &str, i: usize, lexer: Lexer) -> Option<usize> {
     let rest = &s[i..];
     if rest.starts_with("--") || rest.starts_with("//") {
-        Some(rest.find('\n').map_or(s.len(), |n| i + n + 1))
-    } else {
-        let body = rest.strip_prefix("/*")?;
-        Some(body.find("*/").map_or(s.len(), |n| i + 2 + n + 2))
+        let eol = if lexer.line_ends_at_cr {
+            rest.find(['\n', '\r'])
+        } else {
+            rest.find('\n')
+        };
+        return Some(eol.map_or(s.len(), |n| i + n + 1));
     }
+    let body = rest.strip_prefix("/*")?;
+    let end = match lexer.block {
+        Block::Cassandra => body.find("*/").map(|n| 2 + n + 2),
+        Block::Overlapping => rest[1..].find("*/").map(|n| 1 + n + 2),
+        Block::Nested => {
+            let (mut depth, mut k) = (1usize, 2);
+            let b = rest.as_bytes();
+            while depth > 0 && k + 1 < b.len() {
+                match &b[k..k + 2] {
+                    b"/*" => (depth, k) = (depth + 1, k + 2),
+                    b"*/" => (depth, k) = (depth - 1, k + 2),
+                    _ => k += 1,
+                }
+            }
+            (depth == 0).then_some(k)
+        }
+    };
+    Some(end.map_or(s.len(), |n| i + n))
 }
 
 /// Skips what might separate tokens for some parser: white space, control characters, any
 /// non-ASCII character (a byte-order mark) and comments.
-fn skip_trivia(s: &str, mut i: usize) -> usize {
+fn skip_trivia(s: &str, mut i: usize, lexer: Lexer) -> usize {
     loop {
-        if let Some(end) = comment_end(s, i) {
+        if let Some(end) = comment_end(s, i, lexer) {
             i = end;
         } else if let Some(c) = s[i..]
             .chars()
@@ -88,25 +153,29 @@ fn keyspace_at(s: &str, i: usize) -> Option<(String, usize)> {
 
 /// Only the four separators of Cassandra's grammar, and comments, between the exact tokens.
 fn strict_trivia(s: &str, i: usize) -> Option<usize> {
-    let end = skip_trivia(s, i);
+    let end = skip_trivia(s, i, CASSANDRA);
     let mut k = i;
     while k < end {
         k = match s.as_bytes()[k] {
             b' ' | b'\t' | b'\n' | b'\r' => k + 1,
-            _ => comment_end(s, k)?,
+            _ => comment_end(s, k, CASSANDRA)?,
         };
     }
     Some(end)
 }
 
-/// The first word as a parser that deletes comments (rather than reading them as a space) would
-/// see it, lowercased: `U/**/SE ks` is `use` to such a parser (the emulator's engine is one).
-/// Stray non-ASCII and control characters inside the word are deleted too. At most 8 letters.
-fn first_word_without_comments(s: &str) -> String {
-    let mut i = skip_trivia(s, 0);
+/// The first word as `lexer` would see it, lowercased, at most 8 letters. With
+/// `delete_comments` a comment joins what surrounds it (`U/**/SE ks` is `use` to such a parser;
+/// the emulator's engine is one) and stray non-ASCII and control characters inside the word are
+/// deleted too; otherwise a comment ends the word.
+fn first_word(s: &str, lexer: Lexer, delete_comments: bool) -> String {
+    let mut i = skip_trivia(s, 0, lexer);
     let mut word = String::new();
     while word.len() < 8 {
-        if let Some(end) = comment_end(s, i) {
+        if let Some(end) = comment_end(s, i, lexer) {
+            if !delete_comments {
+                break;
+            }
             i = end;
         } else {
             match s[i..].chars().next() {
@@ -114,7 +183,10 @@ fn first_word_without_comments(s: &str) -> String {
                     word.push(c.to_ascii_lowercase());
                     i += 1;
                 }
-                Some(c) if !c.is_ascii() || (c.is_control() && !c.is_ascii_whitespace()) => {
+                Some(c)
+                    if delete_comments
+                        && (!c.is_ascii() || (c.is_control() && !c.is_ascii_whitespace())) =>
+                {
                     i += c.len_utf8();
                 }
                 _ => break,
@@ -125,13 +197,20 @@ fn first_word_without_comments(s: &str) -> String {
 }
 
 pub fn classify_use(cql: &str) -> UseStatement {
-    let start = skip_trivia(cql, 0);
+    let start = skip_trivia(cql, 0, CASSANDRA);
     let end = word_end(cql, start);
     if cql[start..end].eq_ignore_ascii_case("use") {
         return parse_use_rest(cql, start, end).map_or(UseStatement::Unparsable, UseStatement::Use);
     }
-    // Not USE to this lexer, but USE to one that deletes comments: refused, never forwarded.
-    if first_word_without_comments(cql) == "use" {
+    // Not USE to Cassandra's lexer, but USE to another one (or to one that deletes
+    // comments): refused, never forwarded.
+    let deleting = first_word(cql, CASSANDRA, true) == "use";
+    let elsewhere = || {
+        OTHER_LEXERS
+            .iter()
+            .any(|l| first_word(cql, *l, false) == "use" || first_word(cql, *l, true) == "use")
+    };
+    if deleting || elsewhere() {
         return UseStatement::Unparsable;
     }
     UseStatement::NotUse
@@ -180,6 +259,11 @@ mod tests {
             ("-- comment line\nUSE ks", ks("ks")),
             ("USE ks; -- done", ks("ks")),
             ("USE ks_2", ks("ks_2")),
+            // Cassandra ends line comments at \r too (the proxy sends `USE "ks"` upstream, so
+            // a server that does not reads the same statement).
+            ("-- note\rUSE ks", ks("ks")),
+            ("// note\rUSE ks", ks("ks")),
+            ("/*/ */USE ks", ks("ks")),
         ] {
             assert_eq!(classify_use(cql), want, "{cql:?}");
         }
@@ -208,10 +292,13 @@ mod tests {
             "U--x\nSE ks",
             "U\u{200b}SE ks",
             "U/**/SE\"ks\"",
+            "/*/USE ks",
+            "u/*/se ks",
+            "/* /* */ */ USE ks",
         ] {
             let got = classify_use(cql);
             assert!(
-                got == Unparsable || (got == NotUse && cql.starts_with("/*")),
+                got == Unparsable || (got == NotUse && cql == "/* unterminated USE ks"),
                 "{cql:?}: {got:?}"
             );
         }
