@@ -153,6 +153,15 @@ pub fn query(version: u8, stream: i16, cql: &str, consistency: u16) -> Frame {
 /// The message part of a body: what follows the tracing id, warnings and custom payload that
 /// the header's flags announce. Compressed bodies must be decompressed first.
 pub fn message_body<'a>(header: &Header, body: &'a [u8]) -> BodyResult<&'a [u8]> {
+    // v3 has neither (Cassandra refuses a v3 frame flagged with a custom payload): a v3 peer
+    // setting them means something else by the bytes, which must not be read, or forwarded, as
+    // if it did.
+    if header.protocol_version() < 4 && header.flags & (flags::CUSTOM_PAYLOAD | flags::WARNING) != 0
+    {
+        return Err(BodyError::Invalid(
+            "custom payload and warning flags need protocol v4",
+        ));
+    }
     let mut r = Reader::new(body);
     if header.is_response() {
         if header.has_flag(flags::TRACING) {

@@ -271,6 +271,27 @@ fn negative_streams_get_a_protocol_error() {
 }
 
 #[test]
+fn v3_frames_cannot_carry_a_custom_payload() {
+    let mut r = Router::new(
+        3,
+        Compression::None,
+        Compression::None,
+        "127.0.0.7".parse().unwrap(),
+        1 << 20,
+    );
+    // A v4-style payload in front of a valid QUERY: v3 has no payloads, so Cassandra would
+    // read the payload bytes as the query (or refuse the frame) and close the connection.
+    let query = messages::query(3, 5, "SELECT * FROM t", 1);
+    let mut body = vec![0, 1, 0, 1, b'k', 0, 0, 0, 1, b'v'];
+    body.extend_from_slice(&query.body);
+    let mut f = Frame::new(query.header, body.into());
+    f.header.flags |= crate::frame::header::flags::CUSTOM_PAYLOAD;
+    f.header.length = f.body.len() as u32;
+    let route = r.on_client_frame(f);
+    assert_eq!(error_code_of(route), error_code::PROTOCOL_ERROR);
+}
+
+#[test]
 fn consistency_guard_raises_writes() {
     let mut r = router(Compression::None).consistency_guard(Some(Arc::new(PreparedCache::new(4))));
     let Route::Upstream(f) =

@@ -292,7 +292,10 @@ impl<'a> Cursor<'a> {
 /// Where the message starts in a request body: past the custom payload, if the frame has one.
 pub fn message_start(version: u8, frame_flags: u8, body: &[u8]) -> Result<usize, DecodeError> {
     let mut c = Cursor { rest: body };
-    if frame_flags & flags::CUSTOM_PAYLOAD != 0 && version >= 4 {
+    if frame_flags & flags::CUSTOM_PAYLOAD != 0 {
+        if version < 4 {
+            return fail("Received frame with CUSTOM_PAYLOAD flag for native protocol version < 4");
+        }
         c.bytes_map()?;
     }
     Ok(body.len() - c.rest.len())
@@ -307,7 +310,10 @@ pub fn decode(
     body: &[u8],
 ) -> Result<Request<'_>, DecodeError> {
     let mut c = Cursor { rest: body };
-    if frame_flags & flags::CUSTOM_PAYLOAD != 0 && version >= 4 {
+    if frame_flags & flags::CUSTOM_PAYLOAD != 0 {
+        if version < 4 {
+            return fail("Received frame with CUSTOM_PAYLOAD flag for native protocol version < 4");
+        }
         c.bytes_map()?;
     }
     let request = match op {
@@ -445,5 +451,6 @@ mod tests {
         body.extend_from_slice(&build::query("SELECT 1", 1));
         assert!(decode(4, flags::CUSTOM_PAYLOAD, opcode::QUERY, &body).is_ok());
         assert!(decode(4, 0, opcode::QUERY, &body).is_err());
+        assert!(decode(3, flags::CUSTOM_PAYLOAD, opcode::QUERY, &body).is_err());
     }
 }
