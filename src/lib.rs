@@ -7,6 +7,7 @@ pub mod auth;
 pub mod check;
 pub mod config;
 pub mod config_file;
+pub(crate) mod cql_lexer;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;

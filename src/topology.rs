@@ -17,33 +17,54 @@ pub enum SystemTable {
     Peers,
 }
 
-/// Which rewritten system table a statement reads, if any. `system.peers_v2` is left alone:
-/// Keyspaces has none, and drivers fall back to `system.peers` on its error.
-pub fn classify(cql: &str) -> Option<SystemTable> {
+/// Which rewritten system table a statement reads, if any, in `keyspace` (the client's `USE`,
+/// for unqualified names). `system.peers_v2` is left alone: Keyspaces has none, and drivers
+/// fall back to `system.peers` on its error. Comments count as the spaces they are to
+/// Cassandra (`FROM /**/ system.peers`), as does space around the dot.
+pub fn classify(cql: &str, keyspace: Option<&str>) -> Option<SystemTable> {
+    let in_system = keyspace.is_some_and(|k| k.eq_ignore_ascii_case("system"));
     // Cheap exit for the hot path: ordinary statements never mention "system".
-    if !cql
-        .as_bytes()
-        .windows(6)
-        .any(|w| w.eq_ignore_ascii_case(b"system"))
+    if !in_system
+        && !cql
+            .as_bytes()
+            .windows(6)
+            .any(|w| w.eq_ignore_ascii_case(b"system"))
     {
         return None;
     }
-    let normalized: String = cql
+    let normalized: String = crate::cql_lexer::without_comments(cql)
         .chars()
         .filter(|c| *c != '"')
         .map(|c| c.to_ascii_lowercase())
         .collect();
     let mut tokens = normalized
         .split(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '(' || c == ')')
-        .filter(|t| !t.is_empty());
-    while let Some(t) = tokens.by_ref().next() {
-        if t == "from" {
-            return match tokens.next() {
-                Some("system.local") => Some(SystemTable::Local),
-                Some("system.peers") => Some(SystemTable::Peers),
-                _ => None,
-            };
+        .filter(|t| !t.is_empty())
+        .peekable();
+    while let Some(t) = tokens.next() {
+        if t != "from" {
+            continue;
         }
+        // `system.local`, `system . local`, `system .local`, `system. local`.
+        let mut name = String::new();
+        while let Some(part) = tokens.peek() {
+            let joins = name.is_empty() || name.ends_with('.') || part.starts_with('.');
+            if !joins {
+                break;
+            }
+            name.push_str(part);
+            tokens.next();
+        }
+        let table = match name.split_once('.') {
+            Some(("system", table)) => table,
+            None if in_system => name.as_str(),
+            _ => return None,
+        };
+        return match table {
+            "local" => Some(SystemTable::Local),
+            "peers" => Some(SystemTable::Peers),
+            _ => None,
+        };
     }
     None
 }
@@ -196,9 +217,24 @@ mod tests {
             ("SELECT * FROM system_schema.tables", None),
             ("INSERT INTO ks.t (a) VALUES ('from system.local')", None),
             ("SELECT * FROM ks.tbl", None),
+            // Found by review: spellings Cassandra reads as system.peers / system.local.
+            ("SELECT * FROM /**/ system.peers", Some(Peers)),
+            ("SELECT host_id FROM /* x */ system.local", Some(Local)),
+            ("SELECT * FROM -- note\n system . peers", Some(Peers)),
+            ("SELECT * FROM system .local", Some(Local)),
+            ("SELECT * FROM system. local", Some(Local)),
+            ("SELECT * FROM local", None),
         ] {
-            assert_eq!(classify(q), want, "{q}");
+            assert_eq!(classify(q, None), want, "{q}");
         }
+        // After `USE system`, unqualified names are system tables.
+        assert_eq!(classify("SELECT * FROM peers", Some("system")), Some(Peers));
+        assert_eq!(
+            classify("SELECT * FROM \"local\"", Some("system")),
+            Some(Local)
+        );
+        assert_eq!(classify("SELECT * FROM peers", Some("ks")), None);
+        assert_eq!(classify("SELECT * FROM ks.peers", Some("system")), None);
     }
 
     fn local_body() -> Bytes {

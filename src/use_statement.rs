@@ -9,6 +9,8 @@
 //! (Cassandra's lexer: `' ' \t \n \r`, `--`/`//` line comments, `/* */` block comments,
 //! identifiers `[A-Za-z][A-Za-z0-9_]*`, quoted names with `""` escapes).
 
+use crate::cql_lexer::{comment_end, skip_trivia, Lexer, CASSANDRA, OTHER_LEXERS};
+
 /// What a statement's text says about `USE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UseStatement {
@@ -19,101 +21,6 @@ pub enum UseStatement {
     Use(String),
     /// Starts with `USE` but is not exactly `USE name [;]`: refuse it.
     Unparsable,
-}
-
-/// How a lexer ends a block comment. Cassandra's ends it at the first `*/` after the `/*`;
-/// others read `/*/` as a whole comment or nest comments. A statement is only let through as
-/// "not USE" when no lexer in this list sees USE first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Block {
-    Cassandra,
-    Overlapping,
-    Nested,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Lexer {
-    block: Block,
-    /// Cassandra ends `--`/`//` comments at `\n` or `\r`; some lexers only at `\n`.
-    line_ends_at_cr: bool,
-}
-
-const CASSANDRA: Lexer = Lexer {
-    block: Block::Cassandra,
-    line_ends_at_cr: true,
-};
-
-const OTHER_LEXERS: [Lexer; 5] = [
-    Lexer {
-        block: Block::Cassandra,
-        line_ends_at_cr: false,
-    },
-    Lexer {
-        block: Block::Overlapping,
-        line_ends_at_cr: true,
-    },
-    Lexer {
-        block: Block::Overlapping,
-        line_ends_at_cr: false,
-    },
-    Lexer {
-        block: Block::Nested,
-        line_ends_at_cr: true,
-    },
-    Lexer {
-        block: Block::Nested,
-        line_ends_at_cr: false,
-    },
-];
-
-/// The end of the comment starting at `i` (`--` or `//` to the end of the line, `/* */`), if
-/// one starts there. An unterminated comment runs to the end.
-fn comment_end(s: &str, i: usize, lexer: Lexer) -> Option<usize> {
-    let rest = &s[i..];
-    if rest.starts_with("--") || rest.starts_with("//") {
-        let eol = if lexer.line_ends_at_cr {
-            rest.find(['\n', '\r'])
-        } else {
-            rest.find('\n')
-        };
-        return Some(eol.map_or(s.len(), |n| i + n + 1));
-    }
-    let body = rest.strip_prefix("/*")?;
-    let end = match lexer.block {
-        Block::Cassandra => body.find("*/").map(|n| 2 + n + 2),
-        Block::Overlapping => rest[1..].find("*/").map(|n| 1 + n + 2),
-        Block::Nested => {
-            let (mut depth, mut k) = (1usize, 2);
-            let b = rest.as_bytes();
-            while depth > 0 && k + 1 < b.len() {
-                match &b[k..k + 2] {
-                    b"/*" => (depth, k) = (depth + 1, k + 2),
-                    b"*/" => (depth, k) = (depth - 1, k + 2),
-                    _ => k += 1,
-                }
-            }
-            (depth == 0).then_some(k)
-        }
-    };
-    Some(end.map_or(s.len(), |n| i + n))
-}
-
-/// Skips what might separate tokens for some parser: white space, control characters, any
-/// non-ASCII character (a byte-order mark) and comments.
-fn skip_trivia(s: &str, mut i: usize, lexer: Lexer) -> usize {
-    loop {
-        if let Some(end) = comment_end(s, i, lexer) {
-            i = end;
-        } else if let Some(c) = s[i..]
-            .chars()
-            .next()
-            .filter(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
-        {
-            i += c.len_utf8();
-        } else {
-            return i;
-        }
-    }
 }
 
 fn is_word_byte(b: u8) -> bool {

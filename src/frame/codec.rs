@@ -95,10 +95,12 @@ impl ForeignProtocol {
         if start.first() == Some(&0x16) {
             return Some(ForeignProtocol::Tls);
         }
-        let four = start.get(..4)?;
+        // Fewer than four bytes decide too when they begin a method: no CQL version byte is an
+        // ASCII capital from C to T, and a client that sent `GE` may wait for an answer.
+        let seen = &start[..start.len().min(4)];
         HTTP_STARTS
             .iter()
-            .any(|m| m[..] == *four)
+            .any(|m| m.starts_with(seen))
             .then_some(ForeignProtocol::Http)
     }
 }
@@ -280,6 +282,9 @@ mod tests {
             (&b"GET / HTTP/1.1\r\n"[..], ForeignProtocol::Http),
             (&b"PRI * HTTP/2.0"[..], ForeignProtocol::Http),
             (&b"POST /x"[..], ForeignProtocol::Http),
+            (&b"G"[..], ForeignProtocol::Http),
+            (&b"GE"[..], ForeignProtocol::Http),
+            (&b"PRI"[..], ForeignProtocol::Http),
         ] {
             let mut buf = BytesMut::from(bytes);
             assert!(

@@ -57,6 +57,9 @@ pub struct Router {
     pending: HashMap<i16, Pending>,
     system_prepared: HashMap<Bytes, (SystemTable, Option<Vec<ColumnSpec>>)>,
     split_use: bool,
+    /// The keyspace this client's last exact `USE` named (pooled mode), for unqualified
+    /// system-table names after `USE system`.
+    keyspace: Option<String>,
     consistency_guard: Option<Arc<PreparedCache>>,
     /// The pool-wide prepared statements (pooled mode): an EXECUTE is classified by what its id
     /// stands for, whichever client connection prepared it.
@@ -108,6 +111,7 @@ impl Router {
             pending: HashMap::new(),
             system_prepared: HashMap::new(),
             split_use: false,
+            keyspace: None,
             consistency_guard: None,
             prepared: None,
             recent: RecentStatements::default(),
@@ -252,11 +256,11 @@ impl Router {
             (opcode::EXECUTE, _) => executed,
             (opcode::QUERY, Ok(body)) => parse_query(body)
                 .ok()
-                .and_then(|q| classify(q.text))
+                .and_then(|q| classify(q.text, self.keyspace.as_deref()))
                 .map(|t| Pending::Rewrite(t, None)),
             (opcode::PREPARE, Ok(body)) => parse_prepare(body)
                 .ok()
-                .and_then(classify)
+                .and_then(|text| classify(text, self.keyspace.as_deref()))
                 .map(Pending::Prepare),
             _ => None,
         };
@@ -297,6 +301,7 @@ impl Router {
             (UseStatement::NotUse, _) => None,
             (UseStatement::Use(keyspace), opcode::QUERY) => {
                 self.forget(stream);
+                self.keyspace = Some(keyspace.clone());
                 // The canonical spelling goes upstream, not the client's: the proxy decided
                 // what it means, and a server need not parse comments the way it did.
                 let canonical = format!("USE \"{}\"", keyspace.replace('"', "\"\""));

@@ -523,7 +523,8 @@ impl ConnOwner for Pool {
                 Prepared::parse(body, conn.version),
                 request.and_then(parse_prepare),
             ) {
-                let system = classify(query).map(|t| (t, p.result_columns.map(Arc::from)));
+                let system = classify(query, conn.keyspace.as_deref())
+                    .map(|t| (t, p.result_columns.map(Arc::from)));
                 self.prepared.insert(
                     p.id,
                     PreparedStatement {
