@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder client_handshake upstream_frames result_rewriter plain_credentials kmsauth_token request_validator)
+[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder client_handshake upstream_frames result_rewriter plain_credentials kmsauth_token request_validator validator_vs_emulator)
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
   echo "== $t for ${seconds}s"
