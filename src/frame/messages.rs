@@ -152,7 +152,16 @@ pub fn query(version: u8, stream: i16, cql: &str, consistency: u16) -> Frame {
 
 /// The message part of a body: what follows the tracing id, warnings and custom payload that
 /// the header's flags announce. Compressed bodies must be decompressed first.
+#[inline]
 pub fn message_body<'a>(header: &Header, body: &'a [u8]) -> BodyResult<&'a [u8]> {
+    // Almost every frame has no prefix: read several times per request, this stays inline.
+    if header.flags & (flags::TRACING | flags::WARNING | flags::CUSTOM_PAYLOAD) == 0 {
+        return Ok(body);
+    }
+    prefixed_message_body(header, body)
+}
+
+fn prefixed_message_body<'a>(header: &Header, body: &'a [u8]) -> BodyResult<&'a [u8]> {
     // v3 has neither (Cassandra refuses a v3 frame flagged with a custom payload): a v3 peer
     // setting them means something else by the bytes, which must not be read, or forwarded, as
     // if it did.
