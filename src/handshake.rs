@@ -16,6 +16,18 @@ use crate::frame::{opcode, Compression, Frame};
 /// a kmsauth token are far smaller, and a decompression bomb stops here.
 const MAX_CREDENTIALS_BODY: usize = 64 << 10;
 
+/// The largest frame a client may send before it has authenticated: a STARTUP, OPTIONS or
+/// AUTH_RESPONSE is far smaller, and an unauthenticated client must not make the proxy buffer
+/// `--max-frame-len` (256 MiB) for it.
+pub const MAX_HANDSHAKE_FRAME: usize = 64 << 10;
+
+/// kmsauth tokens are a few hundred bytes (KMS ciphertext of a small JSON document, base64); a
+/// longer one is refused before it costs a KMS call.
+const MAX_TOKEN: usize = 8 << 10;
+
+/// Passwords longer than this are refused before any hashing.
+const MAX_PASSWORD: usize = 1 << 10;
+
 /// What the session must do with a frame received during the handshake.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -224,13 +236,25 @@ impl ClientHandshake {
             .and_then(messages::parse_auth_token)
             .unwrap_or_default();
         let Ok((user, password)) = messages::parse_plain_token(token) else {
-            return Step::Reply(messages::error(
+            return Step::Close(messages::error(
                 version,
                 stream,
                 error_code::BAD_CREDENTIALS,
                 "Authentication failure: malformed PLAIN credentials",
             ));
         };
+        let (limit, what) = match self.auth.as_ref() {
+            ClientAuth::KmsAuth(_) => (MAX_TOKEN, "token"),
+            _ => (MAX_PASSWORD, "password"),
+        };
+        if password.len() > limit {
+            return Step::Close(messages::error(
+                version,
+                stream,
+                error_code::BAD_CREDENTIALS,
+                &format!("Authentication failure: the {what} is longer than {limit} bytes"),
+            ));
+        }
         Step::Verify(Credentials {
             version,
             compression,
@@ -255,7 +279,9 @@ impl ClientHandshake {
                 if !why.is_empty() {
                     message = format!("{message}: {why}");
                 }
-                Step::Reply(messages::error(
+                // One try per connection: a client that could retry on the same socket could
+                // drive password guesses and KMS calls as fast as it can write.
+                Step::Close(messages::error(
                     creds.version,
                     creds.stream,
                     error_code::BAD_CREDENTIALS,
@@ -343,7 +369,9 @@ mod tests {
             !format!("{creds:?}").contains("nope"),
             "the secret is never printed"
         );
-        let e = error_of(&hs.verified(&creds, Err(String::new())));
+        let failed = hs.verified(&creds, Err(String::new()));
+        assert!(matches!(failed, Step::Close(_)), "one try per connection");
+        let e = error_of(&failed);
         assert_eq!(e.code, error_code::BAD_CREDENTIALS);
         assert_eq!(
             e.message,
@@ -422,5 +450,27 @@ mod tests {
             hs.on_frame(&messages::ready(4, 1)),
             Step::Close(_)
         ));
+    }
+
+    #[test]
+    fn oversized_secrets_are_refused_before_any_check() {
+        let users = UserStore::parse("app:pw").unwrap();
+        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+        assert!(matches!(hs.on_frame(&startup(4)), Step::Reply(_)));
+        let long = "x".repeat(1025);
+        let step = hs.on_frame(&messages::auth_response(
+            4,
+            2,
+            &messages::plain_token("app", &long),
+        ));
+        assert!(matches!(step, Step::Close(_)), "{step:?}");
+        assert!(error_of(&step).message.contains("longer than 1024 bytes"));
+        let ok = "x".repeat(1024);
+        let step = hs.on_frame(&messages::auth_response(
+            4,
+            3,
+            &messages::plain_token("app", &ok),
+        ));
+        assert!(matches!(step, Step::Verify(_)));
     }
 }

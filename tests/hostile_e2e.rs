@@ -538,3 +538,104 @@ async fn header_helper_matches_the_codec() {
         expected.to_bytes().to_vec()
     );
 }
+
+/// Before authentication a frame may be at most 64 KiB whatever `--max-frame-len` says, a
+/// failed login closes the connection, and unauthenticated connections have their own cap.
+#[tokio::test]
+async fn unauthenticated_clients_are_bounded() {
+    use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.client_auth = ClientAuth::Password(UserStore::parse("app:app-pw\n").unwrap());
+    opts.max_frame_len = 256 << 20;
+    opts.max_handshaking = 2;
+    let addr = proxy(&emu, opts).await;
+
+    // A 1 MiB AUTH_RESPONSE announced before authentication: refused from its header.
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::AUTHENTICATE);
+    c.send_raw(&header(0, 1, opcode::AUTH_RESPONSE, 1 << 20))
+        .await;
+    protocol_error(&outcome(&mut c).await, "1 MiB before authentication");
+    closes(&mut c, "1 MiB before authentication").await;
+
+    // A wrong password: the error, then the close (no second guess on this socket).
+    let mut c = Client::connect(addr).await;
+    c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    let r = c
+        .call(messages::auth_response(
+            4,
+            0,
+            &messages::plain_token("app", "guess"),
+        ))
+        .await;
+    assert_eq!(
+        ErrorInfo::parse(&r.body).unwrap().code,
+        error_code::BAD_CREDENTIALS
+    );
+    closes(&mut c, "after a failed login").await;
+
+    // Two clients sit in their handshake; a third is closed at once.
+    let idle: Vec<Client> = vec![Client::connect(addr).await, Client::connect(addr).await];
+    // Once the two hold their slots, the next client is closed: probe until that is seen.
+    let mut closed_at_once = false;
+    for _ in 0..200 {
+        let mut probe = Client::connect(addr).await;
+        probe.send(messages::options(4, 0)).await;
+        if probe.recv().await.is_none() {
+            closed_at_once = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        closed_at_once,
+        "a client over the handshaking cap is closed"
+    );
+    drop(idle);
+    // Once the idle ones are gone, a new client is served and may send large frames after login.
+    let mut c = ready_with_password(addr).await;
+    let big = "x".repeat(200 << 10);
+    let r = c
+        .call(messages::query(
+            4,
+            5,
+            &format!("SELECT * FROM system.local WHERE key = '{big}'"),
+            1,
+        ))
+        .await;
+    assert_ne!(
+        ErrorInfo::parse(&r.body).map(|e| e.code).ok(),
+        Some(error_code::PROTOCOL_ERROR),
+        "the full --max-frame-len applies after authentication"
+    );
+}
+
+async fn ready_with_password(addr: SocketAddr) -> Client {
+    for _ in 0..200 {
+        let mut c = Client::connect(addr).await;
+        c.send(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        match c.recv().await {
+            Some(r) if r.opcode() == opcode::AUTHENTICATE => {
+                let r = c
+                    .call(messages::auth_response(
+                        4,
+                        0,
+                        &messages::plain_token("app", "app-pw"),
+                    ))
+                    .await;
+                assert_eq!(r.opcode(), opcode::AUTH_SUCCESS);
+                return c;
+            }
+            // Still over the handshaking cap while the idle clients' closes are processed.
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    panic!("never served after the idle clients left");
+}

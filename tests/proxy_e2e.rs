@@ -171,6 +171,11 @@ async fn password_clients_and_plain_upstream() {
         .await,
     );
     assert_eq!(e.code, error_code::BAD_CREDENTIALS);
+    // One try per connection: the next one starts afresh.
+    assert!(c.recv().await.is_none(), "closed after the failed login");
+    let mut c = Client::connect(addr).await;
+    c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
     let ok = c
         .call(messages::auth_response(
             4,

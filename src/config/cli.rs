@@ -420,6 +420,16 @@ pub struct Cli {
     )]
     pub max_connections: usize,
 
+    /// Most client connections still in their handshake (not yet authenticated); more are
+    /// closed on accept, so unauthenticated clients cannot take every slot.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "KEYSPACES_PROXY_MAX_HANDSHAKING_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_handshaking_connections: usize,
+
     /// Requests one client may have unanswered before the proxy stops reading from it
     /// (back-pressure, not an error).
     #[arg(

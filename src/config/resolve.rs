@@ -391,6 +391,9 @@ impl Cli {
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
                 max_client_in_flight: self.max_client_in_flight.max(1),
                 max_client_buffer: self.max_client_buffer.max(1),
+                handshaking: Arc::new(tokio::sync::Semaphore::new(
+                    self.max_handshaking_connections.max(1),
+                )),
                 sessions: SessionCache::new(
                     Duration::from_secs(self.auth_session_ttl),
                     MAX_SESSIONS,

@@ -125,6 +125,12 @@ impl FrameCodec {
     pub fn new(max_body: usize) -> Self {
         FrameCodec { max_body }
     }
+
+    /// Changes the largest body accepted from now on (a client's limit grows once it has
+    /// authenticated).
+    pub fn set_max_body(&mut self, max_body: usize) {
+        self.max_body = max_body;
+    }
 }
 
 impl Decoder for FrameCodec {

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::auth::client::ClientAuth;
 use crate::frame::messages::{self, error_code, unsupported_version_message};
 use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
-use crate::handshake::{Accepted, ClientHandshake, Step};
+use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
 use crate::metrics::{metrics, Metrics};
 use crate::upstream::pool::{Group, Pool};
 use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
@@ -51,6 +51,9 @@ pub struct ProxyContext {
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
     pub consistency_guard: bool,
+    /// Connections still in their handshake (`--max-handshaking-connections`): unauthenticated
+    /// clients cannot take every connection slot.
+    pub handshaking: Arc<tokio::sync::Semaphore>,
     /// Turns true when the proxy starts shutting down: sessions stop reading new requests and
     /// close once their in-flight requests are answered.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -85,9 +88,18 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
             (None, Ok(local)) => local.ip(),
             (None, Err(_)) => IpAddr::from([127, 0, 0, 1]),
         };
-        // Small buffers that grow with traffic: thousands of idle clients must stay cheap.
-        let mut client =
-            Framed::with_capacity(socket, FrameCodec::new(ctx.max_frame_len), CLIENT_BUFFER);
+        let Ok(handshaking) = ctx.handshaking.clone().try_acquire_owned() else {
+            tracing::debug!("too many clients in their handshake; closing this one");
+            Metrics::count(
+                &metrics().client_connections_rejected,
+                vec![("reason", "handshaking_limit")],
+            );
+            return;
+        };
+        // Small buffers that grow with traffic: thousands of idle clients must stay cheap. Until
+        // the client is authenticated its frames stay small too.
+        let codec = FrameCodec::new(ctx.max_frame_len.min(MAX_HANDSHAKE_FRAME));
+        let mut client = Framed::with_capacity(socket, codec, CLIENT_BUFFER);
         // One deadline for the whole handshake, not one per frame: a client trickling OPTIONS
         // or a byte at a time must not hold a connection slot for ever.
         let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client));
@@ -102,8 +114,10 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
                 Ok(None)
             }
         };
+        drop(handshaking);
         match handshake {
             Ok(Some((accepted, upstream))) => {
+                client.codec_mut().set_max_body(ctx.max_frame_len);
                 tracing::debug!(
                     version = accepted.version,
                     user = accepted.user.as_deref(),

@@ -66,6 +66,7 @@ pub struct ProxyOptions {
     pub max_client_in_flight: usize,
     pub max_client_buffer: usize,
     pub max_connections: usize,
+    pub max_handshaking: usize,
     /// Dial this instead of the emulator (a fake upstream).
     pub endpoint: Option<String>,
     pub session_ttl: Duration,
@@ -85,6 +86,7 @@ impl ProxyOptions {
             max_client_in_flight: 4096,
             max_client_buffer: 64 << 20,
             max_connections: 1000,
+            max_handshaking: 1000,
             endpoint: None,
             session_ttl: Duration::from_secs(1800),
         }
@@ -144,6 +146,7 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         handshake_timeout: opts.handshake_timeout,
         max_client_in_flight: opts.max_client_in_flight,
         max_client_buffer: opts.max_client_buffer,
+        handshaking: std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_handshaking)),
         sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
         identity_pools: None,
     }
