@@ -97,22 +97,52 @@ pub(crate) fn skip_trivia(s: &str, mut i: usize, lexer: Lexer) -> usize {
     }
 }
 
-/// The text with every comment (Cassandra's lexing) replaced by a space, as the lexer treats
-/// it; quoted strings are not special-cased (a comment marker inside a literal only makes the
-/// caller see less text, never more).
+/// The text with every comment and string literal (Cassandra's lexing: `'…'` with `''`
+/// escapes, `$$…$$`) replaced by a space, as the lexer separates tokens; quoted names (`"…"`)
+/// are kept, quotes included. Comment markers inside literals and names are not comments.
 pub(crate) fn without_comments(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
+        let rest = &s[i..];
         if let Some(end) = comment_end(s, i, CASSANDRA) {
             out.push(' ');
             i = end;
-        } else if let Some(c) = s[i..].chars().next() {
+        } else if rest.starts_with('\'') {
+            out.push(' ');
+            i = quoted_end(s, i, '\'');
+        } else if rest.starts_with('"') {
+            let end = quoted_end(s, i, '"');
+            out.push_str(&s[i..end]);
+            i = end;
+        } else if let Some(body) = rest.strip_prefix("$$") {
+            out.push(' ');
+            i = body.find("$$").map_or(s.len(), |n| i + 2 + n + 2);
+        } else if let Some(c) = rest.chars().next() {
             out.push(c);
             i += c.len_utf8();
         }
     }
     out
+}
+
+/// The end of the quoted token starting at `i` (`quote` doubled inside is an escaped quote);
+/// an unterminated one runs to the end.
+fn quoted_end(s: &str, i: usize, quote: char) -> usize {
+    let b = s.as_bytes();
+    let q = quote as u8;
+    let mut k = i + 1;
+    while k < b.len() {
+        if b[k] == q {
+            if b.get(k + 1) == Some(&q) {
+                k += 2;
+                continue;
+            }
+            return k + 1;
+        }
+        k += 1;
+    }
+    s.len()
 }
 
 #[cfg(test)]
@@ -126,5 +156,9 @@ mod tests {
             "SELECT x  FROM   t"
         );
         assert_eq!(without_comments("a /* open"), "a  ");
+        assert_eq!(
+            without_comments("x = 'it''s -- no comment' AND \"a--b\" /* c */ $$ -- $$ y"),
+            "x =   AND \"a--b\"     y"
+        );
     }
 }

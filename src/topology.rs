@@ -32,13 +32,11 @@ pub fn classify(cql: &str, keyspace: Option<&str>) -> Option<SystemTable> {
     {
         return None;
     }
-    let normalized: String = crate::cql_lexer::without_comments(cql)
-        .chars()
-        .filter(|c| *c != '"')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let normalized = crate::cql_lexer::without_comments(cql).to_ascii_lowercase();
+    // Anything but a name character separates tokens, as in Cassandra's lexer: `*FROM`,
+    // `"system"."local"`.
     let mut tokens = normalized
-        .split(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '(' || c == ')')
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
         .filter(|t| !t.is_empty())
         .peekable();
     while let Some(t) = tokens.next() {
@@ -224,6 +222,9 @@ mod tests {
             ("SELECT * FROM system .local", Some(Local)),
             ("SELECT * FROM system. local", Some(Local)),
             ("SELECT * FROM local", None),
+            ("SELECT *FROM system.local", Some(Local)),
+            ("SELECT \"key\"FROM system.peers", Some(Peers)),
+            ("SELECT * FROM \"system\" . \"peers\"", Some(Peers)),
         ] {
             assert_eq!(classify(q, None), want, "{q}");
         }
