@@ -31,6 +31,9 @@ fn main() -> ExitCode {
     {
         return keyspaces_proxy::probe::run(metrics_listen.unwrap_or(cli.metrics_listen), path);
     }
+    if cli.command == Some(Command::HashPassword) {
+        return hash_password();
+    }
     let checking = cli.command == Some(Command::Check);
     if !checking {
         app::init_logging(cli.log_format);
@@ -53,4 +56,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `keyspaces-proxy hash-password`: one line of standard input in, its argon2id hash out.
+fn hash_password() -> ExitCode {
+    let mut line = zeroize::Zeroizing::new(String::new());
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("keyspaces-proxy: cannot read the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("keyspaces-proxy: no password on standard input (one line, e.g. `echo -n … |`)");
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        keyspaces_proxy::auth::passwords::hash_password(password.as_bytes())
+    );
+    ExitCode::SUCCESS
 }

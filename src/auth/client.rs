@@ -1,13 +1,17 @@
 //! Authentication of local clients: none, or PasswordAuthenticator against configured users.
 //!
-//! Passwords are kept only as SHA-256 digests and compared in constant time, so neither a memory
-//! dump nor response timing gives them away.
+//! Passwords are kept only as argon2id hashes (or, from older files, SHA-256 digests) and
+//! compared in constant time, so neither a memory dump nor response timing gives them away.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use super::passwords::StoredPassword;
+
+/// Argon2 checks running at once: each takes ~19 MiB and tens of milliseconds of a core, so a
+/// burst of logins queues here instead of taking the memory and the runtime's threads.
+const CONCURRENT_HASHES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserFileError {
@@ -16,14 +20,24 @@ pub enum UserFileError {
         path: String,
         source: std::io::Error,
     },
-    #[error("client credentials line {line}: expected user:password or user:sha256:<hex>")]
+    #[error("client credentials line {line}: expected user:$argon2id$… (keyspaces-proxy hash-password), user:sha256:<hex> or user:password")]
     Syntax { line: usize },
 }
 
-/// Configured users, by name, with their password digests.
-#[derive(Clone, Default)]
+/// Configured users, by name, with their stored passwords. Cheap to clone (shared).
+#[derive(Clone)]
 pub struct UserStore {
-    users: HashMap<String, [u8; 32]>,
+    users: Arc<HashMap<String, StoredPassword>>,
+    hashing: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for UserStore {
+    fn default() -> Self {
+        UserStore {
+            users: Arc::default(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HASHES)),
+        }
+    }
 }
 
 impl std::fmt::Debug for UserStore {
@@ -32,10 +46,6 @@ impl std::fmt::Debug for UserStore {
             .field("users", &self.users.len())
             .finish()
     }
-}
-
-fn digest(password: &[u8]) -> [u8; 32] {
-    Sha256::digest(password).into()
 }
 
 impl UserStore {
@@ -65,22 +75,20 @@ impl UserStore {
         UserStore::parse(&text)
     }
 
-    /// Adds one `user:password` or `user:sha256:<hex>` entry.
+    /// Adds one `user:$argon2id$…`, `user:sha256:<hex>` or `user:password` entry.
     pub fn add_entry(&mut self, entry: &str) -> Result<(), UserFileError> {
         let (user, secret) = entry
             .split_once(':')
             .filter(|(u, _)| !u.is_empty())
             .ok_or(UserFileError::Syntax { line: 0 })?;
-        let d = match secret.strip_prefix("sha256:") {
-            Some(h) => {
-                let mut d = [0u8; 32];
-                hex::decode_to_slice(h, &mut d).map_err(|_| UserFileError::Syntax { line: 0 })?;
-                d
-            }
-            None => digest(secret.as_bytes()),
-        };
-        self.users.insert(user.to_owned(), d);
+        let stored = StoredPassword::parse(secret).ok_or(UserFileError::Syntax { line: 0 })?;
+        Arc::make_mut(&mut self.users).insert(user.to_owned(), stored);
         Ok(())
+    }
+
+    /// Users whose entries are plaintext or unsalted SHA-256 (a startup warning).
+    pub fn weak_entries(&self) -> usize {
+        self.users.values().filter(|p| p.is_weak()).count()
     }
 
     pub fn len(&self) -> usize {
@@ -91,16 +99,31 @@ impl UserStore {
         self.users.is_empty()
     }
 
-    /// True when `user` exists and `password` matches. An unknown user costs the same work.
+    /// True when `user` exists and `password` matches. An unknown user costs the same work as
+    /// a known one (a hash of the same kind), so timing does not reveal who exists. Argon2 is
+    /// slow by design: call [`UserStore::check`] from async code.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
-        let given = digest(password);
         match self.users.get(user) {
-            Some(stored) => bool::from(stored.ct_eq(&given)),
+            Some(stored) => stored.verify(password),
             None => {
-                let _ = [0u8; 32].ct_eq(&given);
+                if let Some(any) = self.users.values().next() {
+                    let _ = any.verify(password);
+                }
                 false
             }
         }
+    }
+
+    /// [`UserStore::verify`] on a blocking thread, a bounded number at a time.
+    pub async fn check(&self, user: &str, password: &[u8]) -> bool {
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return false;
+        };
+        let (store, user) = (self.clone(), user.to_owned());
+        let password = zeroize::Zeroizing::new(password.to_vec());
+        tokio::task::spawn_blocking(move || store.verify(&user, &password))
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -133,7 +156,7 @@ pub async fn verify(
     match auth {
         ClientAuth::None => Ok(user.to_owned()),
         ClientAuth::Password(users) => {
-            if !users.verify(user, secret) {
+            if !users.check(user, secret).await {
                 return Err(String::new());
             }
             sessions.insert(key, user, now, None);
@@ -163,12 +186,14 @@ mod tests {
 
     #[test]
     fn plain_and_hashed_entries() {
-        let hashed = hex::encode(digest(b"hunter2"));
+        use sha2::Digest;
+        let hashed = hex::encode(sha2::Sha256::digest(b"hunter2"));
         let store = UserStore::parse(&format!(
             "# users\nalice:wonder:land\nbob:sha256:{hashed}\n"
         ))
         .unwrap();
         assert_eq!(store.len(), 2);
+        assert_eq!(store.weak_entries(), 2);
         assert!(store.verify("alice", b"wonder:land"));
         assert!(store.verify("bob", b"hunter2"));
         assert!(!store.verify("bob", b"hunter3"));
@@ -182,5 +207,15 @@ mod tests {
             Err(UserFileError::Syntax { line: 2 })
         ));
         assert!(UserStore::parse("u:sha256:zz").is_err());
+    }
+
+    #[test]
+    fn argon2_entries() {
+        let phc = crate::auth::passwords::hash_password(b"s3cret");
+        let store = UserStore::parse(&format!("app:{phc}\n")).unwrap();
+        assert_eq!(store.weak_entries(), 0);
+        assert!(store.verify("app", b"s3cret"));
+        assert!(!store.verify("app", b"s3cre"));
+        assert!(!store.verify("other", b"s3cret"));
     }
 }

@@ -4,5 +4,6 @@ pub mod client;
 pub mod credentials;
 pub mod identity_roles;
 pub mod kmsauth;
+pub mod passwords;
 pub mod sessions;
 pub mod sigv4;

@@ -520,4 +520,7 @@ pub enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Read a password on standard input (one line) and print its argon2id hash, for
+    /// `--client-user user:<hash>` and the credentials file.
+    HashPassword,
 }

@@ -92,6 +92,22 @@ pub struct UpstreamParts {
     pub warnings: Vec<String>,
 }
 
+/// `--client-user` values are split at commas, and argon2 hashes have commas in them
+/// (`m=19456,t=2,p=1`): a piece without a `:` continues the entry before it.
+fn rejoin_phc(values: &[String]) -> Vec<String> {
+    let mut entries: Vec<String> = Vec::new();
+    for v in values.iter().filter(|v| !v.is_empty()) {
+        match entries.last_mut() {
+            Some(last) if !v.contains(':') => {
+                last.push(',');
+                last.push_str(v);
+            }
+            _ => entries.push(v.clone()),
+        }
+    }
+    entries
+}
+
 impl Cli {
     pub async fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
         self.users_need_password_auth()?;
@@ -104,8 +120,8 @@ impl Cli {
                     None => UserStore::default(),
                 };
                 // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USERS) adds no one.
-                for entry in self.client_users.iter().filter(|e| !e.is_empty()) {
-                    users.add_entry(entry)?;
+                for entry in rejoin_phc(&self.client_users) {
+                    users.add_entry(&entry)?;
                 }
                 if users.is_empty() {
                     return Err(ConfigError::NoClientUsers);
@@ -347,7 +363,16 @@ impl Cli {
     /// and the pools.
     pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
         let client_auth = self.client_auth().await?;
-        let (upstream, credentials, summary) = self.upstream_target().await?;
+        let (upstream, credentials, mut summary) = self.upstream_target().await?;
+        if let ClientAuth::Password(users) = &client_auth {
+            let weak = users.weak_entries();
+            if weak > 0 {
+                summary.warnings.push(format!(
+                    "{weak} client user(s) have plaintext or unsalted sha256 passwords: store \
+                     argon2id hashes instead (keyspaces-proxy hash-password)"
+                ));
+            }
+        }
         let region = summary.region.clone();
         let pool = match self.upstream_mode {
             UpstreamMode::Dedicated => None,
@@ -409,6 +434,18 @@ impl Cli {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn argon2_hashes_survive_the_comma_split() {
+        let split: Vec<String> = "a:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA,b:pw"
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            super::rejoin_phc(&split),
+            vec!["a:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA", "b:pw"]
+        );
+    }
+
     use clap::Parser;
 
     use super::*;

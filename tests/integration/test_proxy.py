@@ -101,6 +101,28 @@ def test_password_mode(start_emulator, start_proxy, tmp_path):
     assert "Provided username app and/or password are incorrect" in str(err.value)
 
 
+def test_argon2_passwords_from_hash_password(start_emulator, start_proxy, aws_env):
+    """`hash-password` prints an argon2id hash a users entry takes as is; plaintext entries
+    still work but warn at startup."""
+    from conftest import BIN_DIR
+
+    phc = subprocess.run([str(BIN_DIR / "keyspaces-proxy"), "hash-password"], input="s3cret\n",
+                         capture_output=True, text=True, check=True, env=aws_env).stdout.strip()
+    assert phc.startswith("$argon2id$v=19$") and "s3cret" not in phc
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-user", f"app:{phc}")
+    with default_cluster(proxy.port, auth_provider=PlainTextAuthProvider("app", "s3cret")) as c:
+        assert c.connect().execute("SELECT cluster_name FROM system.local").one()
+    with default_cluster(proxy.port, auth_provider=PlainTextAuthProvider("app", "s3cre")) as bad:
+        with pytest.raises(NoHostAvailable):
+            bad.connect()
+    assert "unsalted sha256" not in proxy.log_path.read_text()
+    weak = start_proxy(emu, "--client-auth", "password", "--client-user", "app:plain")
+    with default_cluster(weak.port, auth_provider=PlainTextAuthProvider("app", "plain")) as c:
+        assert c.connect().execute("SELECT cluster_name FROM system.local").one()
+    assert "1 client user(s) have plaintext or unsalted sha256 passwords" in weak.log_path.read_text()
+
+
 @pytest.mark.parametrize("mode", ["plain", "astra"])
 def test_plain_credential_upstreams(start_emulator, start_proxy, aws_env, mode):
     """Keyspaces service-specific credentials / Cassandra users, and Astra application tokens
