@@ -639,3 +639,42 @@ async fn ready_with_password(addr: SocketAddr) -> Client {
     }
     panic!("never served after the idle clients left");
 }
+
+/// Password guessing: a few failures per minute per source and user, then refusals that cost
+/// no check at all — even of the right password — until the budget refills.
+#[tokio::test]
+async fn guesses_are_limited_per_source_and_user() {
+    use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.client_auth = ClientAuth::Password(UserStore::parse("app:app-pw\n").unwrap());
+    opts.login_failures_per_minute = 3;
+    let addr = proxy(&emu, opts).await;
+    let login = |password: &'static str| async move {
+        let mut c = Client::connect(addr).await;
+        c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        c.call(messages::auth_response(
+            4,
+            0,
+            &messages::plain_token("app", password),
+        ))
+        .await
+    };
+    for guess in ["a", "b", "c"] {
+        let e = ErrorInfo::parse(&login(guess).await.body).unwrap();
+        assert_eq!(
+            e.message,
+            "Provided username app and/or password are incorrect"
+        );
+    }
+    let r = login("app-pw").await;
+    let e = ErrorInfo::parse(&r.body).unwrap();
+    assert_eq!(e.code, error_code::BAD_CREDENTIALS);
+    assert!(
+        e.message.contains("too many failed logins; try again in"),
+        "{}",
+        e.message
+    );
+}

@@ -1,5 +1,6 @@
 //! Authentication on both sides of the proxy.
 
+pub mod attempts;
 pub mod client;
 pub mod credentials;
 pub mod identity_roles;

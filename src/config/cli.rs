@@ -430,6 +430,25 @@ pub struct Cli {
     )]
     pub max_handshaking_connections: usize,
 
+    /// Failed logins one source address may make per minute (burst included); further logins
+    /// from it are refused without being checked until the budget refills.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "KEYSPACES_PROXY_LOGIN_FAILURES_PER_SOURCE",
+        default_value_t = 10
+    )]
+    pub login_failures_per_source: u32,
+
+    /// Failed logins one username may see per minute, from all sources together.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "KEYSPACES_PROXY_LOGIN_FAILURES_PER_USER",
+        default_value_t = 30
+    )]
+    pub login_failures_per_user: u32,
+
     /// Requests one client may have unanswered before the proxy stops reading from it
     /// (back-pressure, not an error).
     #[arg(

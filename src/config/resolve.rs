@@ -416,6 +416,10 @@ impl Cli {
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
                 max_client_in_flight: self.max_client_in_flight.max(1),
                 max_client_buffer: self.max_client_buffer.max(1),
+                login_failures: Arc::new(crate::auth::attempts::LoginFailures::new(
+                    crate::auth::attempts::Budget::per_minute(self.login_failures_per_source),
+                    crate::auth::attempts::Budget::per_minute(self.login_failures_per_user),
+                )),
                 handshaking: Arc::new(tokio::sync::Semaphore::new(
                     self.max_handshaking_connections.max(1),
                 )),

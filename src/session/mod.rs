@@ -54,6 +54,8 @@ pub struct ProxyContext {
     /// Connections still in their handshake (`--max-handshaking-connections`): unauthenticated
     /// clients cannot take every connection slot.
     pub handshaking: Arc<tokio::sync::Semaphore>,
+    /// Failed logins per source address and username (`--login-failures-per-*`).
+    pub login_failures: Arc<crate::auth::attempts::LoginFailures>,
     /// Turns true when the proxy starts shutting down: sessions stop reading new requests and
     /// close once their in-flight requests are answered.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -102,7 +104,10 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
         let mut client = Framed::with_capacity(socket, codec, CLIENT_BUFFER);
         // One deadline for the whole handshake, not one per frame: a client trickling OPTIONS
         // or a byte at a time must not hold a connection slot for ever.
-        let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client));
+        let handshake = tokio::time::timeout(
+            ctx.handshake_timeout,
+            handshake(&ctx, &mut client, peer.ip()),
+        );
         let handshake = match handshake.await {
             Ok(h) => h,
             Err(_) => {
@@ -197,6 +202,47 @@ fn decode_error_frame(e: &FrameError) -> Frame {
     }
 }
 
+/// Checks a login unless its source or username has used up its failed-login budget (then
+/// it is refused before any hashing or KMS call); failures are counted and logged.
+async fn check_login(
+    ctx: &ProxyContext,
+    source: IpAddr,
+    user: &str,
+    secret: &[u8],
+) -> Result<String, String> {
+    use crate::auth::attempts::loggable;
+    let wait = ctx
+        .login_failures
+        .wait(source, user, std::time::Instant::now());
+    if !wait.is_zero() {
+        Metrics::count(
+            &metrics().client_handshakes,
+            vec![("result", "login_rate_limited")],
+        );
+        return Err(format!(
+            "too many failed logins; try again in {} s",
+            wait.as_secs().max(1)
+        ));
+    }
+    let auth = ctx.client_auth.load_full();
+    // Boxed: the KMS call's future is large, and inlined it would grow every connection's
+    // task (10,000 idle clients: 94 MB → 187 MB) for a moment's use.
+    let outcome = Box::pin(crate::auth::client::verify(
+        &auth,
+        &ctx.sessions,
+        user,
+        secret,
+    ))
+    .await;
+    if outcome.is_err() {
+        ctx.login_failures
+            .failed(source, user, std::time::Instant::now());
+        // Only attempts within the budget get here, which bounds this log line too.
+        tracing::warn!(user = %loggable(user), %source, "failed login");
+    }
+    outcome
+}
+
 /// What the client sees when the upstream could not be opened.
 pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Frame {
     match e {
@@ -224,6 +270,7 @@ pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Fram
 async fn handshake(
     ctx: &ProxyContext,
     client: &mut ClientFramed,
+    source: IpAddr,
 ) -> std::io::Result<Option<(Accepted, Upstream)>> {
     let mut hs = ClientHandshake::new(ctx.client_auth.load_full());
     loop {
@@ -247,16 +294,7 @@ async fn handshake(
         );
         let mut step = hs.on_frame(&frame);
         if let Step::Verify(creds) = &step {
-            let auth = ctx.client_auth.load_full();
-            // Boxed: the KMS call's future is large, and inlined it would grow every
-            // connection's task (10,000 idle clients: 94 MB → 187 MB) for a moment's use.
-            let outcome = Box::pin(crate::auth::client::verify(
-                &auth,
-                &ctx.sessions,
-                &creds.user,
-                &creds.secret,
-            ))
-            .await;
+            let outcome = check_login(ctx, source, &creds.user, &creds.secret).await;
             step = hs.verified(creds, outcome);
         }
         match step {

@@ -67,6 +67,7 @@ pub struct ProxyOptions {
     pub max_client_buffer: usize,
     pub max_connections: usize,
     pub max_handshaking: usize,
+    pub login_failures_per_minute: u32,
     /// Dial this instead of the emulator (a fake upstream).
     pub endpoint: Option<String>,
     pub session_ttl: Duration,
@@ -87,6 +88,7 @@ impl ProxyOptions {
             max_client_buffer: 64 << 20,
             max_connections: 1000,
             max_handshaking: 1000,
+            login_failures_per_minute: 1000,
             endpoint: None,
             session_ttl: Duration::from_secs(1800),
         }
@@ -147,6 +149,10 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         max_client_in_flight: opts.max_client_in_flight,
         max_client_buffer: opts.max_client_buffer,
         handshaking: std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_handshaking)),
+        login_failures: std::sync::Arc::new(keyspaces_proxy::auth::attempts::LoginFailures::new(
+            keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
+            keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
+        )),
         sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
         identity_pools: None,
     }
