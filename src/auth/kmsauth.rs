@@ -43,6 +43,14 @@ pub struct KmsUser {
     pub from: String,
 }
 
+impl KmsUser {
+    /// `version/type/name`, the one spelling of this identity (roles, sessions, logs): a v1
+    /// `orders` is `1/service/orders`, never the same identity as `2/service/orders`.
+    pub fn canonical(&self) -> String {
+        format!("{}/{}/{}", self.version, self.user_type.as_str(), self.from)
+    }
+}
+
 /// kmsauth's own messages, so operators recognise them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KmsAuthError {
@@ -86,11 +94,19 @@ pub fn parse_username(username: &str) -> Result<KmsUser, KmsAuthError> {
     let parts: Vec<&str> = username.split('/').collect();
     let (version, user_type, from) = match parts.as_slice() {
         [from] => (1, "service", *from),
-        [v, t, from] => (
-            v.parse::<u8>().map_err(|_| KmsAuthError::Username)?,
-            *t,
-            *from,
-        ),
+        // Exactly the digits kmsauth writes: `02/service/x` or `+2/service/x` would be another
+        // spelling of one identity, and must not escape what is configured for it.
+        [v, t, from]
+            if !v.is_empty()
+                && v.bytes().all(|b| b.is_ascii_digit())
+                && !(v.len() > 1 && v.starts_with('0')) =>
+        {
+            (
+                v.parse::<u8>().map_err(|_| KmsAuthError::Username)?,
+                *t,
+                *from,
+            )
+        }
         _ => return Err(KmsAuthError::Username),
     };
     let user_type = match user_type {
@@ -177,7 +193,7 @@ pub fn check_window(
 /// A client kmsauth vouched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KmsIdentity {
-    /// The username as the client gave it (`2/service/orders`).
+    /// The canonical username (`2/service/orders`; `1/service/orders` for v1's `orders`).
     pub name: String,
     pub not_after: SystemTime,
 }
@@ -201,6 +217,8 @@ impl std::fmt::Debug for KmsAuthValidator {
 
 fn token_key(token: &[u8], user: &KmsUser, to: &str) -> [u8; 32] {
     let mut h = Sha256::new();
+    // The version too: a token validated for `2/service/x` says nothing about `x` (v1).
+    h.update([user.version]);
     for part in [
         token,
         user.from.as_bytes(),
@@ -303,7 +321,7 @@ impl KmsAuthValidator {
         };
         check_window(not_before, not_after, now, self.settings.max_lifetime)?;
         Ok(KmsIdentity {
-            name: username.to_owned(),
+            name: user.canonical(),
             not_after,
         })
     }
@@ -382,6 +400,36 @@ mod tests {
         assert_eq!(parse_username("x/service/y"), Err(KmsAuthError::Username));
         assert_eq!(parse_username("2/service/"), Err(KmsAuthError::Username));
         assert_eq!(parse_username("1/2/3/4"), Err(KmsAuthError::Username));
+        // Other spellings of 2/service/orders (Python's int() reads them all as 2).
+        for spelling in [
+            "02/service/orders",
+            "+2/service/orders",
+            " 2/service/orders",
+            "/service/orders",
+        ] {
+            assert_eq!(
+                parse_username(spelling),
+                Err(KmsAuthError::Username),
+                "{spelling}"
+            );
+        }
+        assert_eq!(
+            parse_username("orders").unwrap().canonical(),
+            "1/service/orders"
+        );
+        assert_eq!(
+            parse_username("2/service/orders").unwrap().canonical(),
+            "2/service/orders"
+        );
+    }
+
+    #[test]
+    fn a_token_validated_for_v2_is_not_valid_for_the_v1_name() {
+        let (v1, v2) = (
+            parse_username("orders").unwrap(),
+            parse_username("2/service/orders").unwrap(),
+        );
+        assert_ne!(token_key(b"tok", &v1, "p"), token_key(b"tok", &v2, "p"));
     }
 
     #[test]

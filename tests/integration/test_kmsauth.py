@@ -76,6 +76,8 @@ def proxy(kms, start_emulator, start_proxy):
         "--kmsauth-user-key", kms.keys["user"],
         "--kmsauth-context", "env=test",
         "--kms-endpoint", kms.url,
+        # These tests fail many logins on purpose, all from 127.0.0.1.
+        "--login-failures-per-source", "1000", "--login-failures-per-user", "1000",
     )
 
 
@@ -117,6 +119,15 @@ def test_forged_misaddressed_and_expired_tokens_are_refused(kms, proxy):
     # Not a KMS ciphertext at all; a bad username.
     assert refused(proxy.port, "2/service/orders", base64.b64encode(b"forged" * 20).decode())
     assert "Unsupported username" in refused(proxy.port, "a/b", "x")
+
+
+def test_other_spellings_of_an_identity_are_refused(kms, proxy):
+    """A real token of 2/service/orders under another spelling of that name: never accepted
+    (kmsauth's Python server reads 02 and +2 as 2), and a v1 name is another identity."""
+    user, tok = token(kms, "alias/ksp-service", service())
+    assert connect(proxy.port, user, tok), "the token itself is good (and now cached)"
+    for spelling in ["02/service/orders", "+2/service/orders", "orders", "1/service/orders"]:
+        refused(proxy.port, spelling, tok)
 
 
 def test_validated_tokens_are_remembered_while_kms_is_down(kms, proxy):
