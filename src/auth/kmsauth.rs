@@ -12,7 +12,7 @@
 //! of validated tokens until they expire.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_smithy_types::error::display::DisplayErrorContext;
@@ -72,6 +72,8 @@ pub enum KmsAuthError {
     Unreachable,
     #[error("Authentication error. General error.")]
     General,
+    #[error("Authentication service busy; try again shortly.")]
+    Busy,
 }
 
 /// What `--client-auth kmsauth` checks.
@@ -87,7 +89,44 @@ pub struct KmsAuthSettings {
     pub max_lifetime: Duration,
     pub min_version: u8,
     pub max_version: u8,
+    /// KMS Decrypt calls per second, for every client together: KMS throttles per account and
+    /// region, so a login flood must not take the account's other services down with it.
+    pub max_kms_calls_per_second: u32,
 }
+
+/// A token bucket of KMS calls (burst = one second's worth).
+#[derive(Debug)]
+struct CallBudget {
+    per_second: f64,
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl CallBudget {
+    fn new(per_second: u32) -> CallBudget {
+        let per_second = f64::from(per_second.max(1));
+        CallBudget {
+            per_second,
+            state: Mutex::new((per_second, std::time::Instant::now())),
+        }
+    }
+
+    fn take(&self, now: std::time::Instant) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let gained = now.saturating_duration_since(s.1).as_secs_f64() * self.per_second;
+        let left = (s.0 + gained).min(self.per_second);
+        *s = (left, now);
+        if left < 1.0 {
+            return false;
+        }
+        s.0 = left - 1.0;
+        true
+    }
+}
+
+type Window = (SystemTime, SystemTime);
+
+/// The one KMS call under way for a token, shared by every login that carries it.
+type Decryption = Arc<tokio::sync::OnceCell<Result<Window, KmsAuthError>>>;
 
 /// Splits a kmsauth username: `name` (v1 service), or `2/service/name`, `2/user/name`.
 pub fn parse_username(username: &str) -> Result<KmsUser, KmsAuthError> {
@@ -205,6 +244,9 @@ pub struct KmsAuthValidator {
     arns: tokio::sync::Mutex<HashMap<String, String>>,
     /// Validated tokens → their window, until they expire.
     tokens: Mutex<HashMap<[u8; 32], (SystemTime, SystemTime)>>,
+    /// Tokens being decrypted now: every login with one of them waits for that one KMS call.
+    inflight: Mutex<HashMap<[u8; 32], Decryption>>,
+    kms_calls: CallBudget,
 }
 
 impl std::fmt::Debug for KmsAuthValidator {
@@ -234,10 +276,12 @@ fn token_key(token: &[u8], user: &KmsUser, to: &str) -> [u8; 32] {
 impl KmsAuthValidator {
     pub fn new(settings: KmsAuthSettings, kms: aws_sdk_kms::Client) -> KmsAuthValidator {
         KmsAuthValidator {
+            kms_calls: CallBudget::new(settings.max_kms_calls_per_second),
             settings,
             kms,
             arns: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -313,7 +357,7 @@ impl KmsAuthValidator {
         let (not_before, not_after) = match self.cached(&key) {
             Some(w) => w,
             None => {
-                let w = self.decrypt(&user, token).await?;
+                let w = self.decrypt_once(key, &user, token).await?;
                 check_window(w.0, w.1, now, self.settings.max_lifetime)?;
                 self.remember(key, w, now);
                 w
@@ -324,6 +368,39 @@ impl KmsAuthValidator {
             name: user.canonical(),
             not_after,
         })
+    }
+
+    /// One KMS call per token however many logins carry it at once, within the global budget.
+    async fn decrypt_once(
+        &self,
+        key: [u8; 32],
+        user: &KmsUser,
+        token: &[u8],
+    ) -> Result<Window, KmsAuthError> {
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let outcome = cell
+            .get_or_init(|| async {
+                if !self.kms_calls.take(std::time::Instant::now()) {
+                    tracing::warn!(
+                        "kmsauth: KMS call budget spent; refusing logins until it refills"
+                    );
+                    return Err(KmsAuthError::Busy);
+                }
+                self.decrypt(user, token).await
+            })
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&key);
+        }
+        outcome
     }
 
     async fn decrypt(
@@ -377,7 +454,21 @@ mod tests {
             max_lifetime: Duration::from_secs(60 * 60),
             min_version: 1,
             max_version: 2,
+            max_kms_calls_per_second: 50,
         }
+    }
+
+    #[test]
+    fn kms_calls_have_a_global_budget() {
+        let b = CallBudget::new(3);
+        let t0 = std::time::Instant::now();
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0), "the fourth call in one instant waits");
+        assert!(
+            b.take(t0 + Duration::from_millis(400)),
+            "a third of a second buys one"
+        );
+        assert!(!b.take(t0 + Duration::from_millis(400)));
     }
 
     #[test]

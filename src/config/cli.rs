@@ -287,6 +287,16 @@ pub struct Cli {
     )]
     pub kmsauth_min_version: u8,
 
+    /// kmsauth: KMS Decrypt calls per second for all clients together (KMS throttles per
+    /// account and region); beyond it logins needing KMS are refused as busy.
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_KMSAUTH_MAX_KMS_CALLS_PER_SECOND",
+        default_value_t = 50
+    )]
+    pub kmsauth_max_kms_calls_per_second: u32,
+
     /// KMS endpoint URL (a VPC endpoint; default: the region's).
     #[arg(
         help_heading = "Clients and authentication",

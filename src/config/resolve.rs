@@ -181,6 +181,7 @@ impl Cli {
             max_lifetime: Duration::from_secs(self.kmsauth_max_lifetime.max(1) * 60),
             min_version: self.kmsauth_min_version,
             max_version: 2,
+            max_kms_calls_per_second: self.kmsauth_max_kms_calls_per_second,
         })
     }
 
