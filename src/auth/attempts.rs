@@ -55,31 +55,37 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         (b.left + gained).min(self.budget.burst)
     }
 
-    /// How long until `key` may try again; zero if it may now.
-    fn wait(&self, key: &K, now: Instant) -> Duration {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(key) {
-            Some(b) if self.refilled(*b, now) < 1.0 => {
-                let missing = 1.0 - self.refilled(*b, now);
-                Duration::from_secs_f64(missing / self.budget.per_second)
-            }
-            Some(_) => Duration::ZERO,
-            None if map.len() >= MAX_KEYS => Duration::from_secs(1),
-            None => Duration::ZERO,
-        }
-    }
-
-    fn fail(&self, key: &K, now: Instant) {
+    /// Takes one failure from `key`'s budget before its login is checked (so logins checked
+    /// at once cannot overdraw it), or says how long until it may try again. Keys never seen
+    /// always may: a full table never locks anyone out.
+    fn reserve(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_KEYS && !map.contains_key(key) {
-            map.retain(|_, b| self.refilled(*b, now) < self.budget.burst);
-            if map.len() >= MAX_KEYS {
-                return;
-            }
-        }
         let left = map
             .get(key)
             .map_or(self.budget.burst, |b| self.refilled(*b, now));
+        if left < 1.0 {
+            return Err(Duration::from_secs_f64(
+                (1.0 - left) / self.budget.per_second,
+            ));
+        }
+        if map.len() >= MAX_KEYS && !map.contains_key(key) {
+            map.retain(|_, b| self.refilled(*b, now) < self.budget.burst);
+            if map.len() >= MAX_KEYS {
+                // Still full of keys that failed recently: forget the one with the most budget
+                // left (it failed least). An attacker with more names than this only gets some
+                // of its own budgets back, never takes anyone else's.
+                let fullest = map
+                    .iter()
+                    .max_by(|a, b| {
+                        self.refilled(*a.1, now)
+                            .total_cmp(&self.refilled(*b.1, now))
+                    })
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = fullest {
+                    map.remove(&k);
+                }
+            }
+        }
         map.insert(
             key.clone(),
             Bucket {
@@ -87,10 +93,20 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 at: now,
             },
         );
+        Ok(())
+    }
+
+    /// Gives back what [`Buckets::reserve`] took: the login succeeded.
+    fn refund(&self, key: &K, now: Instant) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(key).copied() {
+            let left = (self.refilled(b, now) + 1.0).min(self.budget.burst);
+            map.insert(key.clone(), Bucket { left, at: now });
+        }
     }
 }
 
-/// Failed-login budgets per source address and per username.
+/// Failed-login budgets per source address and username.
 #[derive(Debug)]
 pub struct LoginFailures {
     sources: Buckets<IpAddr>,
@@ -105,27 +121,31 @@ impl LoginFailures {
         }
     }
 
-    /// Zero when a login from `source` as `user` may be checked now, else how long to wait.
-    pub fn wait(&self, source: IpAddr, user: &str, now: Instant) -> Duration {
-        self.sources
-            .wait(&source, now)
-            .max(self.users.wait(&user.to_owned(), now))
+    /// Reserves one failure for a login from `source` as `user` about to be checked, or says
+    /// how long until one may be. Call [`LoginFailures::succeeded`] if the login was good.
+    pub fn reserve(&self, source: IpAddr, user: &str, now: Instant) -> Result<(), Duration> {
+        self.sources.reserve(&source, now)?;
+        if let Err(wait) = self.users.reserve(&user.to_owned(), now) {
+            self.sources.refund(&source, now);
+            return Err(wait);
+        }
+        Ok(())
     }
 
-    pub fn failed(&self, source: IpAddr, user: &str, now: Instant) {
-        self.sources.fail(&source, now);
-        self.users.fail(&user.to_owned(), now);
+    pub fn succeeded(&self, source: IpAddr, user: &str, now: Instant) {
+        self.sources.refund(&source, now);
+        self.users.refund(&user.to_owned(), now);
     }
 }
 
-/// A client-chosen name made safe to log: escaped (no newline can forge a log line) and at
-/// most 64 characters.
+/// A client-chosen name made safe to log: at most 64 characters, quoted and escaped, so it
+/// can neither forge a line (a newline) nor a field (`x source=…`).
 pub fn loggable(name: &str) -> String {
-    let escaped: String = name.escape_debug().take(64).collect();
-    if name.escape_debug().nth(64).is_some() {
-        format!("{escaped}…")
+    let short: String = name.chars().take(64).collect();
+    if name.chars().nth(64).is_some() {
+        format!("{short:?}…")
     } else {
-        escaped
+        format!("{short:?}")
     }
 }
 
@@ -142,39 +162,58 @@ mod tests {
         let l = LoginFailures::new(Budget::per_minute(3), Budget::per_minute(100));
         let t0 = Instant::now();
         for i in 0..3 {
-            assert_eq!(l.wait(ip(1), &format!("u{i}"), t0), Duration::ZERO);
-            l.failed(ip(1), &format!("u{i}"), t0);
+            assert_eq!(l.reserve(ip(1), &format!("u{i}"), t0), Ok(()));
         }
-        let wait = l.wait(ip(1), "u9", t0);
+        let wait = l.reserve(ip(1), "u9", t0).unwrap_err();
         assert!(
             wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
             "{wait:?}"
         );
         assert_eq!(
-            l.wait(ip(2), "u9", t0),
-            Duration::ZERO,
+            l.reserve(ip(2), "u9", t0),
+            Ok(()),
             "other sources are unaffected"
         );
-        assert_eq!(
-            l.wait(ip(1), "u9", t0 + Duration::from_secs(20)),
-            Duration::ZERO
-        );
+        assert_eq!(l.reserve(ip(1), "u9", t0 + Duration::from_secs(20)), Ok(()));
+    }
+
+    #[test]
+    fn good_logins_give_their_reservation_back() {
+        let l = LoginFailures::new(Budget::per_minute(2), Budget::per_minute(2));
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(l.reserve(ip(1), "app", t0), Ok(()));
+            l.succeeded(ip(1), "app", t0);
+        }
     }
 
     #[test]
     fn a_user_is_limited_across_sources() {
         let l = LoginFailures::new(Budget::per_minute(100), Budget::per_minute(2));
         let t0 = Instant::now();
-        l.failed(ip(1), "app", t0);
-        l.failed(ip(2), "app", t0);
-        assert!(l.wait(ip(3), "app", t0) > Duration::ZERO);
-        assert_eq!(l.wait(ip(3), "other", t0), Duration::ZERO);
+        assert!(l.reserve(ip(1), "app", t0).is_ok());
+        assert!(l.reserve(ip(2), "app", t0).is_ok());
+        assert!(l.reserve(ip(3), "app", t0).is_err());
+        assert!(l.reserve(ip(3), "other", t0).is_ok());
     }
 
     #[test]
-    fn names_are_escaped_and_truncated_for_logs() {
-        assert_eq!(loggable("app\nERROR forged"), "app\\nERROR forged");
+    fn a_full_table_locks_nobody_out() {
+        // Found by review: 10,000 failed names once refused every login, for good.
+        let l = LoginFailures::new(Budget::per_minute(1_000_000), Budget::per_minute(1));
+        let t0 = Instant::now();
+        for i in 0..MAX_KEYS + 10 {
+            assert!(l.reserve(ip(1), &format!("bogus{i}"), t0).is_ok());
+        }
+        assert!(l.reserve(ip(1), "victim", t0).is_ok());
+        assert!(l.reserve(ip(2), "other-victim", t0).is_ok());
+    }
+
+    #[test]
+    fn names_are_quoted_escaped_and_truncated_for_logs() {
+        assert_eq!(loggable("app\nERROR forged"), "\"app\\nERROR forged\"");
+        assert_eq!(loggable("x source=1.2.3.4"), "\"x source=1.2.3.4\"");
         let long = "x".repeat(100);
-        assert_eq!(loggable(&long).chars().count(), 65);
+        assert_eq!(loggable(&long).chars().count(), 64 + 3);
     }
 }

@@ -211,10 +211,10 @@ async fn check_login(
     secret: &[u8],
 ) -> Result<String, String> {
     use crate::auth::attempts::loggable;
-    let wait = ctx
+    if let Err(wait) = ctx
         .login_failures
-        .wait(source, user, std::time::Instant::now());
-    if !wait.is_zero() {
+        .reserve(source, user, std::time::Instant::now())
+    {
         Metrics::count(
             &metrics().client_handshakes,
             vec![("result", "login_rate_limited")],
@@ -234,11 +234,12 @@ async fn check_login(
         secret,
     ))
     .await;
-    if outcome.is_err() {
-        ctx.login_failures
-            .failed(source, user, std::time::Instant::now());
+    match &outcome {
+        Ok(_) => ctx
+            .login_failures
+            .succeeded(source, user, std::time::Instant::now()),
         // Only attempts within the budget get here, which bounds this log line too.
-        tracing::warn!(user = %loggable(user), %source, "failed login");
+        Err(_) => tracing::warn!(user = %loggable(user), %source, "failed login"),
     }
     outcome
 }
@@ -310,10 +311,13 @@ async fn handshake(
                 client.send(r).await?
             }
             Step::Close(r) => {
-                Metrics::count(
-                    &metrics().client_handshakes,
-                    vec![("result", "protocol_error")],
-                );
+                // A failed login closes too (one try per connection): count it as what it is.
+                let result = if is_bad_credentials(&r) {
+                    "bad_credentials"
+                } else {
+                    "protocol_error"
+                };
+                Metrics::count(&metrics().client_handshakes, vec![("result", result)]);
                 client.send(r).await?;
                 return Ok(None);
             }
