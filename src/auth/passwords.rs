@@ -2,7 +2,7 @@
 //! the older unsalted `sha256:<hex>` and plaintext entries, still accepted with a warning at
 //! startup (a leaked file of those gives passwords away to a GPU in hours).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -56,11 +56,46 @@ impl StoredPassword {
     /// off the async runtime, a bounded number at a time.
     pub(crate) fn verify(&self, password: &[u8]) -> bool {
         match self {
-            StoredPassword::Argon2(phc) => PasswordHash::new(phc)
-                .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok()),
+            StoredPassword::Argon2(phc) => verify_argon2(phc, password).unwrap_or(false),
             StoredPassword::Sha256(stored) => bool::from(stored.ct_eq(&sha256(password))),
         }
     }
+}
+
+thread_local! {
+    /// Argon2's working memory (19 MiB with the default parameters), kept per hashing thread
+    /// and reused: allocating it for every check left the allocator holding hundreds of MiB.
+    static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Ceiling on the working memory a stored hash may ask for (m in KiB): a file line with
+/// `m=4194304` must not make each check allocate 4 GiB.
+const MAX_MEMORY_KIB: u32 = 256 * 1024;
+
+fn verify_argon2(phc: &str, password: &[u8]) -> Option<bool> {
+    let h = PasswordHash::new(phc).ok()?;
+    let params = argon2::Params::try_from(&h).ok()?;
+    if params.m_cost() > MAX_MEMORY_KIB {
+        return None;
+    }
+    let algorithm = argon2::Algorithm::try_from(h.algorithm).ok()?;
+    let version = match h.version {
+        Some(v) => argon2::Version::try_from(v).ok()?,
+        None => argon2::Version::V0x13,
+    };
+    let expected = h.hash?;
+    let mut salt = [0u8; 64];
+    let salt = h.salt?.decode_b64(&mut salt).ok()?;
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params.clone());
+    BLOCKS.with(|blocks| {
+        let mut blocks = blocks.borrow_mut();
+        blocks.resize(params.block_count(), argon2::Block::default());
+        argon
+            .hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..])
+            .ok()
+    })?;
+    Some(bool::from(out.ct_eq(expected.as_bytes())))
 }
 
 /// An argon2id PHC string for `password`, with OWASP's parameters (19 MiB, 2 passes) and a
@@ -89,6 +124,16 @@ mod tests {
         assert!(!stored.is_weak());
         assert!(stored.verify(b"hunter2"));
         assert!(!stored.verify(b"hunter3"));
+    }
+
+    #[test]
+    fn a_stored_hash_cannot_ask_for_gigabytes() {
+        let huge = "$argon2id$v=19$m=4194304,t=1,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let stored = StoredPassword::parse(huge).unwrap();
+        assert!(
+            !stored.verify(b"anything"),
+            "refused before allocating 4 GiB"
+        );
     }
 
     #[test]
