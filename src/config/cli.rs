@@ -10,6 +10,16 @@ use serde::Serialize;
 use super::{mask_secret, mask_users};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
 
+/// What happens to an authenticated client whose identity `--identity-roles` does not map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnmappedIdentities {
+    /// Refuse the login: on a shared proxy nobody acts with the proxy's own role by accident.
+    Deny,
+    /// Let it in on the proxy's own credentials.
+    ProxyCredentials,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuthMode {
@@ -212,6 +222,17 @@ pub struct Cli {
         env = "KEYSPACES_PROXY_IDENTITY_ROLES"
     )]
     pub identity_roles: Option<PathBuf>,
+
+    /// With --identity-roles: refuse identities it does not map (`deny`), or let them act with
+    /// the proxy's own credentials (`proxy-credentials`).
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_UNMAPPED_IDENTITIES",
+        value_enum,
+        default_value = "deny"
+    )]
+    pub unmapped_identities: UnmappedIdentities,
 
     /// STS endpoint URL for --identity-roles (a VPC endpoint; default: the region's).
     #[arg(

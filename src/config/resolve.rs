@@ -400,6 +400,7 @@ impl Cli {
                     self.pool_settings(),
                     sdk,
                     roles,
+                    self.unmapped_identities == crate::config::cli::UnmappedIdentities::Deny,
                 )))
             }
         };

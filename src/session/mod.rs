@@ -244,6 +244,30 @@ async fn check_login(
     outcome
 }
 
+/// An authenticated identity with no role under `--unmapped-identities deny`: refused as bad
+/// credentials (drivers report it as an authentication failure), without internal details.
+async fn refuse_unmapped(
+    client: &mut ClientFramed,
+    accepted: &Accepted,
+    user: &str,
+) -> std::io::Result<()> {
+    Metrics::count(
+        &metrics().client_handshakes,
+        vec![("result", "unmapped_identity")],
+    );
+    tracing::warn!(
+        user = %crate::auth::attempts::loggable(user),
+        "login refused: --identity-roles maps no role to this identity (--unmapped-identities deny)"
+    );
+    let reply = messages::error(
+        accepted.version,
+        accepted.success.stream(),
+        error_code::BAD_CREDENTIALS,
+        "keyspaces-proxy: no role is configured for this identity",
+    );
+    client.send(reply).await
+}
+
 /// What the client sees when the upstream could not be opened.
 pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Frame {
     match e {
@@ -327,7 +351,13 @@ async fn handshake(
                     Some(shared) => {
                         // An identity with a role of its own gets its own pool.
                         let own = match (&ctx.identity_pools, &accepted.user) {
-                            (Some(ip), Some(user)) => Box::pin(ip.pool_for(user)).await,
+                            (Some(ip), Some(user)) => match Box::pin(ip.pool_for(user)).await {
+                                None if ip.denies_unmapped() => {
+                                    refuse_unmapped(client, &accepted, user).await?;
+                                    return Ok(None);
+                                }
+                                own => own,
+                            },
                             _ => None,
                         };
                         let pool = own.unwrap_or_else(|| shared.clone());

@@ -21,6 +21,8 @@ pub struct IdentityPools {
     sdk: aws_config::SdkConfig,
     roles: ArcSwap<IdentityRoles>,
     pools: tokio::sync::Mutex<HashMap<String, (RoleSpec, Arc<Pool>)>>,
+    /// Refuse identities the mapping does not name (`--unmapped-identities deny`).
+    deny_unmapped: bool,
 }
 
 impl std::fmt::Debug for IdentityPools {
@@ -38,8 +40,10 @@ impl IdentityPools {
         settings: PoolSettings,
         sdk: aws_config::SdkConfig,
         roles: IdentityRoles,
+        deny_unmapped: bool,
     ) -> IdentityPools {
         IdentityPools {
+            deny_unmapped,
             base,
             region,
             settings,
@@ -54,6 +58,11 @@ impl IdentityPools {
         let mut pools = self.pools.lock().await;
         pools.retain(|id, (spec, _)| roles.role_for(id) == Some(spec));
         self.roles.store(Arc::new(roles));
+    }
+
+    /// Whether an identity without a role must be refused rather than use the proxy's own.
+    pub fn denies_unmapped(&self) -> bool {
+        self.deny_unmapped
     }
 
     /// The pool for `identity`, created on first use; `None` if it has no role of its own.

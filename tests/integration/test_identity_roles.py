@@ -45,6 +45,7 @@ def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy
     proxy = start_proxy(
         emu, "--client-auth", "password", "--client-credentials-file", str(users),
         "--identity-roles", str(roles), "--sts-endpoint", sts, "--pool-min-connections", "1",
+        "--unmapped-identities", "proxy-credentials",
     )
     deadline = time.time() + 10
     while not signing_keys(emu, 0)[0] and time.time() < deadline:
@@ -77,3 +78,28 @@ def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy
     assert query_as(proxy.port, "billing")
     new, seen = signing_keys(emu, seen)
     assert new and not set(new) & (keys["billing"] | keys["orders"] | {AKID})
+
+
+def test_unmapped_identities_are_refused_by_default(moto, start_emulator, start_proxy, tmp_path):
+    """A shared proxy never lets an identity the mapping forgot act with the proxy's own role."""
+    import pytest
+    from cassandra import AuthenticationFailed
+    from cassandra.cluster import NoHostAvailable
+
+    sts, _ = moto
+    roles = tmp_path / "roles.toml"
+    roles.write_text(ROLES)
+    users = tmp_path / "users"
+    users.write_text("orders:orders-pw\nreporting:reporting-pw\n")
+    emu = start_emulator("--accept-unknown-keys", listen_on_peers=False)
+    proxy = start_proxy(
+        emu, "--client-auth", "password", "--client-credentials-file", str(users),
+        "--identity-roles", str(roles), "--sts-endpoint", sts,
+    )
+    assert query_as(proxy.port, "orders")
+    with pytest.raises(NoHostAvailable) as err:
+        query_as(proxy.port, "reporting")
+    errors = list(err.value.errors.values())
+    assert errors and isinstance(errors[0], AuthenticationFailed), errors
+    assert "no role is configured for this identity" in str(errors[0])
+    assert "arn:" not in str(errors[0]), "no internal details reach the client"
