@@ -175,7 +175,16 @@ fn watch_reload(
 /// load keeps its previous value.
 async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
     if let Some(pools) = &ctx.identity_pools {
-        match cli.identity_roles.as_deref().map(IdentityRoles::load) {
+        let kmsauth = cli.client_auth == crate::config::ClientAuthMode::Kmsauth;
+        let load = |path: &std::path::Path| {
+            IdentityRoles::load(path).and_then(|roles| {
+                if kmsauth {
+                    roles.check_kmsauth_names()?;
+                }
+                Ok(roles)
+            })
+        };
+        match cli.identity_roles.as_deref().map(load) {
             Some(Ok(roles)) => {
                 pools.replace_roles(roles).await;
                 tracing::info!("SIGHUP: identity roles reloaded");

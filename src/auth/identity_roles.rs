@@ -41,6 +41,10 @@ pub enum IdentityRolesError {
     Syntax(String),
     #[error("identity roles: {identity:?} has an invalid role ARN {arn:?}")]
     Arn { identity: String, arn: String },
+    #[error(
+        "identity roles: {identity:?} is not how kmsauth identities are named: write {canonical:?}"
+    )]
+    NotCanonical { identity: String, canonical: String },
 }
 
 #[derive(serde::Deserialize)]
@@ -106,6 +110,24 @@ impl IdentityRoles {
         IdentityRoles::parse(&text)
     }
 
+    /// Under `--client-auth kmsauth` identities are canonical (`2/service/orders`,
+    /// `1/service/orders` for v1's `orders`): a key spelled otherwise would never match, and
+    /// that identity would be refused or run as the proxy.
+    pub fn check_kmsauth_names(&self) -> Result<(), IdentityRolesError> {
+        for identity in self.roles.keys() {
+            let canonical = crate::auth::kmsauth::parse_username(identity)
+                .map(|u| u.canonical())
+                .unwrap_or_else(|_| "<version>/<service|user>/<name>".to_owned());
+            if canonical != *identity {
+                return Err(IdentityRolesError::NotCanonical {
+                    identity: identity.clone(),
+                    canonical,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn role_for(&self, identity: &str) -> Option<&RoleSpec> {
         self.roles.get(identity)
     }
@@ -165,5 +187,25 @@ mod tests {
         assert_eq!(session_name("a"), "a-");
         assert_eq!(session_name(&"x".repeat(100)).len(), 64);
         assert_eq!(session_name("ü@x"), "-@x");
+    }
+
+    #[test]
+    fn kmsauth_names_must_be_canonical() {
+        let roles = |key: &str| {
+            IdentityRoles::parse(&format!(
+                "[identities.{key:?}]\nrole_arn = \"arn:aws:iam::111122223333:role/r\"\n"
+            ))
+            .unwrap()
+        };
+        assert!(roles("2/service/orders").check_kmsauth_names().is_ok());
+        assert!(roles("1/service/billing").check_kmsauth_names().is_ok());
+        for bad in ["orders", "02/service/orders", "2/robot/x"] {
+            assert!(roles(bad).check_kmsauth_names().is_err(), "{bad}");
+        }
+        let e = roles("orders")
+            .check_kmsauth_names()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write \"1/service/orders\""), "{e}");
     }
 }

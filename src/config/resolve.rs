@@ -388,6 +388,9 @@ impl Cli {
                     return Err(ConfigError::IdentityRolesNeedPooledSigv4);
                 }
                 let roles = IdentityRoles::load(path)?;
+                if matches!(client_auth, ClientAuth::KmsAuth(_)) {
+                    roles.check_kmsauth_names()?;
+                }
                 let sdk = sdk_config(
                     self.profile.as_deref(),
                     region.as_deref(),
