@@ -82,7 +82,8 @@ pub async fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
                     true,
                     json!({"ready": true, "upstream_connections": g.ready_count()}),
                 ),
-                Ok(Err(e)) => (false, json!({"ready": false, "reason": e.to_string()})),
+                // A reason code: the SDK's text (ARNs, account ids) is for the log.
+                Ok(Err(e)) => (false, json!({"ready": false, "reason": e.kind()})),
                 Err(_) => (
                     false,
                     json!({"ready": false, "reason": "connecting to Keyspaces timed out"}),
@@ -91,7 +92,7 @@ pub async fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
         }
         None => match ctx.upstream.connect(4, Default::default()).await {
             Ok(_) => (true, json!({"ready": true})),
-            Err(e) => (false, json!({"ready": false, "reason": e.to_string()})),
+            Err(e) => (false, json!({"ready": false, "reason": e.kind()})),
         },
     }
 }

@@ -270,26 +270,14 @@ async fn refuse_unmapped(
 
 /// What the client sees when the upstream could not be opened.
 pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Frame {
-    match e {
-        UpstreamError::AuthRejected(info) => {
-            messages::error(version, stream, error_code::BAD_CREDENTIALS, &info.message)
+    let code = match e {
+        UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
+            error_code::BAD_CREDENTIALS
         }
-        UpstreamError::UseFailed(info) => {
-            messages::error(version, stream, info.code, &info.message)
-        }
-        UpstreamError::Credentials(_) => messages::error(
-            version,
-            stream,
-            error_code::BAD_CREDENTIALS,
-            &format!("keyspaces-proxy: {e}"),
-        ),
-        _ => messages::error(
-            version,
-            stream,
-            error_code::SERVER_ERROR,
-            &format!("keyspaces-proxy cannot reach Keyspaces: {e}"),
-        ),
-    }
+        UpstreamError::UseFailed(info) => info.code,
+        _ => error_code::SERVER_ERROR,
+    };
+    messages::error(version, stream, code, &e.public_message())
 }
 
 async fn handshake(

@@ -168,7 +168,38 @@ pub enum UpstreamError {
     Closed,
 }
 
+/// Whether upstream text names an AWS account: an ARN or a 12-digit account id.
+fn names_an_account(text: &str) -> bool {
+    text.contains("arn:")
+        || text
+            .as_bytes()
+            .split(|b| !b.is_ascii_digit())
+            .any(|run| run.len() == 12)
+}
+
 impl UpstreamError {
+    /// What a client may be told. Credential and IAM failures carry SDK text (role and
+    /// principal ARNs, account ids, HTTP bodies): the client gets a short reason and a
+    /// reference, and the details are logged under that reference. Network and TLS failures
+    /// name only the endpoint and the cause, which the client needs to see.
+    pub fn public_message(&self) -> String {
+        match self {
+            UpstreamError::AuthRejected(info) if !names_an_account(&info.message) => {
+                info.message.clone()
+            }
+            UpstreamError::UseFailed(info) => info.message.clone(),
+            UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
+                let reference = hex::encode(rand::random::<[u8; 4]>());
+                tracing::warn!(%reference, error = %self, "upstream authentication failed");
+                format!(
+                    "keyspaces-proxy: Keyspaces did not accept the proxy's AWS credentials \
+                     (reference {reference} in the proxy's log)"
+                )
+            }
+            other => format!("keyspaces-proxy cannot reach Keyspaces: {other}"),
+        }
+    }
+
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -408,5 +439,36 @@ fn auth_failure(f: &Frame) -> UpstreamError {
             "unexpected {} during authentication",
             opcode::name(f.opcode())
         )),
+    }
+}
+
+#[cfg(test)]
+mod public_message_tests {
+    use super::*;
+
+    #[test]
+    fn clients_never_see_account_ids_or_sdk_text() {
+        use crate::frame::messages::ErrorInfo;
+        let iam = UpstreamError::AuthRejected(ErrorInfo {
+            code: 0x0100,
+            message: "User arn:aws:sts::111122223333:assumed-role/orders/x has no permissions."
+                .into(),
+        });
+        let sdk = UpstreamError::Credentials(crate::auth::credentials::CredentialsError(
+            "AccessDenied: arn:aws:iam::111122223333:role/orders; request id 5f1c".into(),
+        ));
+        for e in [&iam, &sdk] {
+            let m = e.public_message();
+            assert!(!m.contains("arn:") && !m.contains("111122223333"), "{m}");
+            assert!(m.contains("reference"), "{m}");
+        }
+        let signature = UpstreamError::AuthRejected(ErrorInfo {
+            code: 0x0100,
+            message: "Authentication failure: Invalid signature".into(),
+        });
+        assert_eq!(
+            signature.public_message(),
+            "Authentication failure: Invalid signature"
+        );
     }
 }

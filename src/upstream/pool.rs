@@ -353,8 +353,10 @@ impl Pool {
                 group.ready_count() == 0 && group.connecting.load(Ordering::Acquire) == 0;
             if no_connection {
                 if let Some((_, e)) = group.last_failure() {
-                    let f =
-                        unavailable_frame(&pending, &format!("no connection to Keyspaces: {e}"));
+                    // The failure's kind only: this runs per request, and the details were
+                    // logged when the connection failed.
+                    let why = format!("no connection to Keyspaces ({})", e.kind());
+                    let f = unavailable_frame(&pending, &why);
                     pending.reply.deliver(f);
                     return;
                 }
