@@ -1,7 +1,7 @@
 //! Failed logins, limited per source address and per username: a client that guesses
 //! passwords (or kmsauth tokens, each a KMS call) gets a few tries a minute, then is refused
-//! before any hashing or KMS call until its budget refills. Pure bookkeeping: the caller passes
-//! the time.
+//! before any hashing or KMS call until its budget refills. The same token buckets bound
+//! kmsauth's KMS calls. Pure bookkeeping: the caller passes the time.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -22,6 +22,13 @@ pub struct Budget {
 }
 
 impl Budget {
+    pub fn per_second(n: u32) -> Budget {
+        Budget {
+            burst: f64::from(n.max(1)),
+            per_second: f64::from(n.max(1)),
+        }
+    }
+
     pub fn per_minute(n: u32) -> Budget {
         Budget {
             burst: f64::from(n.max(1)),
@@ -36,14 +43,15 @@ struct Bucket {
     at: Instant,
 }
 
+/// Token buckets by key (one key, `()`, for a single global budget).
 #[derive(Debug)]
-struct Buckets<K> {
+pub(crate) struct Buckets<K> {
     budget: Budget,
     map: Mutex<HashMap<K, Bucket>>,
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
-    fn new(budget: Budget) -> Self {
+    pub(crate) fn new(budget: Budget) -> Self {
         Buckets {
             budget,
             map: Mutex::new(HashMap::new()),
@@ -58,7 +66,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     /// Takes one failure from `key`'s budget before its login is checked (so logins checked
     /// at once cannot overdraw it), or says how long until it may try again. Keys never seen
     /// always may: a full table never locks anyone out.
-    fn reserve(&self, key: &K, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn reserve(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let left = map
             .get(key)

@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_smithy_types::error::display::DisplayErrorContext;
 use sha2::{Digest, Sha256};
 
+use crate::auth::attempts::{Buckets, Budget};
+
 /// Tokens remembered at most (as kmsauth's LRU default).
 const TOKEN_CACHE: usize = 4096;
 
@@ -92,35 +94,6 @@ pub struct KmsAuthSettings {
     /// KMS Decrypt calls per second, for every client together: KMS throttles per account and
     /// region, so a login flood must not take the account's other services down with it.
     pub max_kms_calls_per_second: u32,
-}
-
-/// A token bucket of KMS calls (burst = one second's worth).
-#[derive(Debug)]
-struct CallBudget {
-    per_second: f64,
-    state: Mutex<(f64, std::time::Instant)>,
-}
-
-impl CallBudget {
-    fn new(per_second: u32) -> CallBudget {
-        let per_second = f64::from(per_second.max(1));
-        CallBudget {
-            per_second,
-            state: Mutex::new((per_second, std::time::Instant::now())),
-        }
-    }
-
-    fn take(&self, now: std::time::Instant) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let gained = now.saturating_duration_since(s.1).as_secs_f64() * self.per_second;
-        let left = (s.0 + gained).min(self.per_second);
-        *s = (left, now);
-        if left < 1.0 {
-            return false;
-        }
-        s.0 = left - 1.0;
-        true
-    }
 }
 
 type Window = (SystemTime, SystemTime);
@@ -246,7 +219,8 @@ pub struct KmsAuthValidator {
     tokens: Mutex<HashMap<[u8; 32], (SystemTime, SystemTime)>>,
     /// Tokens being decrypted now: every login with one of them waits for that one KMS call.
     inflight: Mutex<HashMap<[u8; 32], Decryption>>,
-    kms_calls: CallBudget,
+    /// KMS calls for all clients together (burst = one second's worth).
+    kms_calls: Buckets<()>,
 }
 
 impl std::fmt::Debug for KmsAuthValidator {
@@ -276,7 +250,7 @@ fn token_key(token: &[u8], user: &KmsUser, to: &str) -> [u8; 32] {
 impl KmsAuthValidator {
     pub fn new(settings: KmsAuthSettings, kms: aws_sdk_kms::Client) -> KmsAuthValidator {
         KmsAuthValidator {
-            kms_calls: CallBudget::new(settings.max_kms_calls_per_second),
+            kms_calls: Buckets::new(Budget::per_second(settings.max_kms_calls_per_second)),
             settings,
             kms,
             arns: tokio::sync::Mutex::new(HashMap::new()),
@@ -386,7 +360,11 @@ impl KmsAuthValidator {
             .clone();
         let outcome = cell
             .get_or_init(|| async {
-                if !self.kms_calls.take(std::time::Instant::now()) {
+                if self
+                    .kms_calls
+                    .reserve(&(), std::time::Instant::now())
+                    .is_err()
+                {
                     tracing::warn!(
                         "kmsauth: KMS call budget spent; refusing logins until it refills"
                     );
@@ -460,15 +438,16 @@ mod tests {
 
     #[test]
     fn kms_calls_have_a_global_budget() {
-        let b = CallBudget::new(3);
+        let b = Buckets::new(Budget::per_second(3));
+        let take = |at| b.reserve(&(), at).is_ok();
         let t0 = std::time::Instant::now();
-        assert!((0..3).all(|_| b.take(t0)));
-        assert!(!b.take(t0), "the fourth call in one instant waits");
+        assert!((0..3).all(|_| take(t0)));
+        assert!(!take(t0), "the fourth call in one instant waits");
         assert!(
-            b.take(t0 + Duration::from_millis(400)),
+            take(t0 + Duration::from_millis(400)),
             "a third of a second buys one"
         );
-        assert!(!b.take(t0 + Duration::from_millis(400)));
+        assert!(!take(t0 + Duration::from_millis(400)));
     }
 
     #[test]

@@ -4,8 +4,10 @@ import os
 import signal
 import time
 
+import pytest
+from cassandra import AuthenticationFailed
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster
+from cassandra.cluster import Cluster, NoHostAvailable
 
 from conftest import AKID
 
@@ -35,7 +37,9 @@ def signing_keys(emu, seen):
     return [e["who"] for e in auths[seen:]], len(auths)
 
 
-def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy, tmp_path):
+def shared_proxy(moto, start_emulator, start_proxy, tmp_path, *extra):
+    """A password-authenticated proxy with ROLES mapped (STS is moto's): (emulator, proxy,
+    the roles file)."""
     sts, _ = moto
     roles = tmp_path / "roles.toml"
     roles.write_text(ROLES)
@@ -44,8 +48,15 @@ def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy
     emu = start_emulator("--accept-unknown-keys", listen_on_peers=False)
     proxy = start_proxy(
         emu, "--client-auth", "password", "--client-credentials-file", str(users),
-        "--identity-roles", str(roles), "--sts-endpoint", sts, "--pool-min-connections", "1",
-        "--unmapped-identities", "proxy-credentials",
+        "--identity-roles", str(roles), "--sts-endpoint", sts, *extra,
+    )
+    return emu, proxy, roles
+
+
+def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy, tmp_path):
+    emu, proxy, roles = shared_proxy(
+        moto, start_emulator, start_proxy, tmp_path,
+        "--pool-min-connections", "1", "--unmapped-identities", "proxy-credentials",
     )
     deadline = time.time() + 10
     while not signing_keys(emu, 0)[0] and time.time() < deadline:
@@ -82,20 +93,7 @@ def test_each_identity_signs_with_its_own_role(moto, start_emulator, start_proxy
 
 def test_unmapped_identities_are_refused_by_default(moto, start_emulator, start_proxy, tmp_path):
     """A shared proxy never lets an identity the mapping forgot act with the proxy's own role."""
-    import pytest
-    from cassandra import AuthenticationFailed
-    from cassandra.cluster import NoHostAvailable
-
-    sts, _ = moto
-    roles = tmp_path / "roles.toml"
-    roles.write_text(ROLES)
-    users = tmp_path / "users"
-    users.write_text("orders:orders-pw\nreporting:reporting-pw\n")
-    emu = start_emulator("--accept-unknown-keys", listen_on_peers=False)
-    proxy = start_proxy(
-        emu, "--client-auth", "password", "--client-credentials-file", str(users),
-        "--identity-roles", str(roles), "--sts-endpoint", sts,
-    )
+    _, proxy, _ = shared_proxy(moto, start_emulator, start_proxy, tmp_path)
     assert query_as(proxy.port, "orders")
     with pytest.raises(NoHostAvailable) as err:
         query_as(proxy.port, "reporting")

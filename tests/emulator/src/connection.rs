@@ -15,7 +15,7 @@ use tokio_util::codec::FramedRead;
 use crate::auth::{new_nonce, verify_plain, verify_sigv4, AuthFailure};
 use crate::engine::{throttled, Reply};
 use crate::sigv4::{self, SignedResponse};
-use crate::wire::request::{decode, message_start, Request};
+use crate::wire::request::{decode_message, message_start, Request};
 use crate::wire::writer::{write_out, Out, QUEUE_DEPTH};
 use crate::wire::{
     consistency, error_code, flags, opcode, response, Compression, Frame, FrameDecoder,
@@ -246,13 +246,15 @@ impl Conn {
         } else {
             frame.body.clone()
         };
-        let request = match decode(v, frame.flags, frame.opcode, &body) {
-            Ok(r) => r,
+        // The engine reads the message itself, past any custom payload.
+        let decoded = message_start(v, frame.flags, &body).and_then(|start| {
+            let message = &body[start..];
+            decode_message(v, frame.opcode, message).map(|r| (message, r))
+        });
+        let (message, request) = match decoded {
+            Ok(d) => d,
             Err(e) => return self.undecodable(stream, frame.opcode, &e.0).await,
         };
-        // The engine reads the message itself, past any custom payload (decoding succeeded,
-        // so the offset is there).
-        let message = &body[message_start(v, frame.flags, &body).unwrap_or(0)..];
         let traced = frame.flags & flags::TRACING != 0;
         match (&self.state, request) {
             (_, Request::Options) => {

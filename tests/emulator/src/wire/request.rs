@@ -309,13 +309,16 @@ pub fn decode(
     op: u8,
     body: &[u8],
 ) -> Result<Request<'_>, DecodeError> {
-    let mut c = Cursor { rest: body };
-    if frame_flags & flags::CUSTOM_PAYLOAD != 0 {
-        if version < 4 {
-            return fail("Received frame with CUSTOM_PAYLOAD flag for native protocol version < 4");
-        }
-        c.bytes_map()?;
-    }
+    decode_message(
+        version,
+        op,
+        &body[message_start(version, frame_flags, body)?..],
+    )
+}
+
+/// Decodes a request's message: the body past any custom payload ([`message_start`]).
+pub fn decode_message(version: u8, op: u8, message: &[u8]) -> Result<Request<'_>, DecodeError> {
+    let mut c = Cursor { rest: message };
     let request = match op {
         opcode::STARTUP => Request::Startup(c.string_map()?),
         opcode::OPTIONS => Request::Options,
