@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::AdminState;
+use crate::auth::client::Logins;
 use crate::auth::credentials::CredentialCache;
 use crate::auth::identity_roles::IdentityRoles;
 use crate::config::{Cli, ConfigError, LogFormat};
@@ -197,9 +198,10 @@ async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
     }
     match cli.client_auth().await {
         Ok(auth) => {
-            ctx.client_auth.store(Arc::new(auth));
-            // Sessions vouched for by the old users must be checked again.
-            ctx.sessions.clear();
+            // Sessions vouched for by the old users must be checked again: the new settings
+            // come with an empty cache.
+            ctx.logins
+                .store(Arc::new(Logins::new(auth, cli.session_cache())));
             tracing::info!("SIGHUP: client authentication reloaded");
         }
         Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client users"),

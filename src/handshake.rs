@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::auth::client::{bad_credentials_message, ClientAuth};
+use crate::auth::client::{bad_credentials_message, ClientAuth, Logins};
 use crate::frame::compression::decompressed;
 use crate::frame::header::is_supported_version;
 use crate::frame::messages::{self, error_code};
@@ -81,7 +81,9 @@ enum State {
 
 #[derive(Debug)]
 pub struct ClientHandshake {
-    auth: Arc<ClientAuth>,
+    /// One snapshot for the whole handshake: what it offers and how it checks agree even when
+    /// a SIGHUP swaps the settings halfway.
+    logins: Arc<Logins>,
     state: State,
 }
 
@@ -103,11 +105,16 @@ fn protocol_error(version: u8, stream: i16, message: &str) -> Frame {
 }
 
 impl ClientHandshake {
-    pub fn new(auth: Arc<ClientAuth>) -> Self {
+    pub fn new(logins: Arc<Logins>) -> Self {
         ClientHandshake {
-            auth,
+            logins,
             state: State::AwaitStartup,
         }
+    }
+
+    /// The settings this handshake checks credentials with.
+    pub fn logins(&self) -> &Arc<Logins> {
+        &self.logins
     }
 
     pub fn on_frame(&mut self, frame: &Frame) -> Step {
@@ -194,7 +201,7 @@ impl ClientHandshake {
             Ok(c) => c,
             Err(e) => return Step::Reply(protocol_error(version, stream, &e.to_string())),
         };
-        match self.auth.as_ref() {
+        match &self.logins.auth {
             ClientAuth::None => Step::Connect(Accepted {
                 version,
                 compression,
@@ -217,7 +224,7 @@ impl ClientHandshake {
 
     fn on_credentials(&mut self, frame: &Frame, version: u8, compression: Compression) -> Step {
         let stream = frame.stream();
-        if matches!(self.auth.as_ref(), ClientAuth::None) {
+        if matches!(&self.logins.auth, ClientAuth::None) {
             return Step::Close(protocol_error(version, stream, "Unexpected AUTH_RESPONSE"));
         }
         // Drivers compress everything after STARTUP once it negotiated an algorithm (the Python
@@ -243,7 +250,7 @@ impl ClientHandshake {
                 "Authentication failure: malformed PLAIN credentials",
             ));
         };
-        let (limit, what) = match self.auth.as_ref() {
+        let (limit, what) = match &self.logins.auth {
             ClientAuth::KmsAuth(_) => (MAX_TOKEN, "token"),
             _ => (MAX_PASSWORD, "password"),
         };
@@ -314,7 +321,7 @@ mod tests {
 
     #[test]
     fn v5_is_refused_with_keyspaces_text_and_socket_kept() {
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         let step = hs.on_frame(&messages::options(5, 0));
         assert!(matches!(step, Step::Reply(_)));
         let e = error_of(&step);
@@ -328,7 +335,7 @@ mod tests {
 
     #[test]
     fn no_auth_accepts_startup_with_ready() {
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         let Step::Connect(a) = hs.on_frame(&messages::startup(
             3,
             9,
@@ -346,7 +353,9 @@ mod tests {
     #[test]
     fn password_mode_checks_credentials() {
         let users = UserStore::parse("app:pw").unwrap();
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
+            ClientAuth::Password(users),
+        )));
         let Step::Reply(f) = hs.on_frame(&startup(4)) else {
             panic!()
         };
@@ -396,7 +405,9 @@ mod tests {
     fn compressed_credentials_are_read_with_the_negotiated_algorithm() {
         for (name, algo) in [("lz4", Compression::Lz4), ("snappy", Compression::Snappy)] {
             let users = UserStore::parse("app:pw").unwrap();
-            let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+            let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
+                ClientAuth::Password(users),
+            )));
             let startup =
                 messages::startup(4, 1, &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", name)]);
             assert!(matches!(hs.on_frame(&startup), Step::Reply(_)));
@@ -416,7 +427,7 @@ mod tests {
 
     #[test]
     fn negative_streams_are_refused_in_the_handshake_too() {
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         for frame in [
             messages::options(4, -1),
             messages::startup(4, -5, &[("CQL_VERSION", "3.0.0")]),
@@ -433,7 +444,7 @@ mod tests {
 
     #[test]
     fn requests_before_startup_get_errors() {
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         let e = error_of(&hs.on_frame(&messages::query(4, 1, "SELECT 1", 1)));
         assert!(e.message.contains("expecting STARTUP"));
         let garbage = Frame::new(
@@ -445,7 +456,7 @@ mod tests {
 
     #[test]
     fn response_frames_from_clients_close() {
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::None));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         assert!(matches!(
             hs.on_frame(&messages::ready(4, 1)),
             Step::Close(_)
@@ -455,7 +466,9 @@ mod tests {
     #[test]
     fn oversized_secrets_are_refused_before_any_check() {
         let users = UserStore::parse("app:pw").unwrap();
-        let mut hs = ClientHandshake::new(Arc::new(ClientAuth::Password(users)));
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
+            ClientAuth::Password(users),
+        )));
         assert!(matches!(hs.on_frame(&startup(4)), Step::Reply(_)));
         let long = "x".repeat(1025);
         let step = hs.on_frame(&messages::auth_response(

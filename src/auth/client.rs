@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::passwords::StoredPassword;
+use super::sessions::SessionCache;
 
 /// Argon2 checks running at once, each on a thread of its own kept for the process's life:
 /// a check takes ~19 MiB and tens of milliseconds of a core, so a burst of logins queues here
@@ -169,38 +170,54 @@ pub enum ClientAuth {
     KmsAuth(std::sync::Arc<crate::auth::kmsauth::KmsAuthValidator>),
 }
 
-/// Checks PLAIN credentials: a live sliding session first, then the users or KMS. Returns the
-/// identity, or the reason (empty when Cassandra's usual message says it all).
-pub async fn verify(
-    auth: &ClientAuth,
-    sessions: &crate::auth::sessions::SessionCache,
-    user: &str,
-    secret: &[u8],
-) -> Result<String, String> {
-    use crate::auth::sessions::session_key;
-    let key = session_key(user, secret);
-    let now = std::time::Instant::now();
-    if let Some(identity) = sessions.touch(&key, now) {
-        return Ok(identity);
+/// How clients log in, swapped whole on SIGHUP: the users (or the KMS validator) together with
+/// the sessions they vouched for. A handshake keeps one snapshot from its first frame to its
+/// verdict, so a check that began under the old users can only remember its session in the
+/// old cache, which the reload discarded, never in the one new handshakes read.
+#[derive(Debug)]
+pub struct Logins {
+    pub auth: ClientAuth,
+    pub sessions: SessionCache,
+}
+
+impl Logins {
+    pub fn new(auth: ClientAuth, sessions: SessionCache) -> Logins {
+        Logins { auth, sessions }
     }
-    match auth {
-        ClientAuth::None => Ok(user.to_owned()),
-        ClientAuth::Password(users) => {
-            if !users.check(user, secret).await {
-                return Err(String::new());
-            }
-            sessions.insert(key, user, now, None);
-            Ok(user.to_owned())
+
+    /// Logins that remember no session: every connection is checked.
+    pub fn without_sessions(auth: ClientAuth) -> Logins {
+        Logins::new(auth, SessionCache::new(std::time::Duration::ZERO, 1))
+    }
+
+    /// Checks PLAIN credentials: a live sliding session first, then the users or KMS. Returns
+    /// the identity, or the reason (empty when Cassandra's usual message says it all).
+    pub async fn verify(&self, user: &str, secret: &[u8]) -> Result<String, String> {
+        use crate::auth::sessions::session_key;
+        let key = session_key(user, secret);
+        let now = std::time::Instant::now();
+        if let Some(identity) = self.sessions.touch(&key, now) {
+            return Ok(identity);
         }
-        ClientAuth::KmsAuth(validator) => {
-            let wall = std::time::SystemTime::now();
-            let id = validator
-                .validate(user, secret, wall)
-                .await
-                .map_err(|e| e.to_string())?;
-            let left = id.not_after.duration_since(wall).unwrap_or_default();
-            sessions.insert(key, &id.name, now, Some(left));
-            Ok(id.name)
+        match &self.auth {
+            ClientAuth::None => Ok(user.to_owned()),
+            ClientAuth::Password(users) => {
+                if !users.check(user, secret).await {
+                    return Err(String::new());
+                }
+                self.sessions.insert(key, user, now, None);
+                Ok(user.to_owned())
+            }
+            ClientAuth::KmsAuth(validator) => {
+                let wall = std::time::SystemTime::now();
+                let id = validator
+                    .validate(user, secret, wall)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let left = id.not_after.duration_since(wall).unwrap_or_default();
+                self.sessions.insert(key, &id.name, now, Some(left));
+                Ok(id.name)
+            }
         }
     }
 }
@@ -237,6 +254,25 @@ mod tests {
             Err(UserFileError::Syntax { line: 2 })
         ));
         assert!(UserStore::parse("u:sha256:zz").is_err());
+    }
+
+    /// A SIGHUP while a login is being checked: the check finishes under the settings it began
+    /// with, and the session it remembers is not one later handshakes can use.
+    #[tokio::test]
+    async fn a_check_in_flight_during_a_reload_leaves_no_session_behind() {
+        let minute = std::time::Duration::from_secs(60);
+        let logins = |pw: &str| {
+            Logins::new(
+                ClientAuth::Password(UserStore::parse(&format!("app:{pw}\n")).unwrap()),
+                SessionCache::new(minute, 10),
+            )
+        };
+        let current = arc_swap::ArcSwap::from_pointee(logins("old-pw"));
+        let in_flight = current.load_full();
+        current.store(Arc::new(logins("new-pw")));
+        assert!(in_flight.verify("app", b"old-pw").await.is_ok());
+        assert!(current.load().verify("app", b"old-pw").await.is_err());
+        assert!(current.load().verify("app", b"new-pw").await.is_ok());
     }
 
     #[test]

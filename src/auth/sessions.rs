@@ -104,10 +104,6 @@ impl SessionCache {
         );
     }
 
-    pub fn clear(&self) {
-        self.lock().clear();
-    }
-
     pub fn len(&self) -> usize {
         self.lock().len()
     }

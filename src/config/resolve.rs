@@ -12,7 +12,7 @@ use super::{
     default_endpoint_host, parse_endpoint, Cli, ClientAuthMode, ConfigError, UpstreamAuthMode,
     UpstreamMode, KEYSPACES_PORT,
 };
-use crate::auth::client::{ClientAuth, UserStore};
+use crate::auth::client::{ClientAuth, Logins, UserStore};
 use crate::auth::credentials::{provider_from_chain, sdk_config, CredentialCache};
 use crate::auth::identity_roles::IdentityRoles;
 use crate::auth::kmsauth::{KmsAuthSettings, KmsAuthValidator};
@@ -109,6 +109,11 @@ fn rejoin_phc(values: &[String]) -> Vec<String> {
 }
 
 impl Cli {
+    /// An empty cache of authenticated clients' sessions (`--auth-session-ttl`).
+    pub fn session_cache(&self) -> SessionCache {
+        SessionCache::new(Duration::from_secs(self.auth_session_ttl), MAX_SESSIONS)
+    }
+
     pub async fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
         self.users_need_password_auth()?;
         match self.client_auth {
@@ -414,7 +419,10 @@ impl Cli {
                 // Replaced by the caller that owns the shutdown signal.
                 shutdown: tokio::sync::watch::channel(false).1,
                 upstream,
-                client_auth: arc_swap::ArcSwap::from_pointee(client_auth),
+                logins: arc_swap::ArcSwap::from_pointee(Logins::new(
+                    client_auth,
+                    self.session_cache(),
+                )),
                 advertise_address: self.advertise_address,
                 host_id_seed: self.host_id_seed.clone(),
                 max_frame_len: self.max_frame_len,
@@ -428,10 +436,6 @@ impl Cli {
                 handshaking: Arc::new(tokio::sync::Semaphore::new(
                     self.max_handshaking_connections.max(1),
                 )),
-                sessions: SessionCache::new(
-                    Duration::from_secs(self.auth_session_ttl),
-                    MAX_SESSIONS,
-                ),
                 identity_pools,
             },
             credentials,

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::Instrument;
 
-use crate::auth::client::ClientAuth;
+use crate::auth::client::Logins;
 use crate::frame::messages::{self, error_code, unsupported_version_message};
 use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
@@ -30,8 +30,9 @@ mod pooled;
 #[derive(Debug)]
 pub struct ProxyContext {
     pub upstream: UpstreamTarget,
-    /// Swapped on SIGHUP: new handshakes see the reloaded users, open connections stay.
-    pub client_auth: arc_swap::ArcSwap<ClientAuth>,
+    /// Swapped on SIGHUP: new handshakes see the reloaded users and an empty session cache;
+    /// open connections stay.
+    pub logins: arc_swap::ArcSwap<Logins>,
     /// The address to advertise in `system.local`; by default the one the client dialled.
     pub advertise_address: Option<IpAddr>,
     /// Seeds the host_id `system.local` reports (with the advertised address).
@@ -45,8 +46,6 @@ pub struct ProxyContext {
     pub max_client_buffer: usize,
     /// Per-identity pools (`--identity-roles`); other clients use `pool`.
     pub identity_pools: Option<Arc<crate::upstream::identity_pools::IdentityPools>>,
-    /// Sliding-TTL sessions of authenticated clients (cleared when users are reloaded).
-    pub sessions: crate::auth::sessions::SessionCache,
     /// Shared upstream connections; `None` gives each client its own (debugging mode).
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
@@ -206,6 +205,7 @@ fn decode_error_frame(e: &FrameError) -> Frame {
 /// it is refused before any hashing or KMS call); failures are counted and logged.
 async fn check_login(
     ctx: &ProxyContext,
+    logins: &Logins,
     source: IpAddr,
     user: &str,
     secret: &[u8],
@@ -224,16 +224,9 @@ async fn check_login(
             wait.as_secs().max(1)
         ));
     }
-    let auth = ctx.client_auth.load_full();
     // Boxed: the KMS call's future is large, and inlined it would grow every connection's
     // task (10,000 idle clients: 94 MB → 187 MB) for a moment's use.
-    let outcome = Box::pin(crate::auth::client::verify(
-        &auth,
-        &ctx.sessions,
-        user,
-        secret,
-    ))
-    .await;
+    let outcome = Box::pin(logins.verify(user, secret)).await;
     match &outcome {
         Ok(_) => ctx
             .login_failures
@@ -285,7 +278,7 @@ async fn handshake(
     client: &mut ClientFramed,
     source: IpAddr,
 ) -> std::io::Result<Option<(Accepted, Upstream)>> {
-    let mut hs = ClientHandshake::new(ctx.client_auth.load_full());
+    let mut hs = ClientHandshake::new(ctx.logins.load_full());
     loop {
         let frame = match client.next().await {
             None => return Ok(None),
@@ -307,7 +300,8 @@ async fn handshake(
         );
         let mut step = hs.on_frame(&frame);
         if let Step::Verify(creds) = &step {
-            let outcome = check_login(ctx, source, &creds.user, &creds.secret).await;
+            let logins = hs.logins().clone();
+            let outcome = check_login(ctx, &logins, source, &creds.user, &creds.secret).await;
             step = hs.verified(creds, outcome);
         }
         match step {

@@ -141,7 +141,10 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
         shutdown: tokio::sync::watch::channel(false).1,
-        client_auth: arc_swap::ArcSwap::from_pointee(opts.client_auth),
+        logins: arc_swap::ArcSwap::from_pointee(keyspaces_proxy::auth::client::Logins::new(
+            opts.client_auth,
+            keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
+        )),
         advertise_address: None,
         host_id_seed: String::new(),
         max_frame_len: opts.max_frame_len,
@@ -153,7 +156,6 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
             keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
             keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
         )),
-        sessions: keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
         identity_pools: None,
     }
 }

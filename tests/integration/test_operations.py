@@ -209,7 +209,8 @@ def test_sighup_reloads_users_without_dropping_connections(start_emulator, start
     with pytest.raises(NoHostAvailable):
         connect("ops", "second-password")
 
-    users.write_text("app:first-password\nops:second-password\n")
+    # app's password is rotated too: its session from before the reload must not outlive it.
+    users.write_text("app:rotated-password\nops:second-password\n")
     proxy.proc.send_signal(signal.SIGHUP)
     deadline = time.time() + 20
     new_cluster = None
@@ -221,6 +222,10 @@ def test_sighup_reloads_users_without_dropping_connections(start_emulator, start
             time.sleep(0.2)
     assert new_cluster is not None, "the reloaded user can connect"
     try:
+        with pytest.raises(NoHostAvailable):
+            connect("app", "first-password")
+        rotated_cluster, _ = connect("app", "rotated-password")
+        rotated_cluster.shutdown()
         assert new_session.execute("SELECT key FROM system.local").one().key == "local"
         # The connection opened before the reload is still in service.
         assert old_session.execute("SELECT key FROM system.local").one().key == "local"
