@@ -196,6 +196,21 @@ async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
             None => pools.replace_roles(IdentityRoles::default()).await,
         }
     }
+    if ctx.client_tls.load().is_some() {
+        // A renewed certificate (cert-manager, a rotated Secret) is picked up here; turning
+        // TLS on or off changes what clients must do, and takes a restart.
+        match cli.client_tls() {
+            Ok(Some(tls)) => {
+                ctx.client_tls.store(Some(tls));
+                tracing::info!("SIGHUP: client TLS certificate reloaded");
+            }
+            Ok(None) => tracing::error!(
+                "SIGHUP: --client-tls-cert is gone from the configuration; TLS stays on until \
+                 a restart"
+            ),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client TLS"),
+        }
+    }
     match cli.client_auth().await {
         Ok(auth) => {
             // Sessions vouched for by the old users must be checked again: the new settings
@@ -279,8 +294,13 @@ pub async fn run(
     tracing::info!(
         upstream = %ctx.upstream.address,
         region = resolved.region.as_deref().unwrap_or("-"),
-        "listening on {} for CQL clients; /metrics, /livez, /readyz on {}",
+        "listening on {} for CQL clients ({}); /metrics, /livez, /readyz on {}",
         listening.clients,
+        match (ctx.client_tls.load().is_some(), cli.client_ca.is_some()) {
+            (false, _) => "plaintext",
+            (true, false) => "TLS",
+            (true, true) => "mutual TLS",
+        },
         listening.metrics
     );
     warm_upstream(&ctx);

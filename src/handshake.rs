@@ -6,6 +6,9 @@
 
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
+
+use crate::auth::certificate;
 use crate::auth::client::{bad_credentials_message, ClientAuth, Logins};
 use crate::frame::compression::decompressed;
 use crate::frame::header::is_supported_version;
@@ -84,6 +87,8 @@ pub struct ClientHandshake {
     /// One snapshot for the whole handshake: what it offers and how it checks agree even when
     /// a SIGHUP swaps the settings halfway.
     logins: Arc<Logins>,
+    /// The client's verified TLS certificate, if it presented one.
+    certificate: Option<CertificateDer<'static>>,
     state: State,
 }
 
@@ -108,8 +113,15 @@ impl ClientHandshake {
     pub fn new(logins: Arc<Logins>) -> Self {
         ClientHandshake {
             logins,
+            certificate: None,
             state: State::AwaitStartup,
         }
+    }
+
+    /// The certificate the client presented in its (already verified) TLS handshake.
+    pub fn with_certificate(mut self, certificate: Option<CertificateDer<'static>>) -> Self {
+        self.certificate = certificate;
+        self
     }
 
     /// The settings this handshake checks credentials with.
@@ -208,6 +220,26 @@ impl ClientHandshake {
                 success: messages::ready(version, stream),
                 user: None,
             }),
+            ClientAuth::Certificate(fields) => {
+                let identity = match &self.certificate {
+                    None => Err("a client certificate is required".to_owned()),
+                    Some(der) => certificate::identity(der, fields).map_err(|e| e.to_string()),
+                };
+                match identity {
+                    Ok(identity) => Step::Connect(Accepted {
+                        version,
+                        compression,
+                        success: messages::ready(version, stream),
+                        user: Some(identity),
+                    }),
+                    Err(why) => Step::Close(messages::error(
+                        version,
+                        stream,
+                        error_code::BAD_CREDENTIALS,
+                        &format!("keyspaces-proxy: {why}"),
+                    )),
+                }
+            }
             ClientAuth::Password(_) | ClientAuth::KmsAuth(_) => {
                 self.state = State::AwaitCredentials {
                     version,
@@ -224,7 +256,10 @@ impl ClientHandshake {
 
     fn on_credentials(&mut self, frame: &Frame, version: u8, compression: Compression) -> Step {
         let stream = frame.stream();
-        if matches!(&self.logins.auth, ClientAuth::None) {
+        if matches!(
+            &self.logins.auth,
+            ClientAuth::None | ClientAuth::Certificate(_)
+        ) {
             return Step::Close(protocol_error(version, stream, "Unexpected AUTH_RESPONSE"));
         }
         // Drivers compress everything after STARTUP once it negotiated an algorithm (the Python

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod check;
+pub mod client_tls;
 pub mod config;
 pub mod config_file;
 pub(crate) mod cql_lexer;

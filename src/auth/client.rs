@@ -168,6 +168,9 @@ pub enum ClientAuth {
     Password(UserStore),
     /// Present PasswordAuthenticator; the username is a kmsauth username, the password a token.
     KmsAuth(std::sync::Arc<crate::auth::kmsauth::KmsAuthValidator>),
+    /// Answer STARTUP with READY for the identity the verified client certificate carries,
+    /// read from these fields in this order (mutual TLS).
+    Certificate(Vec<super::certificate::IdentityField>),
 }
 
 /// How clients log in, swapped whole on SIGHUP: the users (or the KMS validator) together with
@@ -201,6 +204,8 @@ impl Logins {
         }
         match &self.auth {
             ClientAuth::None => Ok(user.to_owned()),
+            // The identity is the certificate's; credentials are never asked for.
+            ClientAuth::Certificate(_) => Err(String::new()),
             ClientAuth::Password(users) => {
                 if !users.check(user, secret).await {
                     return Err(String::new());

@@ -4,60 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde::Serialize;
 
+use super::modes::{ClientAuthMode, LogFormat, UnmappedIdentities, UpstreamAuthMode, UpstreamMode};
 use super::{mask_secret, mask_users};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
-
-/// What happens to an authenticated client whose identity `--identity-roles` does not map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UnmappedIdentities {
-    /// Refuse the login: on a shared proxy nobody acts with the proxy's own role by accident.
-    Deny,
-    /// Let it in on the proxy's own credentials.
-    ProxyCredentials,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuthMode {
-    /// Answer STARTUP with READY: any local client is trusted.
-    None,
-    /// Require a PasswordAuthenticator user from --client-credentials-file / --client-user.
-    Password,
-    /// PasswordAuthenticator carrying lyft kmsauth tokens (username = kmsauth username,
-    /// password = token), validated with KMS.
-    Kmsauth,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamAuthMode {
-    /// SigV4 with credentials from the AWS chain (the default).
-    Sigv4,
-    /// Service-specific credentials or a Cassandra user (--upstream-username/--upstream-password).
-    Plain,
-    /// A DataStax Astra application token in --upstream-password (PLAIN user name `token`).
-    Astra,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamMode {
-    /// Multiplex every client over a shared pool of warm, pre-authenticated connections.
-    Pooled,
-    /// One upstream connection per client connection (for debugging).
-    Dedicated,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// keyspaces-proxy: unmodified Cassandra drivers on localhost, Amazon Keyspaces with SigV4 upstream.
 #[derive(Parser, Serialize)]
@@ -175,6 +127,47 @@ pub struct Cli {
         default_value = "none"
     )]
     pub client_auth: ClientAuthMode,
+
+    /// PEM certificate chain the client port presents: with it, clients must connect with TLS
+    /// (1.2 or 1.3). Re-read on SIGHUP.
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_CLIENT_TLS_CERT",
+        requires = "client_tls_key"
+    )]
+    pub client_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-tls-cert.
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_CLIENT_TLS_KEY",
+        requires = "client_tls_cert"
+    )]
+    pub client_tls_key: Option<PathBuf>,
+
+    /// PEM roots client certificates must chain to: mutual TLS, a client without a valid
+    /// certificate is refused (needed by --client-auth mtls).
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_CLIENT_CA",
+        requires = "client_tls_cert"
+    )]
+    pub client_ca: Option<PathBuf>,
+
+    /// --client-auth mtls: the certificate fields the client identity is read from, first
+    /// present wins (uri-san: a SPIFFE ID; dns-san; cn).
+    #[arg(
+        help_heading = "Clients and authentication",
+        long,
+        env = "KEYSPACES_PROXY_CLIENT_CERT_IDENTITY",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "uri-san,dns-san,cn"
+    )]
+    pub client_cert_identity: Vec<crate::auth::certificate::IdentityField>,
 
     /// File of `user:password` or `user:sha256:<hex>` lines for --client-auth password.
     #[arg(

@@ -7,10 +7,12 @@ use crate::auth::identity_roles::IdentityRolesError;
 use crate::upstream::tls::TlsConfigError;
 
 mod cli;
+mod modes;
 mod region;
 mod resolve;
 
-pub use cli::{Cli, ClientAuthMode, Command, LogFormat, UpstreamAuthMode, UpstreamMode};
+pub use cli::{Cli, Command};
+pub use modes::{ClientAuthMode, LogFormat, UnmappedIdentities, UpstreamAuthMode, UpstreamMode};
 
 pub use resolve::{Resolved, UpstreamParts, UpstreamSummary};
 
@@ -80,6 +82,8 @@ pub enum ConfigError {
     UsersWithoutPasswordAuth { flag: &'static str },
     #[error("{flag} is set but --client-auth kmsauth does not use it (clients log in with kmsauth tokens): remove it, or use --client-auth password")]
     UsersUnusedByKmsauth { flag: &'static str },
+    #[error("{flag} is set but --client-auth mtls does not use it (the client certificate is the identity): remove it, or use --client-auth password")]
+    UsersUnusedByMtls { flag: &'static str },
     #[error("--insecure-plaintext-upstream-for-benchmarks is refused: endpoint {0} is not a loopback address")]
     PlaintextNotLoopback(String),
     #[error("--upstream-auth plain needs --upstream-username and --upstream-password")]
@@ -96,6 +100,10 @@ pub enum ConfigError {
     Users(#[from] UserFileError),
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    #[error("{0}")]
+    ClientTlsOptions(&'static str),
+    #[error(transparent)]
+    ClientTls(#[from] crate::client_tls::ClientTlsError),
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
 }
@@ -134,11 +142,28 @@ pub fn default_endpoint_host(region: &str, fips: bool) -> String {
 impl Cli {
     /// Anyone who can reach a non-loopback port without client auth acts with this proxy's
     /// AWS identity: say so loudly (it stays allowed for pods sharing a network namespace).
+    /// So do passwords and kmsauth tokens sent in plaintext over a network.
     pub fn exposure_warning(&self) -> Option<&'static str> {
-        (!self.listen.ip().is_loopback() && self.client_auth == ClientAuthMode::None).then_some(
-            "listening on a non-loopback address without client authentication: anyone who can \
-             reach it uses this proxy's AWS identity (use --client-auth password or bind to 127.0.0.1)",
-        )
+        if self.listen.ip().is_loopback() {
+            return None;
+        }
+        match self.client_auth {
+            ClientAuthMode::None => Some(
+                "listening on a non-loopback address without client authentication: anyone who \
+                 can reach it uses this proxy's AWS identity (use --client-auth password, \
+                 kmsauth or mtls, or bind to 127.0.0.1)",
+            ),
+            ClientAuthMode::Password | ClientAuthMode::Kmsauth
+                if self.client_tls_cert.is_none() =>
+            {
+                Some(
+                    "listening on a non-loopback address without TLS: client passwords and \
+                     kmsauth tokens cross the network in plaintext (add --client-tls-cert and \
+                     --client-tls-key, or bind to 127.0.0.1)",
+                )
+            }
+            _ => None,
+        }
     }
 
     /// The clap command with every option global, so `keyspaces-proxy check --region X` and
@@ -273,6 +298,21 @@ mod tests {
             "0.0.0.0:9042",
             "--client-auth",
             "password",
+        ]);
+        let w = cli
+            .exposure_warning()
+            .expect("plaintext passwords on a network");
+        assert!(w.contains("without TLS"), "{w}");
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--listen",
+            "0.0.0.0:9042",
+            "--client-auth",
+            "kmsauth",
+            "--client-tls-cert",
+            "c.pem",
+            "--client-tls-key",
+            "k.pem",
         ]);
         assert!(cli.exposure_warning().is_none());
     }

@@ -114,11 +114,33 @@ impl Cli {
         SessionCache::new(Duration::from_secs(self.auth_session_ttl), MAX_SESSIONS)
     }
 
+    /// TLS for the client port, if configured (read again on SIGHUP).
+    pub fn client_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.client_tls_cert, &self.client_tls_key) else {
+            return Ok(None);
+        };
+        let files = crate::client_tls::ClientTlsFiles {
+            cert,
+            key,
+            client_ca: self.client_ca.as_deref(),
+        };
+        Ok(Some(crate::client_tls::server_config(files)?))
+    }
+
     pub async fn client_auth(&self) -> Result<ClientAuth, ConfigError> {
         self.users_need_password_auth()?;
         match self.client_auth {
             ClientAuthMode::Kmsauth => Ok(ClientAuth::KmsAuth(Arc::new(self.kmsauth().await?))),
             ClientAuthMode::None => Ok(ClientAuth::None),
+            ClientAuthMode::Mtls => {
+                if self.client_ca.is_none() {
+                    return Err(ConfigError::ClientTlsOptions(
+                        "--client-auth mtls needs --client-ca (the roots client certificates \
+                         must chain to), --client-tls-cert and --client-tls-key",
+                    ));
+                }
+                Ok(ClientAuth::Certificate(self.client_cert_identity.clone()))
+            }
             ClientAuthMode::Password => {
                 let mut users = match &self.client_credentials_file {
                     Some(p) => UserStore::load(p)?,
@@ -150,6 +172,7 @@ impl Cli {
             ClientAuthMode::Password => Ok(()),
             ClientAuthMode::None => Err(ConfigError::UsersWithoutPasswordAuth { flag }),
             ClientAuthMode::Kmsauth => Err(ConfigError::UsersUnusedByKmsauth { flag }),
+            ClientAuthMode::Mtls => Err(ConfigError::UsersUnusedByMtls { flag }),
         }
     }
 
@@ -369,6 +392,7 @@ impl Cli {
     /// and the pools.
     pub async fn resolve(&self) -> Result<Resolved, ConfigError> {
         let client_auth = self.client_auth().await?;
+        let client_tls = self.client_tls()?;
         let (upstream, credentials, mut summary) = self.upstream_target().await?;
         if let ClientAuth::Password(users) = &client_auth {
             let weak = users.weak_entries();
@@ -408,7 +432,7 @@ impl Cli {
                     self.pool_settings(),
                     sdk,
                     roles,
-                    self.unmapped_identities == crate::config::cli::UnmappedIdentities::Deny,
+                    self.unmapped_identities == crate::config::UnmappedIdentities::Deny,
                 )))
             }
         };
@@ -423,6 +447,7 @@ impl Cli {
                     client_auth,
                     self.session_cache(),
                 )),
+                client_tls: arc_swap::ArcSwapOption::new(client_tls),
                 advertise_address: self.advertise_address,
                 host_id_seed: self.host_id_seed.clone(),
                 max_frame_len: self.max_frame_len,

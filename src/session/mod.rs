@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::Instrument;
 
-use crate::auth::client::Logins;
+use crate::auth::client::{ClientAuth, Logins};
 use crate::frame::messages::{self, error_code, unsupported_version_message};
 use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
@@ -23,8 +23,11 @@ use crate::upstream::pool::{Group, Pool};
 use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
 use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
+mod client_stream;
 mod dedicated;
 mod pooled;
+
+use client_stream::{ClientReader, ClientStream, ClientWriter};
 
 /// What every session shares.
 #[derive(Debug)]
@@ -33,6 +36,9 @@ pub struct ProxyContext {
     /// Swapped on SIGHUP: new handshakes see the reloaded users and an empty session cache;
     /// open connections stay.
     pub logins: arc_swap::ArcSwap<Logins>,
+    /// TLS on the client port (`--client-tls-cert`), swapped on SIGHUP to pick up a renewed
+    /// certificate; `None` for plaintext.
+    pub client_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// The address to advertise in `system.local`; by default the one the client dialled.
     pub advertise_address: Option<IpAddr>,
     /// Seeds the host_id `system.local` reports (with the advertised address).
@@ -74,7 +80,7 @@ enum Upstream {
     Pooled(Arc<Pool>, Arc<Group>),
 }
 
-type ClientFramed = Framed<TcpStream, FrameCodec>;
+type ClientFramed = Framed<ClientStream, FrameCodec>;
 
 /// Initial read buffer per client connection; it grows to fit larger frames.
 const CLIENT_BUFFER: usize = 512;
@@ -97,16 +103,19 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
             );
             return;
         };
-        // Small buffers that grow with traffic: thousands of idle clients must stay cheap. Until
-        // the client is authenticated its frames stay small too.
-        let codec = FrameCodec::new(ctx.max_frame_len.min(MAX_HANDSHAKE_FRAME));
-        let mut client = Framed::with_capacity(socket, codec, CLIENT_BUFFER);
-        // One deadline for the whole handshake, not one per frame: a client trickling OPTIONS
-        // or a byte at a time must not hold a connection slot for ever.
-        let handshake = tokio::time::timeout(
-            ctx.handshake_timeout,
-            handshake(&ctx, &mut client, peer.ip()),
-        );
+        // One deadline for the whole handshake, TLS included, not one per frame: a client
+        // trickling OPTIONS or a byte at a time must not hold a connection slot for ever.
+        let handshake = tokio::time::timeout(ctx.handshake_timeout, async {
+            let Some((stream, certificate)) = open_stream(&ctx, socket).await else {
+                return std::io::Result::Ok(None);
+            };
+            // Small buffers that grow with traffic: thousands of idle clients must stay cheap.
+            // Until the client is authenticated its frames stay small too.
+            let codec = FrameCodec::new(ctx.max_frame_len.min(MAX_HANDSHAKE_FRAME));
+            let mut client = Framed::with_capacity(stream, codec, CLIENT_BUFFER);
+            let done = handshake(&ctx, &mut client, peer.ip(), certificate).await?;
+            Ok(done.map(|(accepted, upstream)| (client, accepted, upstream)))
+        });
         let handshake = match handshake.await {
             Ok(h) => h,
             Err(_) => {
@@ -120,7 +129,7 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
         };
         drop(handshaking);
         match handshake {
-            Ok(Some((accepted, upstream))) => {
+            Ok(Some((mut client, accepted, upstream))) => {
                 client.codec_mut().set_max_body(ctx.max_frame_len);
                 tracing::debug!(
                     version = accepted.version,
@@ -148,6 +157,76 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
 fn is_bad_credentials(f: &Frame) -> bool {
     f.opcode() == crate::frame::opcode::ERROR
         && messages::ErrorInfo::parse(&f.body).is_ok_and(|e| e.code == error_code::BAD_CREDENTIALS)
+}
+
+/// The client's stream: the socket itself, or its TLS session when the port requires TLS
+/// (with the client certificate, if any). A plaintext CQL client on a TLS port is told why it
+/// is refused; a failed TLS handshake is the answer to anything else.
+async fn open_stream(
+    ctx: &ProxyContext,
+    socket: TcpStream,
+) -> Option<(ClientStream, Option<CertificateDer<'static>>)> {
+    let Some(tls) = ctx.client_tls.load_full() else {
+        return Some((ClientStream::Plain(socket), None));
+    };
+    let mut first = [0u8; 9];
+    let seen = socket.peek(&mut first).await.ok()?;
+    if seen == 0 {
+        return None;
+    }
+    if first[0] != crate::client_tls::TLS_HANDSHAKE_RECORD {
+        refuse_plaintext(socket, &first[..seen]).await;
+        return None;
+    }
+    match tokio_rustls::TlsAcceptor::from(tls).accept(socket).await {
+        Ok(stream) => {
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| c.clone().into_owned());
+            Some((ClientStream::Tls(Box::new(stream)), certificate))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "client TLS handshake failed");
+            Metrics::count(&metrics().client_closed, vec![("reason", "tls_failed")]);
+            None
+        }
+    }
+}
+
+/// A client that sent plaintext to the TLS port: a CQL client gets an ERROR on the stream its
+/// first frame used, saying what to change; anything else is closed.
+async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    Metrics::count(&metrics().client_closed, vec![("reason", "not_tls")]);
+    tracing::warn!(
+        "the client sent plaintext, but the client port requires TLS: connect with TLS \
+         (cqlsh --ssl, the driver's SSL context)"
+    );
+    let cql_request = matches!(first.first(), Some(3..=5));
+    if !cql_request {
+        return;
+    }
+    let version = first[0].clamp(3, 4);
+    let stream = match first {
+        [_, _, hi, lo, ..] => i16::from_be_bytes([*hi, *lo]),
+        _ => 0,
+    };
+    // What was peeked is read, so closing does not reset the connection before the reply lands.
+    let mut sink = [0u8; 9];
+    let _ = socket.read(&mut sink[..first.len()]).await;
+    let reply = messages::error(
+        version,
+        stream,
+        error_code::PROTOCOL_ERROR,
+        "keyspaces-proxy: this port requires TLS; connect with TLS (cqlsh --ssl, the driver's \
+         SSL context)",
+    );
+    let mut framed = Framed::new(socket, FrameCodec::new(MAX_HANDSHAKE_FRAME));
+    let _ = framed.send(reply).await;
+    let _ = framed.get_mut().shutdown().await;
 }
 
 /// A client that speaks another protocol gets what it can read (HTTP: a 400 that says why; TLS:
@@ -277,8 +356,9 @@ async fn handshake(
     ctx: &ProxyContext,
     client: &mut ClientFramed,
     source: IpAddr,
+    certificate: Option<CertificateDer<'static>>,
 ) -> std::io::Result<Option<(Accepted, Upstream)>> {
-    let mut hs = ClientHandshake::new(ctx.logins.load_full());
+    let mut hs = ClientHandshake::new(ctx.logins.load_full()).with_certificate(certificate);
     loop {
         let frame = match client.next().await {
             None => return Ok(None),
@@ -319,6 +399,10 @@ async fn handshake(
             Step::Close(r) => {
                 // A failed login closes too (one try per connection): count it as what it is.
                 let result = if is_bad_credentials(&r) {
+                    if matches!(hs.logins().auth, ClientAuth::Certificate(_)) {
+                        let why = messages::ErrorInfo::parse(&r.body).map(|e| e.message);
+                        tracing::warn!(reason = ?why.unwrap_or_default(), "client certificate refused");
+                    }
                     "bad_credentials"
                 } else {
                     "protocol_error"
@@ -379,7 +463,7 @@ async fn handshake(
 
 /// The client socket after its handshake: frames in, and a queue to its writer task.
 struct ClientIo {
-    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: FramedRead<ClientReader, FrameCodec>,
     tx: mpsc::Sender<Frame>,
     writer: JoinHandle<std::io::Result<()>>,
 }
@@ -388,9 +472,9 @@ struct ClientIo {
 fn split_client(
     client: ClientFramed,
     max_frame_len: usize,
-) -> (FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf) {
+) -> (FramedRead<ClientReader, FrameCodec>, ClientWriter) {
     let parts = client.into_parts();
-    let (read, write) = parts.io.into_split();
+    let (read, write) = parts.io.split();
     let mut frames = FramedRead::with_capacity(read, FrameCodec::new(max_frame_len), CLIENT_BUFFER);
     frames.read_buffer_mut().extend_from_slice(&parts.read_buf);
     (frames, write)
@@ -399,7 +483,7 @@ fn split_client(
 /// The next client frame from `frames`; `None` when the session should end, with the frame
 /// that tells the client why, if any.
 async fn next_client_frame(
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: &mut FramedRead<ClientReader, FrameCodec>,
 ) -> Result<Frame, Option<Frame>> {
     match frames.next().await {
         None => Err(None),

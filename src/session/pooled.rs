@@ -6,8 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::tcp::OwnedWriteHalf;
-
+use super::client_stream::ClientWriter;
 use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed, ProxyContext};
 use crate::frame::compression::compressed;
 use crate::frame::header::holds_whole_frame;
@@ -41,7 +40,7 @@ pub(super) async fn forward(
     .prepared(Some(pool.prepared.clone()))
     .consistency_guard(guard);
     let (mut frames, write) = split_client(client, ctx.max_frame_len);
-    let mut out: FrameWriter<OwnedWriteHalf> =
+    let mut out: FrameWriter<ClientWriter> =
         FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
     // Bounded twice: no more than `max_client_in_flight` requests are read ahead of their
     // answers, and a client whose unwritten answers pass `max_client_buffer` bytes is dropped.

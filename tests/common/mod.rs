@@ -71,6 +71,7 @@ pub struct ProxyOptions {
     /// Dial this instead of the emulator (a fake upstream).
     pub endpoint: Option<String>,
     pub session_ttl: Duration,
+    pub client_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl ProxyOptions {
@@ -91,6 +92,7 @@ impl ProxyOptions {
             login_failures_per_minute: 1000,
             endpoint: None,
             session_ttl: Duration::from_secs(1800),
+            client_tls: None,
         }
     }
 
@@ -157,6 +159,7 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
             keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
         )),
         identity_pools: None,
+        client_tls: arc_swap::ArcSwapOption::new(opts.client_tls),
     }
 }
 
