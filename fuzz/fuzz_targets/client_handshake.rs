@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
+use keyspaces_proxy::auth::client::{ClientAuth, Logins, UserStore};
 use keyspaces_proxy::frame::{Compression, FrameCodec};
 use keyspaces_proxy::handshake::{ClientHandshake, Step};
 use keyspaces_proxy::route::Router;
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         ClientAuth::Password(UserStore::parse("app:pw").unwrap())
     };
-    let users = Arc::new(auth);
+    let users = Arc::new(Logins::without_sessions(auth));
     let mut hs = ClientHandshake::new(users.clone());
     let mut router: Option<Router> = None;
     let mut buf = BytesMut::from(rest);
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 let mut step = hs.on_frame(&frame);
                 if let Step::Verify(creds) = &step {
                     // What the session does for password users (no sessions, no KMS here).
-                    let ok = match &*users {
+                    let ok = match &users.auth {
                         ClientAuth::Password(u) if u.verify(&creds.user, &creds.secret) => {
                             Ok(creds.user.clone())
                         }

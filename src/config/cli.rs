@@ -109,7 +109,8 @@ pub struct Cli {
     )]
     pub connect_timeout: u64,
 
-    /// Address to accept CQL clients on (plaintext; keep it on loopback).
+    /// Address to accept CQL clients on (plaintext unless --client-tls-cert: keep it on
+    /// loopback then).
     #[arg(
         help_heading = "Clients and authentication",
         long,

@@ -75,6 +75,16 @@ def test_helm_chart_values_match_its_schema():
     sidecar = {**values, "mode": "sidecar"}
     assert not list(validator.iter_errors(sidecar))
     assert list(validator.iter_errors({**shared, "region": "US East"}))
+    # Mutual TLS needs the proxy's certificate and the client CA, not a users Secret.
+    mtls = {**values, "clientAuth": {"mode": "mtls"}}
+    assert list(validator.iter_errors(mtls)), "mtls without certificates"
+    mtls["clientTls"] = {"existingSecret": "proxy-tls", "clientCaSecret": ""}
+    assert list(validator.iter_errors(mtls)), "mtls without a client CA"
+    mtls["clientTls"] = {"existingSecret": "proxy-tls", "clientCaSecret": "client-ca"}
+    assert not list(validator.iter_errors(mtls))
+    assert list(validator.iter_errors({**shared, "clientTls": {"clientCaSecret": "ca"}})), \
+        "a client CA without the proxy's own certificate"
+    assert not list(validator.iter_errors({**shared, "clientTls": {"existingSecret": "proxy-tls"}}))
     # Every template's braces balance (helm itself is not installable here).
     for t in (chart / "templates").glob("*"):
         text = t.read_text()

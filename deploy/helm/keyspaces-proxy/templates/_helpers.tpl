@@ -45,8 +45,19 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     - --worker-threads={{ .Values.workerThreads }}
     {{- if eq .Values.mode "shared" }}
     - --listen=0.0.0.0:9042
+    {{- if eq (.Values.clientAuth.mode | default "password") "mtls" }}
+    - --client-auth=mtls
+    {{- else }}
     - --client-auth=password
-    - --client-credentials-file=/etc/keyspaces-proxy/users
+    - --client-credentials-file=/etc/keyspaces-proxy/users/users
+    {{- end }}
+    {{- if .Values.clientTls.existingSecret }}
+    - --client-tls-cert=/etc/keyspaces-proxy/tls/tls.crt
+    - --client-tls-key=/etc/keyspaces-proxy/tls/tls.key
+    {{- end }}
+    {{- if .Values.clientTls.clientCaSecret }}
+    - --client-ca=/etc/keyspaces-proxy/client-ca/ca.crt
+    {{- end }}
     {{- end }}
     {{- range .Values.extraArgs }}
     - {{ . }}
@@ -92,9 +103,21 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
       drop: ["ALL"]
   {{- if eq .Values.mode "shared" }}
   volumeMounts:
+    {{- if ne (.Values.clientAuth.mode | default "password") "mtls" }}
     - name: users
-      mountPath: /etc/keyspaces-proxy
+      mountPath: /etc/keyspaces-proxy/users
       readOnly: true
+    {{- end }}
+    {{- if .Values.clientTls.existingSecret }}
+    - name: tls
+      mountPath: /etc/keyspaces-proxy/tls
+      readOnly: true
+    {{- end }}
+    {{- if .Values.clientTls.clientCaSecret }}
+    - name: client-ca
+      mountPath: /etc/keyspaces-proxy/client-ca
+      readOnly: true
+    {{- end }}
   {{- end }}
 {{- end -}}
 
