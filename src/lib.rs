@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod metrics;
 pub mod probe;
 pub mod queue;
+pub mod reference;
 pub mod route;
 pub mod runtime;
 pub mod server;

@@ -70,10 +70,15 @@ pub enum KmsAuthError {
     Lifetime,
     #[error("Authentication error. Invalid time validity for token.")]
     Window,
-    #[error("Authentication error. Failure connecting to AWS endpoint.")]
-    Unreachable,
     #[error("Authentication error. General error.")]
     General,
+    /// KMS refused or failed a call: the details (key ARNs, the proxy's principal, SDK text)
+    /// are logged under the reference, the client sees only kmsauth's words and the reference.
+    #[error("Authentication error. {}. (reference {reference} in the proxy's log)", if *unreachable { "Failure connecting to AWS endpoint" } else { "General error" })]
+    Kms {
+        unreachable: bool,
+        reference: crate::reference::Reference,
+    },
     #[error("Authentication service busy; try again shortly.")]
     Busy,
 }
@@ -272,8 +277,12 @@ impl KmsAuthValidator {
             return Ok(a.clone());
         }
         let out = self.kms.describe_key().key_id(key).send().await.map_err(|e| {
-            tracing::warn!(key, error = %DisplayErrorContext(&e), "kmsauth: cannot describe a configured key");
-            KmsAuthError::General
+            let reference = crate::reference::Reference::new();
+            tracing::warn!(%reference, key, error = %DisplayErrorContext(&e), "kmsauth: cannot describe a configured key");
+            KmsAuthError::Kms {
+                unreachable: false,
+                reference,
+            }
         })?;
         let arn = out
             .key_metadata()
@@ -402,11 +411,11 @@ impl KmsAuthValidator {
                 e,
                 SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
             );
-            tracing::info!(from = %user.from, error = %DisplayErrorContext(&e), "kmsauth: token refused by KMS");
-            if unreachable {
-                KmsAuthError::Unreachable
-            } else {
-                KmsAuthError::General
+            let reference = crate::reference::Reference::new();
+            tracing::info!(%reference, from = %user.from, error = %DisplayErrorContext(&e), "kmsauth: token refused by KMS");
+            KmsAuthError::Kms {
+                unreachable,
+                reference,
             }
         })?;
         let arn = out.key_id().ok_or(KmsAuthError::General)?;

@@ -189,7 +189,7 @@ impl UpstreamError {
             }
             UpstreamError::UseFailed(info) => info.message.clone(),
             UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
-                let reference = hex::encode(rand::random::<[u8; 4]>());
+                let reference = crate::reference::Reference::new();
                 tracing::warn!(%reference, error = %self, "upstream authentication failed");
                 format!(
                     "keyspaces-proxy: Keyspaces did not accept the proxy's AWS credentials \

@@ -1,6 +1,7 @@
 //! One group of upstream connections: those of one protocol version and keyspace, with what
 //! the pool needs to grow it (connects under way, failures for back-off) and to pick from it.
 
+use crate::reference::Reference;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +30,8 @@ pub struct Group {
     pub(super) generation: AtomicU64,
     pub(super) connecting: AtomicUsize,
     pub(super) failures: AtomicU32,
-    pub(super) last_failure: Mutex<Option<(Instant, Arc<UpstreamError>)>>,
+    /// The last failed connection attempt: when, why, and the reference it was logged under.
+    pub(super) last_failure: Mutex<Option<(Instant, Arc<UpstreamError>, Reference)>>,
     pub(super) changed: Notify,
     pub(super) last_used: Mutex<Instant>,
 }
@@ -75,7 +77,7 @@ impl Group {
             .min()
     }
 
-    pub(super) fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>)> {
+    pub(super) fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>, Reference)> {
         self.last_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -138,7 +138,7 @@ impl Pool {
                 s.streams_in_use += c.in_flight();
             }
             if s.last_error.is_none() && g.ready_count() == 0 {
-                s.last_error = g.last_failure().map(|(_, e)| e.to_string());
+                s.last_error = g.last_failure().map(|(_, e, _)| e.to_string());
             }
         }
         s
@@ -192,7 +192,7 @@ impl Pool {
         if group.ready_count() > 0 {
             return Ok(group);
         }
-        if let Some((at, err)) = group.last_failure() {
+        if let Some((at, err, _)) = group.last_failure() {
             if group.failures.load(Ordering::Relaxed) > 0
                 && at.elapsed() < group.backoff().max(BACKOFF_BASE)
             {
@@ -243,10 +243,11 @@ impl Pool {
             }
             Err(e) => {
                 let e = Arc::new(e);
-                tracing::warn!(error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
+                let reference = crate::reference::Reference::new();
+                tracing::warn!(%reference, error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
                 group.failures.fetch_add(1, Ordering::Relaxed);
                 *group.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), e.clone()));
+                    Some((Instant::now(), e.clone(), reference));
                 group.changed.notify_waiters();
                 Err(e)
             }
@@ -255,7 +256,7 @@ impl Pool {
 
     /// Starts another connection in the background, within the group's limits.
     pub(super) fn grow(&self, group: &Arc<Group>) {
-        if let Some((at, _)) = group.last_failure() {
+        if let Some((at, _, _)) = group.last_failure() {
             if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
                 return;
             }
@@ -352,10 +353,13 @@ impl Pool {
             let no_connection =
                 group.ready_count() == 0 && group.connecting.load(Ordering::Acquire) == 0;
             if no_connection {
-                if let Some((_, e)) = group.last_failure() {
+                if let Some((_, e, reference)) = group.last_failure() {
                     // The failure's kind only: this runs per request, and the details were
-                    // logged when the connection failed.
-                    let why = format!("no connection to Keyspaces ({})", e.kind());
+                    // logged, under this reference, when the connection failed.
+                    let why = format!(
+                        "no connection to Keyspaces ({}; reference {reference} in the proxy's log)",
+                        e.kind()
+                    );
                     let f = unavailable_frame(&pending, &why);
                     pending.reply.deliver(f);
                     return;

@@ -1,0 +1,122 @@
+"""Authentication under abuse, against a KMS and an STS that count every call and refuse each
+with AWS's own AccessDenied text: a login flood costs at most the configured KMS calls per
+second, oversized tokens never reach KMS, and no client ever sees an ARN or account id — only a
+reference the proxy's log explains."""
+import base64
+import os
+import re
+import struct
+import threading
+import time
+
+import pytest
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import Cluster, NoHostAvailable
+
+import rawcql
+from fake_aws import ACCOUNT, FakeAws
+
+KEY = "arn:aws:kms:us-east-1:111122223333:key/0000aaaa-0000-0000-0000-000000000000"
+BUDGET = 5
+
+
+@pytest.fixture
+def fake_aws():
+    f = FakeAws()
+    yield f
+    f.close()
+
+
+def login(port, user, token):
+    """One kmsauth login over a raw socket: the ERROR message the proxy answered with."""
+    with rawcql.RawClient(port) as c:
+        startup = struct.pack(">H", 1) + rawcql.string("CQL_VERSION") + rawcql.string("3.0.0")
+        _, op, _ = c.call(0, rawcql.STARTUP, startup)
+        assert op == rawcql.AUTHENTICATE
+        plain = b"\x00" + user.encode() + b"\x00" + token
+        _, op, body = c.call(1, rawcql.AUTH_RESPONSE, struct.pack(">i", len(plain)) + plain)
+        assert op == rawcql.ERROR, op
+        return body[6:].decode()
+
+
+def assert_hygienic(message):
+    assert "arn:" not in message and ACCOUNT not in message, message
+    assert not re.search(r"\b\d{12}\b", message), message
+
+
+def test_a_login_flood_costs_at_most_the_kms_budget(fake_aws, start_emulator, start_proxy):
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(
+        emu, "--client-auth", "kmsauth", "--kmsauth-to", "keyspaces-proxy",
+        "--kmsauth-service-key", KEY, "--kms-endpoint", fake_aws.url,
+        "--kmsauth-max-kms-calls-per-second", str(BUDGET), "--auth-session-ttl", "0",
+        # Only the global KMS budget is under test: the per-source and per-user limits would
+        # stop this flood (all from 127.0.0.1) first.
+        "--login-failures-per-source", "1000000", "--login-failures-per-user", "1000000",
+        "--max-handshaking-connections", "100000",
+    )
+    # One refused login: kmsauth's words and a reference, which the log ties to KMS's text.
+    message = login(proxy.port, "2/service/orders", base64.b64encode(os.urandom(64)))
+    assert_hygienic(message)
+    reference = re.search(r"reference ([0-9a-f]{8})", message).group(1)
+    log = proxy.log_path.read_text()
+    line = next(l for l in log.splitlines() if reference in l)
+    assert "AccessDenied" in line, line
+
+    # 50 connections, each logging in with a fresh token as fast as it can.
+    logins, busy, stop = [0], [0], time.monotonic() + 3
+    lock = threading.Lock()
+
+    def flood(i):
+        while time.monotonic() < stop:
+            m = login(proxy.port, f"2/service/app{i}", base64.b64encode(os.urandom(64)))
+            with lock:
+                logins[0] += 1
+                busy[0] += "busy" in m
+
+    before = fake_aws.count("Decrypt")
+    started = time.monotonic()
+    threads = [threading.Thread(target=flood, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    calls = fake_aws.times("Decrypt")[before:]
+    # A token bucket of BUDGET a second, full at the start: never more than this, whatever
+    # the machine's speed.
+    assert len(calls) <= BUDGET * (elapsed + 1) + 1, (len(calls), elapsed)
+    assert busy[0] > 0 and logins[0] > len(calls)
+    per_second = max(sum(1 for t in calls if s <= t < s + 1) for s in calls) if calls else 0
+    print(f"\nflood: {logins[0]} logins from 50 connections in {elapsed:.1f} s; "
+          f"{len(calls)} KMS calls ({len(calls) / elapsed:.1f}/s, busiest second {per_second}); "
+          f"{busy[0]} refused as busy")
+
+    # A token over 8 KiB is refused before KMS.
+    before = fake_aws.count("Decrypt")
+    message = login(proxy.port, "2/service/orders", base64.b64encode(os.urandom(9000)))
+    assert "longer than 8192 bytes" in message, message
+    assert fake_aws.count("Decrypt") == before
+
+
+def test_sts_refusals_reach_clients_as_a_reference(fake_aws, start_emulator, start_proxy,
+                                                   tmp_path):
+    roles = tmp_path / "roles.toml"
+    roles.write_text('[identities.orders]\nrole_arn = "arn:aws:iam::%s:role/orders-keyspaces"\n'
+                     % ACCOUNT)
+    users = tmp_path / "users"
+    users.write_text("orders:orders-pw\n")
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-credentials-file", str(users),
+                        "--identity-roles", str(roles), "--sts-endpoint", fake_aws.url)
+    c = Cluster(["127.0.0.1"], port=proxy.port, protocol_version=4, connect_timeout=10,
+                auth_provider=PlainTextAuthProvider("orders", "orders-pw"))
+    with pytest.raises(NoHostAvailable) as err:
+        c.connect()
+    c.shutdown()
+    message = str(list(err.value.errors.values())[0])
+    assert fake_aws.count("sts:AssumeRole") >= 1, "the proxy asked STS"
+    assert_hygienic(message)
+    reference = re.search(r"reference ([0-9a-f]{8})", message).group(1)
+    lines = [l for l in proxy.log_path.read_text().splitlines() if reference in l]
+    assert lines and any("AccessDenied" in l for l in lines), lines
