@@ -120,3 +120,46 @@ def test_sts_refusals_reach_clients_as_a_reference(fake_aws, start_emulator, sta
     reference = re.search(r"reference ([0-9a-f]{8})", message).group(1)
     lines = [l for l in proxy.log_path.read_text().splitlines() if reference in l]
     assert lines and any("AccessDenied" in l for l in lines), lines
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+    return kib / 1024
+
+
+def test_unauthenticated_clients_cannot_grow_memory(start_emulator, start_proxy):
+    """100 clients announce 250 MiB credentials and send 1 MiB of them: before authentication
+    a frame may be 64 KiB, so each is refused at its header and nothing is buffered (a proxy
+    that read them would hold 100 MiB here)."""
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-user", "app:app-pw")
+    startup = rawcql.frame(0, rawcql.STARTUP, struct.pack(">H", 1) + rawcql.string("CQL_VERSION")
+                           + rawcql.string("3.0.0"))
+    with rawcql.RawClient(proxy.port) as warm:  # the first client's allocations
+        warm.send(startup)
+        warm.read()
+    before = rss_mib(proxy.proc.pid)
+    clients = []
+    for _ in range(100):
+        c = rawcql.RawClient(proxy.port, timeout=10)
+        c.send(startup)
+        assert c.read()[2] == rawcql.AUTHENTICATE
+        header = struct.pack(">BBhBi", 4, 0, 1, rawcql.AUTH_RESPONSE, 250 << 20)
+        try:
+            c.sock.sendall(header + b"x" * (1 << 20))
+        except OSError:
+            pass  # refused while still sending
+        clients.append(c)
+    for c in clients:
+        try:
+            _, _, op, body = c.read()
+            assert op == rawcql.ERROR and rawcql.error_code(body) == rawcql.PROTOCOL_ERROR
+        except rawcql.Closed:
+            pass  # reset while sending: the answer was lost with the connection
+        with pytest.raises(rawcql.Closed):
+            c.read()  # and the connection is closed
+        c.close()
+    grown = rss_mib(proxy.proc.pid) - before
+    print(f"\npre-auth: RSS grew {grown:.1f} MiB for 100 clients announcing 250 MiB each")
+    assert grown < 32, f"RSS grew {grown:.1f} MiB"
