@@ -94,7 +94,13 @@ pub fn server_config(files: ClientTlsFiles<'_>) -> Result<Arc<ServerConfig>, Cli
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(chain, key)?;
+    let mut config = builder.with_single_cert(chain, key)?;
+    // No session resumption: a resumed session skips certificate verification, so a client
+    // certificate that has since expired (or a CA since removed) would keep its identity, and
+    // its IAM role, for as long as tickets last. Drivers keep connections for hours; a full
+    // handshake per connection costs nothing worth saving.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

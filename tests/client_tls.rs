@@ -78,11 +78,7 @@ fn proxy_tls(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Arc<rustls::ServerC
 
 type TlsClient = Framed<TlsStream<TcpStream>, FrameCodec>;
 
-async fn tls_connect(
-    addr: SocketAddr,
-    server_ca: &Ca,
-    identity: Option<&(String, String)>,
-) -> std::io::Result<TlsClient> {
+fn client_config(server_ca: &Ca, identity: Option<&(String, String)>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server_ca.cert.der().clone()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -101,8 +97,23 @@ async fn tls_connect(
             builder.with_client_auth_cert(chain, key).unwrap()
         }
     };
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    server_ca: &Ca,
+    identity: Option<&(String, String)>,
+) -> std::io::Result<TlsClient> {
+    connect_with(addr, client_config(server_ca, identity)).await
+}
+
+async fn connect_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsClient> {
     let tcp = TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
     Ok(Framed::new(tls, FrameCodec::default()))
@@ -225,4 +236,33 @@ async fn passwords_over_tls_and_plaintext_clients_told_why() {
     assert_eq!((e.code, r.stream()), (error_code::PROTOCOL_ERROR, 7));
     assert!(e.message.contains("requires TLS"), "{}", e.message);
     assert!(plain.recv().await.is_none(), "closed after the error");
+}
+
+/// A resumed TLS session skips certificate verification: an expired client certificate would
+/// keep its identity. Every connection does a full handshake.
+#[tokio::test]
+async fn client_sessions_are_never_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let (server_ca, client_ca) = (ca("proxy CA"), ca("client CA"));
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.client_tls = Some(proxy_tls(dir.path(), &server_ca, Some(&client_ca)));
+    opts.client_auth = ClientAuth::Certificate(DEFAULT_ORDER.to_vec());
+    let addr = proxy(&emu, opts).await;
+    let orders = leaf(
+        &client_ca,
+        None,
+        vec![spiffe("spiffe://test/ns/prod/sa/orders")],
+    );
+    // One client config, so its session cache would offer resumption the second time.
+    let config = client_config(&server_ca, Some(&orders));
+    for _ in 0..2 {
+        let mut c = connect_with(addr, config.clone()).await.unwrap();
+        let r = call(&mut c, startup(0)).await.expect("READY");
+        assert_eq!(r.opcode(), opcode::READY);
+        assert_eq!(
+            c.get_ref().get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
 }
