@@ -5,6 +5,11 @@
 //! The certificate has already been verified against `--client-ca` by rustls; this only reads
 //! it. A field that is present but unusable (not UTF-8, control characters, too long) makes the
 //! certificate name no identity rather than falling through to a weaker field.
+//!
+//! Each field has a namespace of its own, so a CA that lets requesters choose a free-form common
+//! name cannot mint someone else's SPIFFE ID or DNS identity: a URI SAN is the identity as it is
+//! (`spiffe://example.org/ns/prod/sa/orders`; it must have a `scheme://`), a DNS SAN becomes
+//! `dns:orders.prod.svc` and a common name `cn:orders`.
 
 use clap::ValueEnum;
 use serde::Serialize;
@@ -18,9 +23,9 @@ pub enum IdentityField {
     /// The URI subject alternative name (a SPIFFE ID such as spiffe://example.org/ns/app/sa/app);
     /// a certificate with several is ambiguous and names no identity.
     UriSan,
-    /// The first DNS subject alternative name.
+    /// The first DNS subject alternative name, as `dns:<name>`.
     DnsSan,
-    /// The subject's common name (a certificate with several is ambiguous).
+    /// The subject's common name, as `cn:<name>` (a certificate with several is ambiguous).
     Cn,
 }
 
@@ -95,7 +100,7 @@ pub fn identity(der: &[u8], order: &[IdentityField]) -> Result<String, Certifica
         };
         match values.as_slice() {
             [] => continue,
-            [one] => return usable(one, field),
+            [one] => return spelled(one, field),
             _ => return Err(CertificateIdentityError::Ambiguous(field.name())),
         }
     }
@@ -103,14 +108,32 @@ pub fn identity(der: &[u8], order: &[IdentityField]) -> Result<String, Certifica
     Err(CertificateIdentityError::Missing(tried.join(", ")))
 }
 
-fn usable(value: &str, field: IdentityField) -> Result<String, CertificateIdentityError> {
-    let ok = !value.is_empty()
+/// The identity `value` names as `field`, in that field's namespace.
+fn spelled(value: &str, field: IdentityField) -> Result<String, CertificateIdentityError> {
+    let unusable = || CertificateIdentityError::Unusable(field.name());
+    let printable = !value.is_empty()
         && value.len() <= MAX_IDENTITY
         && !value.chars().any(|c| c.is_control() || c.is_whitespace());
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(CertificateIdentityError::Unusable(field.name()))
+    if !printable {
+        return Err(unusable());
+    }
+    match field {
+        // `dns://…` or `cn://…` would read like the other namespaces' prefixes.
+        IdentityField::UriSan => {
+            let shaped = value.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && scheme != "dns" && scheme != "cn"
+            });
+            shaped.then(|| value.to_owned()).ok_or_else(unusable)
+        }
+        IdentityField::DnsSan => {
+            let hostname = value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            hostname
+                .then(|| format!("dns:{value}"))
+                .ok_or_else(unusable)
+        }
+        IdentityField::Cn => Ok(format!("cn:{value}")),
     }
 }
 
@@ -154,11 +177,30 @@ mod tests {
         );
         assert_eq!(
             identity(&der, &[IdentityField::DnsSan, IdentityField::UriSan]).unwrap(),
-            "orders.prod.svc"
+            "dns:orders.prod.svc"
         );
-        assert_eq!(identity(&der, &[IdentityField::Cn]).unwrap(), "orders-cn");
+        assert_eq!(
+            identity(&der, &[IdentityField::Cn]).unwrap(),
+            "cn:orders-cn"
+        );
         let cn_only = cert(&["legacy"], vec![]);
-        assert_eq!(identity(&cn_only, DEFAULT_ORDER).unwrap(), "legacy");
+        assert_eq!(identity(&cn_only, DEFAULT_ORDER).unwrap(), "cn:legacy");
+    }
+
+    /// A requester who may choose its common name cannot take a SPIFFE ID's or a DNS name's
+    /// identity: each field names identities of its own.
+    #[test]
+    fn fields_have_namespaces_of_their_own() {
+        let spiffe = "spiffe://example.org/ns/prod/sa/orders";
+        let cn = cert(&[spiffe], vec![]);
+        assert_eq!(
+            identity(&cn, DEFAULT_ORDER).unwrap(),
+            format!("cn:{spiffe}")
+        );
+        let cn = cert(&["orders.prod.svc"], vec![]);
+        assert_eq!(identity(&cn, DEFAULT_ORDER).unwrap(), "cn:orders.prod.svc");
+        let uri = cert(&[], vec![uri("dns://orders.prod.svc")]);
+        assert!(identity(&uri, DEFAULT_ORDER).is_err());
     }
 
     #[test]
@@ -188,6 +230,16 @@ mod tests {
         let too_long = cert(&[], vec![uri(&format!("spiffe://{long}")), dns("fallback")]);
         assert_eq!(
             identity(&too_long, DEFAULT_ORDER),
+            Err(CertificateIdentityError::Unusable("URI SAN"))
+        );
+        let wildcard = cert(&[], vec![dns("*.prod.svc")]);
+        assert_eq!(
+            identity(&wildcard, DEFAULT_ORDER),
+            Err(CertificateIdentityError::Unusable("DNS SAN"))
+        );
+        let no_scheme = cert(&[], vec![uri("orders"), dns("fallback")]);
+        assert_eq!(
+            identity(&no_scheme, DEFAULT_ORDER),
             Err(CertificateIdentityError::Unusable("URI SAN"))
         );
         assert_eq!(

@@ -159,7 +159,7 @@ pub struct Cli {
     pub client_ca: Option<PathBuf>,
 
     /// --client-auth mtls: the certificate fields the client identity is read from, first
-    /// present wins (uri-san: a SPIFFE ID; dns-san; cn).
+    /// present wins (uri-san: a SPIFFE ID as it is; dns-san: `dns:<name>`; cn: `cn:<name>`).
     #[arg(
         help_heading = "Clients and authentication",
         long,
