@@ -176,6 +176,10 @@ fn watch_reload(
 /// load keeps its previous value.
 async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
     if let Some(pools) = &ctx.identity_pools {
+        // Tightening the policy must take effect: a stale proxy-credentials would fail open.
+        pools.set_denies_unmapped(
+            cli.unmapped_identities == crate::config::UnmappedIdentities::Deny,
+        );
         let kmsauth = cli.client_auth == crate::config::ClientAuthMode::Kmsauth;
         let load = |path: &std::path::Path| {
             IdentityRoles::load(path).and_then(|roles| {

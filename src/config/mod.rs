@@ -92,6 +92,8 @@ pub enum ConfigError {
     NoAstraToken,
     #[error("--identity-roles needs --upstream-mode pooled and --upstream-auth sigv4")]
     IdentityRolesNeedPooledSigv4,
+    #[error("--identity-roles maps client identities, but --client-auth none gives clients none: use --client-auth password, kmsauth or mtls")]
+    IdentityRolesNeedClientIdentities,
     #[error(transparent)]
     IdentityRoles(#[from] IdentityRolesError),
     #[error("--client-auth kmsauth: {0}")]

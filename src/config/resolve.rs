@@ -416,6 +416,9 @@ impl Cli {
                 {
                     return Err(ConfigError::IdentityRolesNeedPooledSigv4);
                 }
+                if self.client_auth == ClientAuthMode::None {
+                    return Err(ConfigError::IdentityRolesNeedClientIdentities);
+                }
                 let roles = IdentityRoles::load(path)?;
                 if matches!(client_auth, ClientAuth::KmsAuth(_)) {
                     roles.check_kmsauth_names()?;
@@ -606,6 +609,19 @@ mod tests {
         assert!(matches!(
             cli.resolve().await,
             Err(ConfigError::IdentityRolesNeedPooledSigv4)
+        ));
+        // Without client authentication there is no identity to map: every client would act
+        // with the proxy's own credentials whatever --unmapped-identities says.
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--region",
+            "us-east-1",
+            "--identity-roles",
+            roles.to_str().unwrap(),
+        ]);
+        assert!(matches!(
+            cli.resolve().await,
+            Err(ConfigError::IdentityRolesNeedClientIdentities)
         ));
     }
 

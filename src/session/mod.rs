@@ -424,6 +424,13 @@ async fn handshake(
                                 }
                                 own => own,
                             },
+                            // No identity at all is unmapped too (configuration refuses
+                            // --identity-roles without client authentication; this is the
+                            // backstop).
+                            (Some(ip), None) if ip.denies_unmapped() => {
+                                refuse_unmapped(client, &accepted, "").await?;
+                                return Ok(None);
+                            }
                             _ => None,
                         };
                         let pool = own.unwrap_or_else(|| shared.clone());

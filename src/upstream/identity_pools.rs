@@ -22,7 +22,8 @@ pub struct IdentityPools {
     roles: ArcSwap<IdentityRoles>,
     pools: tokio::sync::Mutex<HashMap<String, (RoleSpec, Arc<Pool>)>>,
     /// Refuse identities the mapping does not name (`--unmapped-identities deny`).
-    deny_unmapped: bool,
+    /// Re-read on SIGHUP with the roles.
+    deny_unmapped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for IdentityPools {
@@ -43,7 +44,7 @@ impl IdentityPools {
         deny_unmapped: bool,
     ) -> IdentityPools {
         IdentityPools {
-            deny_unmapped,
+            deny_unmapped: std::sync::atomic::AtomicBool::new(deny_unmapped),
             base,
             region,
             settings,
@@ -63,6 +64,13 @@ impl IdentityPools {
     /// Whether an identity without a role must be refused rather than use the proxy's own.
     pub fn denies_unmapped(&self) -> bool {
         self.deny_unmapped
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `--unmapped-identities`, as a reload re-read it.
+    pub fn set_denies_unmapped(&self, deny: bool) {
+        self.deny_unmapped
+            .store(deny, std::sync::atomic::Ordering::Release);
     }
 
     /// The pool for `identity`, created on first use; `None` if it has no role of its own.

@@ -101,3 +101,22 @@ def test_unmapped_identities_are_refused_by_default(moto, start_emulator, start_
     assert errors and isinstance(errors[0], AuthenticationFailed), errors
     assert "no role is configured for this identity" in str(errors[0])
     assert "arn:" not in str(errors[0]), "no internal details reach the client"
+
+
+def test_a_reload_can_tighten_the_unmapped_policy(moto, start_emulator, start_proxy, tmp_path):
+    """Switching the config file from proxy-credentials to deny and sending SIGHUP refuses
+    unmapped identities from then on: a stale policy would fail open."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('unmapped-identities = "proxy-credentials"\n')
+    _, proxy, _ = shared_proxy(moto, start_emulator, start_proxy, tmp_path, "--config", str(config))
+    assert query_as(proxy.port, "reporting")
+    config.write_text('unmapped-identities = "deny"\n')
+    reloads = proxy.log_path.read_text().count("identity roles reloaded")
+    os.kill(proxy.proc.pid, signal.SIGHUP)
+    deadline = time.time() + 10
+    while proxy.log_path.read_text().count("identity roles reloaded") == reloads:
+        assert time.time() < deadline, "no reload"
+        time.sleep(0.1)
+    with pytest.raises(NoHostAvailable):
+        query_as(proxy.port, "reporting")
+    assert query_as(proxy.port, "orders")
