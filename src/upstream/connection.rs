@@ -156,7 +156,7 @@ pub enum UpstreamError {
     Timeout(Duration),
     #[error("upstream rejected authentication: {}", .0.message)]
     AuthRejected(ErrorInfo),
-    #[error("upstream refused STARTUP: {}", .0.message)]
+    #[error("upstream refused the connection handshake: {}", .0.message)]
     Refused(ErrorInfo),
     #[error("{}", .0.message)]
     UseFailed(ErrorInfo),
@@ -183,20 +183,48 @@ impl UpstreamError {
     /// reference, and the details are logged under that reference. Network and TLS failures
     /// name only the endpoint and the cause, which the client needs to see.
     pub fn public_message(&self) -> String {
+        let withheld = |what: &str| {
+            let reference = crate::reference::Reference::new();
+            tracing::warn!(%reference, error = %self, "{what}");
+            reference
+        };
         match self {
-            UpstreamError::AuthRejected(info) if !names_an_account(&info.message) => {
+            UpstreamError::AuthRejected(info) | UpstreamError::UseFailed(info)
+                if !names_an_account(&info.message) =>
+            {
                 info.message.clone()
             }
-            UpstreamError::UseFailed(info) => info.message.clone(),
-            UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
-                let reference = crate::reference::Reference::new();
-                tracing::warn!(%reference, error = %self, "upstream authentication failed");
+            UpstreamError::AuthRejected(_) => {
+                let reference = withheld("upstream authentication failed");
                 format!(
                     "keyspaces-proxy: Keyspaces did not accept the proxy's AWS credentials \
                      (reference {reference} in the proxy's log)"
                 )
             }
+            UpstreamError::Credentials(_) => {
+                let reference = withheld("AWS credentials unavailable");
+                format!(
+                    "keyspaces-proxy: could not obtain AWS credentials for this connection \
+                     (reference {reference} in the proxy's log)"
+                )
+            }
+            UpstreamError::UseFailed(_) | UpstreamError::Refused(_) if self.names_an_account() => {
+                let reference = withheld("upstream refused a request the proxy made");
+                format!(
+                    "keyspaces-proxy: Keyspaces refused the request (reference {reference} in \
+                     the proxy's log)"
+                )
+            }
             other => format!("keyspaces-proxy cannot reach Keyspaces: {other}"),
+        }
+    }
+
+    fn names_an_account(&self) -> bool {
+        match self {
+            UpstreamError::AuthRejected(info)
+            | UpstreamError::Refused(info)
+            | UpstreamError::UseFailed(info) => names_an_account(&info.message),
+            _ => false,
         }
     }
 
@@ -457,7 +485,15 @@ mod public_message_tests {
         let sdk = UpstreamError::Credentials(crate::auth::credentials::CredentialsError(
             "AccessDenied: arn:aws:iam::111122223333:role/orders; request id 5f1c".into(),
         ));
-        for e in [&iam, &sdk] {
+        let startup = UpstreamError::Refused(ErrorInfo {
+            code: 0x0000,
+            message: "User: arn:aws:iam::999988887777:role/internal is not authorized".into(),
+        });
+        let keyspace = UpstreamError::UseFailed(ErrorInfo {
+            code: 0x2100,
+            message: "User 999988887777 may not access keyspace x".into(),
+        });
+        for e in [&iam, &sdk, &startup, &keyspace] {
             let m = e.public_message();
             assert!(!m.contains("arn:") && !m.contains("111122223333"), "{m}");
             assert!(m.contains("reference"), "{m}");
