@@ -129,6 +129,22 @@ impl ClientHandshake {
         &self.logins
     }
 
+    /// Moves this handshake to reloaded settings, if they check the credentials it asked for
+    /// (PasswordAuthenticator, whether against users or kmsauth); false if they would not
+    /// have asked for them (no authentication, or client certificates).
+    pub fn adopt(&mut self, logins: &Arc<Logins>) -> bool {
+        if Arc::ptr_eq(&self.logins, logins) {
+            return true;
+        }
+        let asks = |a: &ClientAuth| matches!(a, ClientAuth::Password(_) | ClientAuth::KmsAuth(_));
+        if asks(&self.logins.auth) && asks(&logins.auth) {
+            self.logins = logins.clone();
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn on_frame(&mut self, frame: &Frame) -> Step {
         let h = &frame.header;
         let version = h.protocol_version();
@@ -304,6 +320,17 @@ impl ClientHandshake {
             user: user.to_owned(),
             secret: zeroize::Zeroizing::new(password.to_vec()),
         })
+    }
+
+    /// `creds` refused without a verdict on them (their source or username failed too often
+    /// lately, or the settings changed under the login): `why` is all the client is told.
+    pub fn refused_unchecked(&mut self, creds: &Credentials, why: &str) -> Step {
+        Step::Close(messages::error(
+            creds.version,
+            creds.stream,
+            error_code::BAD_CREDENTIALS,
+            &format!("keyspaces-proxy: {why}"),
+        ))
     }
 
     /// The outcome of checking `creds`: the accepted identity, or why not (shown to the client

@@ -673,7 +673,8 @@ async fn guesses_are_limited_per_source_and_user() {
     let e = ErrorInfo::parse(&r.body).unwrap();
     assert_eq!(e.code, error_code::BAD_CREDENTIALS);
     assert!(
-        e.message.contains("too many failed logins; try again in"),
+        e.message
+            .contains("too many failed logins for this user or from this address; try again in"),
         "{}",
         e.message
     );

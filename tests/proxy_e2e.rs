@@ -300,3 +300,68 @@ async fn hostile_frames_close_only_their_connection() {
         .await;
     assert_eq!(r.opcode(), opcode::RESULT);
 }
+
+/// Found by review: a connection opened before a SIGHUP logged in with a password the reload
+/// had rotated away. Credentials are checked against the users in force at the verdict.
+#[tokio::test]
+async fn a_reload_applies_to_connections_already_waiting_to_log_in() {
+    use keyspaces_proxy::auth::client::Logins;
+    use keyspaces_proxy::auth::sessions::SessionCache;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let users = |entry: &str| {
+        Arc::new(Logins::new(
+            ClientAuth::Password(UserStore::parse(entry).unwrap()),
+            SessionCache::new(std::time::Duration::from_secs(600), 100),
+        ))
+    };
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.client_auth = ClientAuth::Password(UserStore::parse("app:old-pw\n").unwrap());
+    let ctx = Arc::new(context(&emu, opts));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(keyspaces_proxy::server::serve(
+        listener,
+        ctx.clone(),
+        100,
+        std::time::Duration::from_secs(5),
+    ));
+    let login =
+        |password: &str| messages::auth_response(4, 1, &messages::plain_token("app", password));
+    // One login before the reload leaves a session behind; two clients wait at AUTHENTICATE.
+    let mut before = Client::connect(addr).await;
+    before
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    before.send(login("old-pw")).await;
+    assert_eq!(before.recv().await.unwrap().opcode(), opcode::AUTH_SUCCESS);
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(addr).await;
+        let a = c
+            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        assert_eq!(a.opcode(), opcode::AUTHENTICATE);
+        waiting.push(c);
+    }
+    ctx.logins.store(users("app:new-pw\n"));
+    waiting[0].send(login("old-pw")).await;
+    let e = error_of(&waiting[0].recv().await.unwrap());
+    assert_eq!(e.code, error_code::BAD_CREDENTIALS, "{}", e.message);
+    waiting[1].send(login("new-pw")).await;
+    assert_eq!(
+        waiting[1].recv().await.unwrap().opcode(),
+        opcode::AUTH_SUCCESS
+    );
+    // The old password's session went with the old users.
+    let mut after = Client::connect(addr).await;
+    after
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    after.send(login("old-pw")).await;
+    assert_eq!(
+        error_of(&after.recv().await.unwrap()).code,
+        error_code::BAD_CREDENTIALS
+    );
+}

@@ -25,6 +25,7 @@ use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
 mod client_stream;
 mod dedicated;
+mod login;
 mod pooled;
 
 use client_stream::{ClientReader, ClientStream, ClientWriter};
@@ -280,42 +281,6 @@ fn decode_error_frame(e: &FrameError) -> Frame {
     }
 }
 
-/// Checks a login unless its source or username has used up its failed-login budget (then
-/// it is refused before any hashing or KMS call); failures are counted and logged.
-async fn check_login(
-    ctx: &ProxyContext,
-    logins: &Logins,
-    source: IpAddr,
-    user: &str,
-    secret: &[u8],
-) -> Result<String, String> {
-    use crate::auth::attempts::loggable;
-    if let Err(wait) = ctx
-        .login_failures
-        .reserve(source, user, std::time::Instant::now())
-    {
-        Metrics::count(
-            &metrics().client_handshakes,
-            vec![("result", "login_rate_limited")],
-        );
-        return Err(format!(
-            "too many failed logins; try again in {} s",
-            wait.as_secs().max(1)
-        ));
-    }
-    // Boxed: the KMS call's future is large, and inlined it would grow every connection's
-    // task (10,000 idle clients: 94 MB → 187 MB) for a moment's use.
-    let outcome = Box::pin(logins.verify(user, secret)).await;
-    match &outcome {
-        Ok(_) => ctx
-            .login_failures
-            .succeeded(source, user, std::time::Instant::now()),
-        // Only attempts within the budget get here, which bounds this log line too.
-        Err(_) => tracing::warn!(user = %loggable(user), %source, "failed login"),
-    }
-    outcome
-}
-
 /// An authenticated identity with no role under `--unmapped-identities deny`: refused as bad
 /// credentials (drivers report it as an authentication failure), without internal details.
 async fn refuse_unmapped(
@@ -379,10 +344,8 @@ async fn handshake(
             frame.body.len() + crate::frame::header::HEADER_LEN,
         );
         let mut step = hs.on_frame(&frame);
-        if let Step::Verify(creds) = &step {
-            let logins = hs.logins().clone();
-            let outcome = check_login(ctx, &logins, source, &creds.user, &creds.secret).await;
-            step = hs.verified(creds, outcome);
+        if let Step::Verify(creds) = step {
+            step = login::verify(ctx, &mut hs, source, &creds).await;
         }
         match step {
             // `verified` never asks for another check.
