@@ -130,17 +130,27 @@ impl UserStore {
         match self.users.get(user) {
             Some(stored) => stored.verify(password),
             None => {
-                if let Some(any) = self.users.values().next() {
-                    let _ = any.verify(password);
+                if let Some(decoy) = self.decoy() {
+                    let _ = decoy.verify(password);
                 }
                 false
             }
         }
     }
 
+    /// What an unknown user's password is checked against: an argon2 entry if there is one,
+    /// so unknown users cost as much as the users worth guessing (a mixed file's weak entries
+    /// are warned about at startup).
+    fn decoy(&self) -> Option<&StoredPassword> {
+        self.users
+            .values()
+            .find(|p| matches!(p, StoredPassword::Argon2(_)))
+            .or_else(|| self.users.values().next())
+    }
+
     /// [`UserStore::verify`], with argon2 entries checked on the hashing threads.
     pub async fn check(&self, user: &str, password: &[u8]) -> bool {
-        let entry = self.users.get(user).or_else(|| self.users.values().next());
+        let entry = self.users.get(user).or_else(|| self.decoy());
         if !matches!(entry, Some(StoredPassword::Argon2(_))) {
             return self.verify(user, password);
         }
@@ -278,6 +288,20 @@ mod tests {
         assert!(in_flight.verify("app", b"old-pw").await.is_ok());
         assert!(current.load().verify("app", b"old-pw").await.is_err());
         assert!(current.load().verify("app", b"new-pw").await.is_ok());
+    }
+
+    /// Found by review: in a mixed file an unknown user was checked against the first entry,
+    /// a fast one, so timing told unknown users from argon2 ones.
+    #[test]
+    fn unknown_users_cost_an_argon2_check_when_there_is_one() {
+        let phc = crate::auth::passwords::hash_password(b"s3cret");
+        for text in [
+            format!("bob:plain\nalice:{phc}\ncarol:plain\n"),
+            format!("alice:{phc}\nbob:plain\n"),
+        ] {
+            let store = UserStore::parse(&text).unwrap();
+            assert!(matches!(store.decoy(), Some(StoredPassword::Argon2(_))));
+        }
     }
 
     #[test]

@@ -455,6 +455,15 @@ pub struct Cli {
     )]
     pub max_handshaking_connections: usize,
 
+    /// Most of those from one source address, so one address cannot take every handshake slot.
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "KEYSPACES_PROXY_MAX_HANDSHAKING_PER_SOURCE",
+        default_value_t = 64
+    )]
+    pub max_handshaking_per_source: usize,
+
     /// Failed logins one source address may make per minute (burst included); further logins
     /// from it are refused without being checked until the budget refills.
     #[arg(

@@ -461,9 +461,10 @@ impl Cli {
                     crate::auth::attempts::Budget::per_minute(self.login_failures_per_source),
                     crate::auth::attempts::Budget::per_minute(self.login_failures_per_user),
                 )),
-                handshaking: Arc::new(tokio::sync::Semaphore::new(
-                    self.max_handshaking_connections.max(1),
-                )),
+                handshaking: crate::session::admission::HandshakeSlots::new(
+                    self.max_handshaking_connections,
+                    self.max_handshaking_per_source,
+                ),
                 identity_pools,
             },
             credentials,

@@ -23,6 +23,7 @@ use crate::upstream::pool::{Group, Pool};
 use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
 use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
+pub mod admission;
 mod client_stream;
 mod dedicated;
 mod login;
@@ -57,9 +58,8 @@ pub struct ProxyContext {
     pub pool: Option<Arc<Pool>>,
     /// Raise consistency levels to what Keyspaces accepts (pooled mode).
     pub consistency_guard: bool,
-    /// Connections still in their handshake (`--max-handshaking-connections`): unauthenticated
-    /// clients cannot take every connection slot.
-    pub handshaking: Arc<tokio::sync::Semaphore>,
+    /// Connections still in their handshake, in all and per source address.
+    pub handshaking: Arc<admission::HandshakeSlots>,
     /// Failed logins per source address and username (`--login-failures-per-*`).
     pub login_failures: Arc<crate::auth::attempts::LoginFailures>,
     /// Turns true when the proxy starts shutting down: sessions stop reading new requests and
@@ -96,13 +96,23 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
             (None, Ok(local)) => local.ip(),
             (None, Err(_)) => IpAddr::from([127, 0, 0, 1]),
         };
-        let Ok(handshaking) = ctx.handshaking.clone().try_acquire_owned() else {
-            tracing::debug!("too many clients in their handshake; closing this one");
-            Metrics::count(
-                &metrics().client_connections_rejected,
-                vec![("reason", "handshaking_limit")],
-            );
-            return;
+        let handshaking = match ctx.handshaking.try_take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let reason = match full {
+                    admission::Full::Total => "handshaking_limit",
+                    admission::Full::Source => "handshaking_source_limit",
+                };
+                tracing::debug!(
+                    reason,
+                    "too many clients in their handshake; closing this one"
+                );
+                Metrics::count(
+                    &metrics().client_connections_rejected,
+                    vec![("reason", reason)],
+                );
+                return;
+            }
         };
         // One deadline for the whole handshake, TLS included, not one per frame: a client
         // trickling OPTIONS or a byte at a time must not hold a connection slot for ever.
@@ -202,10 +212,12 @@ async fn open_stream(
 async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     use tokio::io::AsyncReadExt;
     Metrics::count(&metrics().client_closed, vec![("reason", "not_tls")]);
-    tracing::warn!(
-        "the client sent plaintext, but the client port requires TLS: connect with TLS \
+    if worth_logging("plaintext") {
+        tracing::warn!(
+            "the client sent plaintext, but the client port requires TLS: connect with TLS \
          (cqlsh --ssl, the driver's SSL context)"
-    );
+        );
+    }
     let cql_request = matches!(first.first(), Some(3..=5));
     if !cql_request {
         return;
@@ -230,20 +242,36 @@ async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     let _ = framed.get_mut().shutdown().await;
 }
 
+/// Whether a warning about what an unauthenticated peer sent may be logged: anyone can
+/// connect, and each connection must not buy a log line. A few a minute of each kind; the
+/// metrics count them all.
+fn worth_logging(kind: &'static str) -> bool {
+    use crate::auth::attempts::{Buckets, Budget};
+    static BUDGET: std::sync::OnceLock<Buckets<&'static str>> = std::sync::OnceLock::new();
+    BUDGET
+        .get_or_init(|| Buckets::new(Budget::per_minute(6)))
+        .reserve(&kind, std::time::Instant::now())
+        .is_ok()
+}
+
 /// A client that speaks another protocol gets what it can read (HTTP: a 400 that says why; TLS:
 /// nothing, the close is its answer), and the log says what to change.
 async fn refuse_foreign(client: &mut ClientFramed, protocol: ForeignProtocol) {
     Metrics::count(&metrics().client_closed, vec![("reason", "not_cql")]);
+    let log = worth_logging("foreign");
     match protocol {
-        ForeignProtocol::Tls => tracing::warn!(
+        ForeignProtocol::Tls if log => tracing::warn!(
             "the client speaks TLS, but the proxy's client port is plaintext: connect without \
              TLS (cqlsh without --ssl, drivers without an SSL context)"
         ),
+        ForeignProtocol::Tls => {}
         ForeignProtocol::Http => {
-            tracing::warn!(
-                "the client speaks HTTP (or another text protocol), not CQL: health checks and \
-                 metrics are on --metrics-listen"
-            );
+            if log {
+                tracing::warn!(
+                    "the client speaks HTTP (or another text protocol), not CQL: health checks \
+                     and metrics are on --metrics-listen"
+                );
+            }
             let body = "This is keyspaces-proxy's CQL port. Health checks and metrics \
                         (/livez, /readyz, /metrics) are on --metrics-listen.\n";
             let reply = format!(

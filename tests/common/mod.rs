@@ -153,7 +153,10 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         handshake_timeout: opts.handshake_timeout,
         max_client_in_flight: opts.max_client_in_flight,
         max_client_buffer: opts.max_client_buffer,
-        handshaking: std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_handshaking)),
+        handshaking: keyspaces_proxy::session::admission::HandshakeSlots::new(
+            opts.max_handshaking,
+            opts.max_handshaking,
+        ),
         login_failures: std::sync::Arc::new(keyspaces_proxy::auth::attempts::LoginFailures::new(
             keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),
             keyspaces_proxy::auth::attempts::Budget::per_minute(opts.login_failures_per_minute),

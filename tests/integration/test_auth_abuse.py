@@ -163,3 +163,45 @@ def test_unauthenticated_clients_cannot_grow_memory(start_emulator, start_proxy)
     grown = rss_mib(proxy.proc.pid) - before
     print(f"\npre-auth: RSS grew {grown:.1f} MiB for 100 clients announcing 250 MiB each")
     assert grown < 32, f"RSS grew {grown:.1f} MiB"
+
+
+def test_one_address_cannot_take_every_handshake_slot(start_emulator, start_proxy):
+    """Idle connections from one address hold its share of the handshake slots only: a client
+    from another address still logs in."""
+    import socket
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-user", "app:app-pw",
+                        "--max-handshaking-connections", "4", "--max-handshaking-per-source", "3")
+    startup = rawcql.frame(0, rawcql.STARTUP, struct.pack(">H", 1) + rawcql.string("CQL_VERSION")
+                           + rawcql.string("3.0.0"))
+    idle = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10,
+                                     source_address=("127.0.0.2", 0))
+        # Answered AUTHENTICATE: this connection holds a slot until it logs in or times out.
+        s.sendall(startup)
+        assert s.recv(9)[4] == rawcql.AUTHENTICATE
+        idle.append(s)
+    extra = socket.socket()
+    extra.bind(("127.0.0.2", 0))
+    extra.connect(("127.0.0.1", proxy.port))
+    extra.settimeout(10)
+    assert extra.recv(1) == b"", "the fourth from 127.0.0.2 is closed at once"
+    with rawcql.RawClient(proxy.port) as c:
+        c.handshake("app", "app-pw")
+    for s in idle + [extra]:
+        s.close()
+
+
+def test_unauthenticated_noise_buys_no_log_lines(start_emulator, start_proxy):
+    """Anyone can connect: 50 HTTP requests on the CQL port are all answered, and logged a few
+    times a minute, not 50."""
+    import socket
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu)
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 400")
+    lines = proxy.log_path.read_text().count("speaks HTTP")
+    assert 1 <= lines <= 6, lines
