@@ -7,6 +7,7 @@ use crate::auth::identity_roles::IdentityRolesError;
 use crate::upstream::tls::TlsConfigError;
 
 mod cli;
+mod clients;
 mod modes;
 mod region;
 mod resolve;
