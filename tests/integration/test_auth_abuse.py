@@ -17,7 +17,8 @@ import rawcql
 from fake_aws import ACCOUNT, FakeAws
 
 KEY = "arn:aws:kms:us-east-1:111122223333:key/0000aaaa-0000-0000-0000-000000000000"
-BUDGET = 5
+# KSP_KMS_BUDGET=50 measures the default budget (the closing figures of issue 17).
+BUDGET = int(os.environ.get("KSP_KMS_BUDGET", "5"))
 
 
 @pytest.fixture
@@ -83,9 +84,9 @@ def test_a_login_flood_costs_at_most_the_kms_budget(fake_aws, start_emulator, st
         t.join()
     elapsed = time.monotonic() - started
     calls = fake_aws.times("Decrypt")[before:]
-    # A token bucket of BUDGET a second, full at the start: never more than this, whatever
-    # the machine's speed.
-    assert len(calls) <= BUDGET * (elapsed + 1) + 1, (len(calls), elapsed)
+    # BUDGET a second with a burst of a tenth of that: never more than this, whatever the
+    # machine's speed.
+    assert len(calls) <= BUDGET * elapsed + max(1, BUDGET / 10) + 1, (len(calls), elapsed)
     assert busy[0] > 0 and logins[0] > len(calls)
     per_second = max(sum(1 for t in calls if s <= t < s + 1) for s in calls) if calls else 0
     print(f"\nflood: {logins[0]} logins from 50 connections in {elapsed:.1f} s; "

@@ -97,7 +97,7 @@ def test_certificate_identities_act_with_their_own_roles(moto, start_emulator, s
                         "--identity-roles", str(roles), "--sts-endpoint", sts)
     orders = clients.issue("orders", cn="billing", uris=[ORDERS])
     billing = clients.issue("billing", uris=[BILLING])
-    seen = 0
+    seen, earlier = 0, set()
     for cert, role in [(orders, "orders-keyspaces"), (billing, "billing-keyspaces")]:
         c, s = connect(proxy.port, client_context(server_ca, cert))
         try:
@@ -105,7 +105,9 @@ def test_certificate_identities_act_with_their_own_roles(moto, start_emulator, s
         finally:
             c.shutdown()
         used, seen = assumed_roles(emu, sts, seen)
-        assert used == {role}, f"{cert[0]} acted as {used}"
+        # Pools of identities served earlier may grow in the background meanwhile.
+        assert role in used and used <= earlier | {role}, f"{cert[0]} acted as {used}"
+        earlier.add(role)
 
     # A certificate the mapping does not know: refused (--unmapped-identities deny).
     stranger = clients.issue("reporting", uris=["spiffe://test.example/ns/prod/sa/reporting"])
@@ -121,7 +123,7 @@ def test_certificate_identities_act_with_their_own_roles(moto, start_emulator, s
     for cert in [impostor, None]:
         with pytest.raises(NoHostAvailable):
             connect(proxy.port, client_context(server_ca, cert))
-    assert assumed_roles(emu, sts, seen)[0] == set(), "no upstream work for refused clients"
+    assert assumed_roles(emu, sts, seen)[0] <= earlier, "no role for refused clients"
 
 
 def test_cqlsh_over_mutual_tls(start_emulator, start_proxy, pki, tmp_path, aws_env):
