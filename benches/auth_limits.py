@@ -30,12 +30,13 @@ try:
             time.sleep(0.1)
     time.sleep(0.5)
     base = rss()
-    # 1. 100 handshaking clients, each holding a maximal pre-auth frame (64 KiB announced, all
-    #    but its last byte sent), then the same with 256 MiB announced.
+    # 1. 100 handshaking clients from four addresses (one may hold 64 handshake slots), each
+    #    holding a maximal pre-auth frame (64 KiB announced, all but its last byte sent), then
+    #    the same with 256 MiB announced.
     socks = []
     startup = struct.pack(">H", 1) + cql.string("CQL_VERSION") + cql.string("3.0.0")
     for i in range(100):
-        s = socket.create_connection(("127.0.0.1", port)); s.settimeout(10)
+        s = socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{2 + i % 4}", 0)); s.settimeout(10)
         s.sendall(cql.frame(0, cql.STARTUP, startup))
         s.recv(65536)
         body_len = 64 * 1024
@@ -48,7 +49,7 @@ try:
     socks = []
     refused = 0
     for i in range(100):
-        s = socket.create_connection(("127.0.0.1", port)); s.settimeout(10)
+        s = socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{2 + i % 4}", 0)); s.settimeout(10)
         s.sendall(cql.frame(0, cql.STARTUP, startup)); s.recv(65536)
         s.sendall(struct.pack(">BBhBi", 4, 0, 1, cql.AUTH_RESPONSE, 250 * 1024 * 1024) + b"x" * 65536)
         try:
