@@ -62,39 +62,28 @@ fn refresh_gauges(state: &AdminState) {
     }
 }
 
-/// Whether the proxy can serve: true when an upstream connection is ready or one can be made.
-pub async fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
+/// Whether the proxy can serve, answered at once from what the pool already knows: a probe
+/// must never wait for Keyspaces (kubelet gives it a second), and without a ready connection
+/// the pool is nudged to open one in the background. Dedicated mode opens a connection per
+/// client, so there is nothing to report but the process (and shutdown).
+pub fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
     if *ctx.shutdown.borrow() {
-        return (false, json!({"ready": false, "reason": "shutting down"}));
+        return (false, json!({"ready": false, "reason": "shutting_down"}));
     }
-    let limit = ctx.upstream.connect_timeout + Duration::from_secs(1);
-    match &ctx.pool {
-        Some(pool) => {
-            let s = pool.stats();
-            if s.ready > 0 {
-                return (
-                    true,
-                    json!({"ready": true, "upstream_connections": s.ready}),
-                );
-            }
-            match tokio::time::timeout(limit, pool.group(4, None)).await {
-                Ok(Ok(g)) => (
-                    true,
-                    json!({"ready": true, "upstream_connections": g.ready_count()}),
-                ),
-                // A reason code: the SDK's text (ARNs, account ids) is for the log.
-                Ok(Err(e)) => (false, json!({"ready": false, "reason": e.kind()})),
-                Err(_) => (
-                    false,
-                    json!({"ready": false, "reason": "connecting to Keyspaces timed out"}),
-                ),
-            }
-        }
-        None => match ctx.upstream.connect(4, Default::default()).await {
-            Ok(_) => (true, json!({"ready": true})),
-            Err(e) => (false, json!({"ready": false, "reason": e.kind()})),
-        },
+    let Some(pool) = &ctx.pool else {
+        return (true, json!({"ready": true, "mode": "dedicated"}));
+    };
+    let s = pool.stats();
+    if s.ready > 0 {
+        return (
+            true,
+            json!({"ready": true, "upstream_connections": s.ready}),
+        );
     }
+    pool.warm_in_background();
+    // A reason code: the SDK's text (ARNs, account ids) is for the log.
+    let reason = s.last_error.unwrap_or("connecting");
+    (false, json!({"ready": false, "reason": reason}))
 }
 
 async fn handle(
@@ -112,7 +101,7 @@ async fn handle(
         }
         "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let (ready, body) = readiness(&state.ctx).await;
+            let (ready, body) = readiness(&state.ctx);
             let status = if ready {
                 StatusCode::OK
             } else {

@@ -74,8 +74,9 @@ pub struct PoolStats {
     pub draining: usize,
     pub connecting: usize,
     pub streams_in_use: usize,
-    /// Why a group has no ready connection, if one has none.
-    pub last_error: Option<String>,
+    /// Why a group has no ready connection, if one has none: the failure's kind, a bounded
+    /// code (the details are in the log).
+    pub last_error: Option<&'static str>,
 }
 
 /// Why a request could not be sent: the client sees this as a retryable error.
@@ -138,10 +139,22 @@ impl Pool {
                 s.streams_in_use += c.in_flight();
             }
             if s.last_error.is_none() && g.ready_count() == 0 {
-                s.last_error = g.last_failure().map(|(_, e, _)| e.to_string());
+                s.last_error = g.last_failure().map(|(_, e, _)| e.kind());
             }
         }
         s
+    }
+
+    /// Has the pool try to open its shared group in the background (a /readyz probe found no
+    /// ready connection and must not wait for one); nothing if a connection is under way.
+    pub fn warm_in_background(&self) {
+        if self.stats().connecting > 0 {
+            return;
+        }
+        let pool = self.arc();
+        tokio::spawn(async move {
+            let _ = pool.group(4, None).await;
+        });
     }
 
     pub fn settings(&self) -> &PoolSettings {

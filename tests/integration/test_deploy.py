@@ -54,8 +54,15 @@ def test_kubernetes_manifests_validate():
                    if c["name"] == "keyspaces-proxy"]
         assert len(proxies) == 1
         p = proxies[0]
-        assert p["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        # Liveness and startup follow the process; upstream trouble never restarts the proxy.
         assert p["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert p.get("startupProbe", {}).get("httpGet", {}).get("path", "/livez") == "/livez"
+        if p in pod.get("initContainers", []):
+            # A native sidecar's readiness is its pod's: no upstream in it.
+            assert "readinessProbe" not in p
+        else:
+            assert p["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert p["readinessProbe"]["failureThreshold"] * p["readinessProbe"]["periodSeconds"] >= 30
         assert p["resources"]["requests"]
 
 
@@ -127,7 +134,10 @@ def test_ecs_task_definition_matches_the_ecs_api():
     report = ParamValidator().validate(task, shape)
     assert not report.has_errors(), report.generate_report()
     proxy = next(c for c in task["containerDefinitions"] if c["name"] == "keyspaces-proxy")
-    assert proxy["healthCheck"]["command"][1:3] == ["/usr/local/bin/keyspaces-proxy", "probe"]
+    # An essential container's health check that followed Keyspaces would have ECS replace
+    # every task, the application with it, during an AWS outage.
+    assert proxy["healthCheck"]["command"][1:] == ["/usr/local/bin/keyspaces-proxy", "probe",
+                                                   "--path", "/livez"]
     app = next(c for c in task["containerDefinitions"] if c["name"] == "app")
     assert app["dependsOn"] == [{"containerName": "keyspaces-proxy", "condition": "HEALTHY"}]
     assert task["taskRoleArn"].startswith("arn:aws:iam::")

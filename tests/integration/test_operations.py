@@ -93,7 +93,14 @@ def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
     state = tmp_path / "flip-state"
     emu = start_emulator(listen_on_peers=False, listen=f"127.0.0.1:{port}", state_dir=state)
     proxy = start_proxy(emu, "--pool-min-connections", "1")
-    status, body = http_get(proxy.metrics_port, "/readyz")
+    # /readyz never waits for Keyspaces: ready once the warm-up's connection is.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status, body = http_get(proxy.metrics_port, "/readyz")
+        if status == 200:
+            break
+        assert json.loads(body)["reason"] == "connecting", body
+        time.sleep(0.1)
     assert status == 200 and json.loads(body)["ready"] is True
 
     emu.proc.terminate()
@@ -119,6 +126,28 @@ def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
         time.sleep(0.2)
     assert status == 200, body
     assert probe(proxy, "/readyz").returncode == 0
+
+
+def test_readyz_never_waits_for_keyspaces(start_emulator, start_proxy):
+    """An upstream that accepts TCP and never answers: /readyz reports "connecting" at once
+    (kubelet's probe timeout is 1 s) instead of waiting out --connect-timeout."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    from types import SimpleNamespace
+    emu = start_emulator(listen_on_peers=False)
+    upstream = SimpleNamespace(host="127.0.0.1", port=silent.getsockname()[1], ca=emu.ca)
+    proxy = start_proxy(upstream, "--connect-timeout", "120")
+    for _ in range(3):
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/livez", timeout=5):
+            pass
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/readyz", timeout=5)
+            raise AssertionError("ready without an upstream")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and json.loads(e.read())["reason"] == "connecting"
+    silent.close()
 
 
 def test_sigterm_during_load_loses_no_acknowledged_write(start_emulator, start_proxy):

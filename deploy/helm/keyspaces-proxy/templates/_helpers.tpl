@@ -82,14 +82,18 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     - name: metrics
       containerPort: 9464
   {{- if eq .Values.mode "sidecar" }}
+  {{- /* A native sidecar's readiness counts toward its pod's: its probes follow the process
+         only, or an AWS blip would pull the application out of its Services. */}}
   startupProbe:
-    httpGet: {path: /readyz, port: metrics}
+    httpGet: {path: /livez, port: metrics}
     periodSeconds: 1
     failureThreshold: 30
-  {{- end }}
+  {{- else }}
   readinessProbe:
     httpGet: {path: /readyz, port: metrics}
     periodSeconds: 5
+    failureThreshold: 6
+  {{- end }}
   livenessProbe:
     httpGet: {path: /livez, port: metrics}
     periodSeconds: 10
