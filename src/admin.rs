@@ -53,12 +53,8 @@ fn refresh_gauges(state: &AdminState) {
         m.prepared_statements.set(pool.prepared.len() as i64);
     }
     if let Some(c) = &state.credentials {
-        let v = match (c.is_loaded(), c.expires_in()) {
-            (false, _) => -1.0,
-            (true, Some(d)) => d.as_secs_f64(),
-            (true, None) => f64::INFINITY,
-        };
-        m.credentials_expiry.set(v);
+        m.credentials_expiry
+            .set(c.expiry_seconds().unwrap_or(f64::NEG_INFINITY));
     }
 }
 

@@ -190,7 +190,7 @@ impl Metrics {
         let credentials_expiry = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "credentials_expiry_seconds",
-            "Seconds until the current AWS credentials expire (absent credentials: -1; non-expiring: +Inf)",
+            "Seconds until the current AWS credentials expire: negative once expired, -Inf without credentials, +Inf for credentials that never expire",
             credentials_expiry.clone(),
         );
         // Known series start at zero, so dashboards and alerts see them before the first event.
@@ -202,9 +202,8 @@ impl Metrics {
         for result in ["ok", "bad_credentials", "upstream_error", "protocol_error"] {
             let _ = client_handshakes.get_or_create_owned(&vec![("result", result)]);
         }
-        for state in ["ready", "draining", "connecting"] {
-            let _ = upstream_connections.get_or_create_owned(&vec![("state", state)]);
-        }
+        // upstream_connections is set on each scrape in pooled mode only: dedicated mode has
+        // no pool, and zeros there would fire KeyspacesProxyNoReadyUpstream for ever.
         for auth in ["sigv4", "plain"] {
             for result in [
                 "ok",

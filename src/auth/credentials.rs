@@ -95,12 +95,21 @@ impl CredentialCache {
         failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER_FAILURE)
     }
 
-    /// Whether any credentials are cached.
-    pub fn is_loaded(&self) -> bool {
-        self.current.load().is_some()
+    /// Seconds until the cached credentials expire, if they expire at all.
+    /// Seconds until the current credentials expire, negative once they have; +Inf when they
+    /// never do; `None` when there are none. (A gauge that jumped to +Inf at expiry would
+    /// look healthiest exactly when it is not.)
+    pub fn expiry_seconds(&self) -> Option<f64> {
+        let c = self.current.load_full()?;
+        let Some(at) = c.expiry() else {
+            return Some(f64::INFINITY);
+        };
+        Some(match at.duration_since(SystemTime::now()) {
+            Ok(left) => left.as_secs_f64(),
+            Err(past) => -past.duration().as_secs_f64(),
+        })
     }
 
-    /// Seconds until the cached credentials expire, if they expire at all.
     pub fn expires_in(&self) -> Option<Duration> {
         let c = self.current.load_full()?;
         c.expiry()?.duration_since(SystemTime::now()).ok()

@@ -113,6 +113,18 @@ def test_systemd_unit_verifies():
 def test_prometheus_rules_and_scrape_config():
     promtool = tool("promtool")
     run(promtool, "check", "rules", DEPLOY / "prometheus" / "alerts.yml")
+    # Every alert is unit-tested: a series that fires it, and one that must not.
+    run(promtool, "test", "rules", DEPLOY / "prometheus" / "alerts.test.yml")
+    alerts = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+              for r in g["rules"]}
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts.test.yml").read_text())["tests"]
+    for alert in alerts:
+        cases = [(t, a) for t in tests for a in t["alert_rule_test"] if a["alertname"] == alert]
+        fired = {e["exp_labels"]["instance"] for _, a in cases for e in a["exp_alerts"]}
+        inputs = {re.search(r'instance="([^"]+)"', i["series"]).group(1)
+                  for t, _ in cases for i in t["input_series"] if "instance=" in i["series"]}
+        assert fired, f"{alert}: no test fires it"
+        assert inputs - fired, f"{alert}: no series that must not fire it"
     # Debian builds Prometheus without Kubernetes discovery: check the other jobs with promtool
     # and the Kubernetes one's shape here.
     config = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yml").read_text())
