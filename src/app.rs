@@ -33,6 +33,17 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// The process's exit status: 2 for a configuration that cannot work (restarting will
+    /// not help: systemd's RestartPreventExitStatus=2), 1 for the rest.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            StartError::Config(_) | StartError::SameAddress(_) => 2,
+            StartError::Bind { .. } => 1,
+        }
+    }
+}
+
 /// Where the proxy accepts connections, once it does.
 #[derive(Debug, Clone, Copy)]
 pub struct Listening {
@@ -271,7 +282,12 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut resolved = cli.resolve().await?;
     resolved.context.shutdown = shutdown_rx;
-    for w in &resolved.warnings {
+    let environment = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    for w in resolved
+        .warnings
+        .iter()
+        .chain(&crate::config::unknown_environment(environment))
+    {
         tracing::warn!("{w}");
     }
     let listener = bind(cli.listen, "--listen").await?;

@@ -1,5 +1,6 @@
 //! The TOML configuration file (`--config`): the same names as the flags, with the precedence
-//! flag > environment > file > default, and unknown keys refused.
+//! flag > environment > file > defaults file (`--defaults`, an image's own) > built-in default,
+//! and unknown keys refused.
 //!
 //! Rather than a second configuration model, file entries become command-line arguments for
 //! every option the command line and environment left at its default, and clap parses the
@@ -26,7 +27,7 @@ pub enum ConfigFileError {
 }
 
 /// Keys a config file may not set: they steer reading the configuration itself.
-const NOT_IN_FILE: &[&str] = &["config", "print-config", "help", "version"];
+const NOT_IN_FILE: &[&str] = &["config", "defaults", "print-config", "help", "version"];
 
 /// The known key nearest to a misspelt one, when it is near enough to be a typo.
 fn closest_key(cmd: &Command, key: &str) -> Option<String> {
@@ -103,26 +104,31 @@ pub fn file_args(
     Ok(out)
 }
 
-/// `argv` with the config file's entries inserted right after the program name.
+/// `argv` with the entries of the config file and then of the defaults file inserted right
+/// after the program name. The config file goes first: what it sets then counts as set when
+/// the defaults file is read.
 pub fn merge(
     cmd: Command,
-    argv: Vec<OsString>,
+    mut argv: Vec<OsString>,
 ) -> Result<Vec<OsString>, Box<dyn std::error::Error>> {
-    let matches = cmd.clone().try_get_matches_from(argv.clone())?;
-    let Some(path) = matches.get_one::<std::path::PathBuf>("config").cloned() else {
-        return Ok(argv);
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| ConfigFileError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let extra = file_args(&cmd, &matches, &text, &path)?;
-    let mut out = Vec::with_capacity(argv.len() + extra.len());
-    let mut it = argv.into_iter();
-    out.extend(it.next());
-    out.extend(extra.into_iter().map(OsString::from));
-    out.extend(it);
-    Ok(out)
+    for file in ["config", "defaults"] {
+        let matches = cmd.clone().try_get_matches_from(argv.clone())?;
+        let Some(path) = matches.get_one::<std::path::PathBuf>(file).cloned() else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigFileError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let extra = file_args(&cmd, &matches, &text, &path)?;
+        let mut out = Vec::with_capacity(argv.len() + extra.len());
+        let mut it = argv.into_iter();
+        out.extend(it.next());
+        out.extend(extra.into_iter().map(OsString::from));
+        out.extend(it);
+        argv = out;
+    }
+    Ok(argv)
 }
 
 #[cfg(test)]
@@ -158,6 +164,37 @@ mod tests {
         assert_eq!(cli.max_rate_per_connection, 700);
         assert!(cli.consistency_guard);
         assert_eq!(cli.client_users.len(), 2);
+    }
+
+    /// An image's defaults file is below everything the operator sets: the config file wins
+    /// over it, and flags over both.
+    #[test]
+    fn the_defaults_file_is_below_the_config_file() {
+        let defaults = write(
+            "metrics-listen = \"0.0.0.0:9464\"\nlog-format = \"json\"\nregion = \"us-east-1\"\n",
+        );
+        let config = write("metrics-listen = \"127.0.0.1:19464\"\n");
+        let (d, c) = (
+            defaults.path().to_str().unwrap(),
+            config.path().to_str().unwrap(),
+        );
+        let cli = parse(&["keyspaces-proxy", "--defaults", d, "--config", c]).unwrap();
+        assert_eq!(cli.metrics_listen.to_string(), "127.0.0.1:19464");
+        assert_eq!(
+            cli.log_format,
+            crate::config::LogFormat::Json,
+            "unset elsewhere"
+        );
+        let cli = parse(&["keyspaces-proxy", "--defaults", d, "--region", "eu-west-1"]).unwrap();
+        assert_eq!(cli.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(cli.metrics_listen.to_string(), "0.0.0.0:9464");
+        let nested = write("defaults = \"/etc/other.toml\"\n");
+        assert!(parse(&[
+            "keyspaces-proxy",
+            "--config",
+            nested.path().to_str().unwrap()
+        ])
+        .is_err());
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub struct Cli {
     #[arg(
         help_heading = "Clients and authentication",
         long = "client-user",
-        env = "KEYSPACES_PROXY_CLIENT_USERS",
+        env = "KEYSPACES_PROXY_CLIENT_USER",
         value_delimiter = ',',
         hide_env_values = true
     )]
@@ -258,7 +258,7 @@ pub struct Cli {
     #[arg(
         help_heading = "Clients and authentication",
         long = "kmsauth-service-key",
-        env = "KEYSPACES_PROXY_KMSAUTH_SERVICE_KEYS",
+        env = "KEYSPACES_PROXY_KMSAUTH_SERVICE_KEY",
         value_delimiter = ','
     )]
     #[serde(rename = "kmsauth-service-key")]
@@ -268,7 +268,7 @@ pub struct Cli {
     #[arg(
         help_heading = "Clients and authentication",
         long = "kmsauth-user-key",
-        env = "KEYSPACES_PROXY_KMSAUTH_USER_KEYS",
+        env = "KEYSPACES_PROXY_KMSAUTH_USER_KEY",
         value_delimiter = ','
     )]
     #[serde(rename = "kmsauth-user-key")]
@@ -505,6 +505,12 @@ pub struct Cli {
     #[arg(help_heading = "Operations", long, env = "KEYSPACES_PROXY_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+
+    /// TOML file of defaults, below --config (the container image's own: its config file, the
+    /// environment and flags all win over them).
+    #[arg(help_heading = "Operations", long, env = "KEYSPACES_PROXY_DEFAULTS")]
+    #[serde(skip)]
+    pub defaults: Option<PathBuf>,
 
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(help_heading = "Operations", long)]

@@ -13,7 +13,7 @@ use crate::auth::sessions::{SessionCache, MAX_SESSIONS};
 const CREDENTIALS_FILE_FLAG: &str =
     "--client-credentials-file (or KEYSPACES_PROXY_CLIENT_CREDENTIALS_FILE, or client-credentials-file in --config)";
 const CLIENT_USER_FLAG: &str =
-    "--client-user (or KEYSPACES_PROXY_CLIENT_USERS, or client-user in --config)";
+    "--client-user (or KEYSPACES_PROXY_CLIENT_USER, or client-user in --config)";
 
 /// `--client-user` values are split at commas, and argon2 hashes have commas in them
 /// (`m=19456,t=2,p=1`): a piece without a `:` continues the entry before it.
@@ -69,7 +69,7 @@ impl Cli {
                     Some(p) => UserStore::load(p)?,
                     None => UserStore::default(),
                 };
-                // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USERS) adds no one.
+                // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USER) adds no one.
                 for entry in rejoin_phc(&self.client_users) {
                     users.add_entry(&entry)?;
                 }
@@ -215,7 +215,7 @@ mod tests {
             cli.client_auth().await,
             Err(ConfigError::NoClientUsers)
         ));
-        // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USERS) is no user.
+        // An empty entry (an empty KEYSPACES_PROXY_CLIENT_USER) is no user.
         let cli = Cli::parse_from(["keyspaces-proxy", "--client-user", ""]);
         assert!(matches!(cli.client_auth().await, Ok(ClientAuth::None)));
         let cli = Cli::parse_from([

@@ -142,6 +142,44 @@ pub fn default_endpoint_host(region: &str, fips: bool) -> String {
     format!("{service}.{region}.{suffix}")
 }
 
+/// The environment variable of option `--long`: every one follows this rule.
+pub fn env_name(long: &str) -> String {
+    format!(
+        "KEYSPACES_PROXY_{}",
+        long.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// Warnings for `KEYSPACES_PROXY_*` variables no option reads: a misspelt (or renamed) one
+/// would otherwise be ignored without a word.
+pub fn unknown_environment(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("KEYSPACES_PROXY_") && !known.contains(n))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|name| {
+            let nearest = known
+                .iter()
+                .map(|k| (strsim::damerau_levenshtein(&name, k), k))
+                .filter(|(d, _)| *d <= 3)
+                .min_by_key(|(d, _)| *d)
+                .map(|(_, k)| format!(" (did you mean {k}?)"))
+                .unwrap_or_default();
+            format!("environment variable {name} is not a keyspaces-proxy setting and is ignored{nearest}")
+        })
+        .collect()
+}
+
 impl Cli {
     /// Anyone who can reach a non-loopback port without client auth acts with this proxy's
     /// AWS identity: say so loudly (it stays allowed for pods sharing a network namespace).
@@ -318,6 +356,37 @@ mod tests {
             "k.pem",
         ]);
         assert!(cli.exposure_warning().is_none());
+    }
+
+    /// `--flag-name` reads `KEYSPACES_PROXY_FLAG_NAME`, no exceptions (actions aside).
+    #[test]
+    fn every_variable_follows_the_rule() {
+        use clap::CommandFactory;
+        for arg in Cli::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["print-config", "help", "version"].contains(&long) {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(env, Some(env_name(long)), "--{long}");
+        }
+    }
+
+    #[test]
+    fn unknown_variables_are_named() {
+        let w = unknown_environment([
+            "KEYSPACES_PROXY_CLIENT_USERS".to_owned(),
+            "KEYSPACES_PROXY_REGION".to_owned(),
+            "OTHER".to_owned(),
+            "KEYSPACES_PROXY_NOTHING_LIKE_IT".to_owned(),
+        ]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("KEYSPACES_PROXY_CLIENT_USERS")
+                && w[0].contains("did you mean KEYSPACES_PROXY_CLIENT_USER?"),
+            "{w:?}"
+        );
+        assert!(!w[1].contains("did you mean"), "{w:?}");
     }
 
     #[test]

@@ -49,7 +49,7 @@ def test_demo_build_reuses_the_proxy_build():
 def start_demo(tmp_path):
     port, metrics = free_port(), free_port()
     out = tmp_path / "demo.out"
-    env = dict(os.environ, KEYSPACES_PROXY_CLIENT_AUTH="password", KEYSPACES_PROXY_CLIENT_USERS="a:b",
+    env = dict(os.environ, KEYSPACES_PROXY_CLIENT_AUTH="password", KEYSPACES_PROXY_CLIENT_USER="a:b",
                AWS_PROFILE="not-there")
     proc = subprocess.Popen(
         [str(BIN_DIR / "keyspaces-demo"), "--listen", f"127.0.0.1:{port}",

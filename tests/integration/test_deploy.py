@@ -39,6 +39,32 @@ def test_dockerfile_lints_clean():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "distroless" in text and re.search(r"^USER 65532", text, re.M)
     assert "EXPOSE 9042 9464" in text and "HEALTHCHECK" in text
+    # Settings as ENV would beat a mounted config file: the image's are a --defaults file.
+    assert not re.search(r"^ENV\b.*KEYSPACES_PROXY_", text, re.M)
+    assert "COPY deploy/image-defaults.toml /etc/keyspaces-proxy/defaults.toml" in text
+    assert re.search(r'^ENTRYPOINT \[.*"--defaults", "/etc/keyspaces-proxy/defaults.toml"\]', text, re.M)
+
+
+def test_the_images_defaults_lose_to_the_operators_settings(tmp_path, aws_env):
+    """--print-config with the image's defaults file: a config file and the environment win."""
+    defaults = DEPLOY / "image-defaults.toml"
+
+    def effective(*args, env=None):
+        out = run(BIN_DIR / "keyspaces-proxy", "--defaults", defaults, *args, "--print-config",
+                  env=env or aws_env)
+        import tomllib
+        return tomllib.loads(out.stdout)
+
+    image = effective()
+    assert (image["listen"], image["metrics-listen"], image["log-format"]) == \
+        ("127.0.0.1:9042", "0.0.0.0:9464", "json")
+    config = tmp_path / "proxy.toml"
+    config.write_text('metrics-listen = "10.0.0.5:9464"\nlog-format = "text"\n')
+    mine = effective("--config", config)
+    assert (mine["metrics-listen"], mine["log-format"], mine["listen"]) == \
+        ("10.0.0.5:9464", "text", "127.0.0.1:9042")
+    env = dict(aws_env, KEYSPACES_PROXY_LOG_FORMAT="json")
+    assert effective("--config", config, env=env)["log-format"] == "json"
 
 
 def test_kubernetes_manifests_validate():
@@ -101,8 +127,19 @@ def test_helm_chart_values_match_its_schema():
 def test_systemd_unit_verifies():
     analyze = tool("systemd-analyze")
     unit = (DEPLOY / "systemd" / "keyspaces-proxy.service").read_text()
-    for key in ["DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="]:
+    for key in ["DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=",
+                "RestartPreventExitStatus=2", "AssertPathExists=/etc/keyspaces-proxy/proxy.toml"]:
         assert key in unit
+    # Settings in Environment= would beat proxy.toml; secrets belong in LoadCredential= files.
+    assert not re.search(r"^(Environment=KEYSPACES_PROXY_|EnvironmentFile=)", unit, re.M)
+    # A configuration that cannot work exits 2, which the unit does not restart.
+    bad = subprocess.run([str(BIN_DIR / "keyspaces-proxy"), "--config", "/nonexistent/proxy.toml"],
+                         capture_output=True, timeout=30)
+    assert bad.returncode == 2, bad
+    bad = subprocess.run([str(BIN_DIR / "keyspaces-proxy"), "--region", "us-east-1", "--client-auth",
+                          "password", "--metrics-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
+                         capture_output=True, timeout=30)
+    assert bad.returncode == 2 and b"needs users" in bad.stderr, bad
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-unit-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     local = tmp / "keyspaces-proxy.service"
