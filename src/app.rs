@@ -13,9 +13,6 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::AdminState;
-use crate::auth::client::Logins;
-use crate::auth::credentials::CredentialCache;
-use crate::auth::identity_roles::IdentityRoles;
 use crate::config::{Cli, ConfigError, LogFormat};
 use crate::session::ProxyContext;
 
@@ -148,96 +145,6 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
     });
 }
 
-/// SIGHUP: re-read the configuration (file, environment, flags) for client users and reload
-/// AWS credentials, without touching open connections.
-fn watch_reload(
-    argv: Vec<OsString>,
-    ctx: Arc<ProxyContext>,
-    credentials: Option<Arc<CredentialCache>>,
-) {
-    // Installed now, like the stop signals: SIGHUP's default action would end the process.
-    #[cfg(unix)]
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot handle SIGHUP: reloading is unavailable");
-        return;
-    };
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            // The error is rendered at once: the boxed one is not Send across the awaits below.
-            match Cli::parse_with_config(argv.clone()).map_err(|e| e.to_string()) {
-                Ok(cli) => reload_clients(&ctx, &cli).await,
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: configuration invalid; nothing reloaded")
-                }
-            }
-            if let Some(c) = &credentials {
-                match c.refresh(true).await {
-                    Ok(_) => tracing::info!("SIGHUP: AWS credentials reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: credential reload failed"),
-                }
-            }
-        }
-    });
-    #[cfg(not(unix))]
-    let _ = (argv, ctx, credentials);
-}
-
-/// Applies a re-read configuration's identity roles and client users; a part that fails to
-/// load keeps its previous value.
-async fn reload_clients(ctx: &ProxyContext, cli: &Cli) {
-    if let Some(pools) = &ctx.identity_pools {
-        // Tightening the policy must take effect: a stale proxy-credentials would fail open.
-        pools.set_denies_unmapped(
-            cli.unmapped_identities == crate::config::UnmappedIdentities::Deny,
-        );
-        let kmsauth = cli.client_auth == crate::config::ClientAuthMode::Kmsauth;
-        let load = |path: &std::path::Path| {
-            IdentityRoles::load(path).and_then(|roles| {
-                if kmsauth {
-                    roles.check_kmsauth_names()?;
-                }
-                Ok(roles)
-            })
-        };
-        match cli.identity_roles.as_deref().map(load) {
-            Some(Ok(roles)) => {
-                pools.replace_roles(roles).await;
-                tracing::info!("SIGHUP: identity roles reloaded");
-            }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "SIGHUP: keeping the previous identity roles")
-            }
-            None => pools.replace_roles(IdentityRoles::default()).await,
-        }
-    }
-    if ctx.client_tls.load().is_some() {
-        // A renewed certificate (cert-manager, a rotated Secret) is picked up here; turning
-        // TLS on or off changes what clients must do, and takes a restart.
-        match cli.client_tls() {
-            Ok(Some(tls)) => {
-                ctx.client_tls.store(Some(tls));
-                tracing::info!("SIGHUP: client TLS certificate reloaded");
-            }
-            Ok(None) => tracing::error!(
-                "SIGHUP: --client-tls-cert is gone from the configuration; TLS stays on until \
-                 a restart"
-            ),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client TLS"),
-        }
-    }
-    match cli.client_auth().await {
-        Ok(auth) => {
-            // Sessions vouched for by the old users must be checked again: the new settings
-            // come with an empty cache.
-            ctx.logins
-                .store(Arc::new(Logins::new(auth, cli.session_cache())));
-            tracing::info!("SIGHUP: client authentication reloaded");
-        }
-        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the previous client users"),
-    }
-}
-
 /// Opens the pool's first connections now, so the first client's STARTUP needs no upstream
 /// round trip, and says in the log whether the upstream is usable, and why not: "listening"
 /// alone says nothing about Keyspaces.
@@ -310,7 +217,7 @@ pub async fn run(
         metrics: admin_listener.local_addr().unwrap_or(cli.metrics_listen),
     };
     let ctx = Arc::new(resolved.context);
-    watch_reload(argv, ctx.clone(), resolved.credentials.clone());
+    crate::reload::spawn(&cli, argv, ctx.clone(), resolved.credentials.clone());
     tracing::info!(
         upstream = %ctx.upstream.address,
         region = resolved.region.as_deref().unwrap_or("-"),

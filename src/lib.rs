@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod probe;
 pub mod queue;
 pub mod reference;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;

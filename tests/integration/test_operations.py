@@ -314,3 +314,62 @@ def test_dashboard_uses_only_exported_metrics(start_emulator, start_proxy):
         for target in panel["targets"]:
             used.update(re.findall(r"keyspaces_proxy_[a-z_]+", target["expr"]))
     assert used and used <= exported, f"dashboard refers to unknown metrics: {used - exported}"
+
+
+def test_a_rotated_secret_is_picked_up_without_a_signal(start_emulator, start_proxy, tmp_path):
+    """A Kubernetes Secret volume: `users` is a symlink through `..data`, which the kubelet
+    swaps to a new directory. The proxy sees the change on its own (distroless has no shell
+    to send SIGHUP from): the new password works, the old one stops."""
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import NoHostAvailable
+
+    volume = tmp_path / "secret"
+    volume.mkdir()
+
+    def publish(version, text):
+        data = volume / f"..{version}"
+        data.mkdir()
+        (data / "users").write_text(text)
+        link = volume / "..data_tmp"
+        link.symlink_to(data.name)
+        os.replace(link, volume / "..data")  # atomic, as the kubelet does
+
+    publish("v1", "app:first-password\n")
+    (volume / "users").symlink_to("..data/users")
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--client-auth", "password", "--client-credentials-file",
+                        str(volume / "users"))
+    profile = ExecutionProfile(consistency_level=ConsistencyLevel.LOCAL_QUORUM)
+
+    def works(password):
+        c = Cluster(["127.0.0.1"], port=proxy.port, auth_provider=PlainTextAuthProvider("app", password),
+                    execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=10)
+        try:
+            c.connect()
+            return True
+        except NoHostAvailable:
+            return False
+        finally:
+            c.shutdown()
+
+    assert works("first-password")
+    publish("v2", "app:second-password\n")
+    deadline = time.time() + 20
+    while "client authentication reloaded" not in proxy.log_path.read_text():
+        assert time.time() < deadline, "the change was not picked up"
+        time.sleep(0.1)
+    assert works("second-password") and not works("first-password")
+    # A plain file saved over it (an editor's save: write, then rename) and then edited in place
+    # are picked up too.
+    for password, change in [
+        ("third-password", lambda t: ((volume / "new").write_text(t),
+                                      os.replace(volume / "new", volume / "users"))),
+        ("fourth-password", lambda t: (volume / "users").write_text(t)),
+    ]:
+        reloads = proxy.log_path.read_text().count("client authentication reloaded")
+        change(f"app:{password}\n")
+        deadline = time.time() + 20
+        while proxy.log_path.read_text().count("client authentication reloaded") == reloads:
+            assert time.time() < deadline, f"{password}: the change was not picked up"
+            time.sleep(0.1)
+        assert works(password)
