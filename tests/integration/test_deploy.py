@@ -70,6 +70,16 @@ def test_the_images_defaults_lose_to_the_operators_settings(tmp_path, aws_env):
 def test_kubernetes_manifests_validate():
     run(tool("kubernetes-validate"), "--strict", *sorted((DEPLOY / "kubernetes").glob("*.yaml")))
     docs = [d for f in (DEPLOY / "kubernetes").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())]
+    # No usable password ships: Secrets are the operator's to create.
+    assert not [d for d in docs if d["kind"] == "Secret"], "a manifest ships a Secret"
+    # The shared Deployment is reachable only through its NetworkPolicy.
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    shared = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "keyspaces-proxy"]
+    assert shared and policies
+    selected = policies[0]["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= shared[0]["spec"]["template"]["metadata"]["labels"].items()
+    ports = {p["port"] for rule in policies[0]["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {9042, 9464} and all(rule.get("from") for rule in policies[0]["spec"]["ingress"])
     accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
     assert all("eks.amazonaws.com/role-arn" in a["metadata"]["annotations"] for a in accounts)
     for d in docs:
