@@ -128,10 +128,74 @@ def test_helm_chart_values_match_its_schema():
     assert list(validator.iter_errors({**shared, "clientTls": {"clientCaSecret": "ca"}})), \
         "a client CA without the proxy's own certificate"
     assert not list(validator.iter_errors({**shared, "clientTls": {"existingSecret": "proxy-tls"}}))
-    # Every template's braces balance (helm itself is not installable here).
-    for t in (chart / "templates").glob("*"):
-        text = t.read_text()
-        assert text.count("{{") == text.count("}}"), t.name
+
+
+def helm_template(chart, *sets, check=True):
+    args = [tool("helm"), "template", "t", chart] + [a for kv in sets for a in ("--set", kv)]
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def rendered(r):
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def proxy_container(docs, kind="Deployment"):
+    pod = next(d for d in docs if d["kind"] == kind)["spec"]["template"]["spec"]
+    return next(c for c in pod.get("containers", []) + pod.get("initContainers", [])
+                if c["name"] == "keyspaces-proxy")
+
+
+def test_helm_chart_renders_both_modes(tmp_path):
+    chart = DEPLOY / "helm" / "keyspaces-proxy"
+    # Shared: readiness on the upstream (after 30 s), liveness on the process, a NetworkPolicy,
+    # extra arguments quoted whatever they hold.
+    r = helm_template(chart, "clientAuth.existingSecret=users", "extraArgs[0]=--kmsauth-context=env: prod")
+    docs = rendered(r)
+    out = tmp_path / "shared.yaml"
+    out.write_text(r.stdout)
+    run(tool("kubernetes-validate"), "--strict", out)
+    c = proxy_container(docs)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["readinessProbe"]["failureThreshold"] * c["readinessProbe"]["periodSeconds"] >= 30
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez" and "startupProbe" not in c
+    assert "--kmsauth-context=env: prod" in c["args"] and "--worker-threads=2" in c["args"]
+    assert c["image"].endswith(":0.1.0")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {9042, 9464}
+    # Mutual TLS: the certificate Secrets mounted, no users Secret needed.
+    docs = rendered(helm_template(chart, "clientAuth.mode=mtls", "clientTls.existingSecret=tls",
+                                  "clientTls.clientCaSecret=ca"))
+    c = proxy_container(docs)
+    assert {"--client-auth=mtls", "--client-tls-cert=/etc/keyspaces-proxy/tls/tls.crt",
+            "--client-ca=/etc/keyspaces-proxy/client-ca/ca.crt"} <= set(c["args"])
+    assert not helm_template(chart, check=False).returncode == 0, "shared mode needs a users Secret"
+
+    # Sidecar: included from an application's chart, whose appVersion must not become the
+    # proxy's image tag; probes on the process only; one worker thread.
+    app = tmp_path / "app"
+    (app / "templates").mkdir(parents=True)
+    (app / "charts").mkdir()
+    shutil.copytree(chart, app / "charts" / "keyspaces-proxy")
+    (app / "Chart.yaml").write_text("apiVersion: v2\nname: app\nversion: 1.0.0\nappVersion: \"9.9.9\"\n"
+                                    "dependencies:\n  - name: keyspaces-proxy\n    version: 0.1.0\n")
+    (app / "values.yaml").write_text("keyspaces-proxy:\n  mode: sidecar\n")
+    (app / "templates" / "deployment.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n"
+        "  selector: {matchLabels: {app: app}}\n  template:\n    metadata: {labels: {app: app}}\n"
+        "    spec:\n      containers: [{name: app, image: app:9.9.9}]\n      initContainers:\n"
+        "        {{- include \"keyspaces-proxy.sidecar\" (dict \"Values\" (index .Values \"keyspaces-proxy\")"
+        " \"Chart\" .Chart \"Release\" .Release) | nindent 8 }}\n")
+    r = helm_template(app, check=False)
+    assert r.returncode != 0 and "image.tag is required in sidecar mode" in r.stderr, r.stderr
+    docs = rendered(helm_template(app, "keyspaces-proxy.image.tag=0.1.0"))
+    c = proxy_container(docs)
+    assert c["image"].endswith(":0.1.0") and c["restartPolicy"] == "Always"
+    assert "readinessProbe" not in c
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez" == c["livenessProbe"]["httpGet"]["path"]
+    assert "--worker-threads=1" in c["args"] and not any(a.startswith("--listen") for a in c["args"])
 
 
 def test_systemd_unit_verifies():

@@ -22,8 +22,13 @@ app.kubernetes.io/name: {{ include "keyspaces-proxy.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- /* In sidecar mode .Chart is the application's chart: its appVersion is not the proxy's. */ -}}
 {{- define "keyspaces-proxy.image" -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{ .Values.image.repository }}:{{ required "image.tag is required in sidecar mode (the including chart's appVersion is not the proxy's)" .Values.image.tag }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -42,7 +47,8 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
   {{- end }}
   args:
     - --region={{ .Values.region }}
-    - --worker-threads={{ .Values.workerThreads }}
+    {{- /* A sidecar serves one application: one thread. A shared deployment serves many. */}}
+    - --worker-threads={{ .Values.workerThreads | default (ternary 1 2 (eq .Values.mode "sidecar")) }}
     {{- if eq .Values.mode "shared" }}
     - --listen=0.0.0.0:9042
     {{- if eq (.Values.clientAuth.mode | default "password") "mtls" }}
@@ -60,7 +66,7 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     {{- end }}
     {{- end }}
     {{- range .Values.extraArgs }}
-    - {{ . }}
+    - {{ . | quote }}
     {{- end }}
   env:
     - name: RUST_LOG
