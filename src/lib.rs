@@ -20,6 +20,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod single_flight;
 pub mod statement;
 pub mod topology;
 pub mod upstream;

@@ -200,6 +200,15 @@ async fn reload(argv: &[OsString], ctx: &ProxyContext, cause: Cause) {
 /// Applies a re-read configuration's identity roles and client users; a part that fails to
 /// load keeps its previous value.
 async fn reload_clients(ctx: &ProxyContext, cli: &Cli, why: &'static str) {
+    if ctx.identity_pools.is_none() && cli.identity_roles.is_some() {
+        // Pools per identity need STS and a pooled upstream set up at start: fail loudly
+        // rather than let the operator believe the mapping (and its deny policy) applies.
+        tracing::error!(
+            cause = why,
+            "--identity-roles was added to the configuration: it takes a restart; until then \
+             every client acts with the proxy's own credentials"
+        );
+    }
     if let Some(pools) = &ctx.identity_pools {
         // Tightening the policy must take effect: a stale proxy-credentials would fail open.
         pools.set_denies_unmapped(

@@ -679,3 +679,60 @@ async fn guesses_are_limited_per_source_and_user() {
         e.message
     );
 }
+
+/// Found by review: guesses at `app` from other addresses locked `app`'s own application out,
+/// and a driver opening its pool (many logins at once) ran into the source's budget. Logins
+/// with the same credentials at once share one check; a live session's credentials pass
+/// without touching the budgets; a new login after the guessing is still refused.
+#[tokio::test]
+async fn guessing_locks_out_neither_sessions_nor_a_pool_opening() {
+    use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    let phc = keyspaces_proxy::auth::passwords::hash_password(b"app-pw");
+    opts.client_auth = ClientAuth::Password(UserStore::parse(&format!("app:{phc}\n")).unwrap());
+    opts.login_failures_per_minute = 3;
+    let addr = proxy(&emu, opts).await;
+    let login = |from: [u8; 4], password: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(from), 0).into())
+            .unwrap();
+        let mut c = Client::from_stream(socket.connect(addr).await.unwrap());
+        c.call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        let token = messages::plain_token("app", password);
+        c.call(messages::auth_response(4, 0, &token)).await
+    };
+    // A pool opening: 12 logins at once from one address, four times the budget.
+    let opening: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(login([127, 0, 0, 1], "app-pw")))
+        .collect();
+    for l in opening {
+        let r = l.await.unwrap();
+        assert_eq!(
+            r.opcode(),
+            opcode::AUTH_SUCCESS,
+            "{:?}",
+            ErrorInfo::parse(&r.body)
+        );
+    }
+    // Someone guesses at app from elsewhere until its budget is gone.
+    for guess in ["a", "b", "c", "d"] {
+        let _ = login([127, 0, 0, 2], guess).await;
+    }
+    // Further guesses, from anywhere, are refused unchecked...
+    let guess = login([127, 0, 0, 3], "e").await;
+    let e = ErrorInfo::parse(&guess.body).unwrap();
+    assert!(
+        e.message.contains("too many failed logins"),
+        "{}",
+        e.message
+    );
+    // ...while the application's reconnects, carrying its session's credentials, get in.
+    for from in [[127, 0, 0, 1], [127, 0, 0, 4]] {
+        let again = login(from, "app-pw").await;
+        assert_eq!(again.opcode(), opcode::AUTH_SUCCESS);
+    }
+}

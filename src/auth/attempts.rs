@@ -104,13 +104,6 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         Ok(())
     }
 
-    /// Whether `key` has its whole budget: it has not failed lately.
-    fn untouched(&self, key: &K, now: Instant) -> bool {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key)
-            .is_none_or(|b| self.refilled(*b, now) >= self.budget.burst)
-    }
-
     /// Gives back what [`Buckets::reserve`] took: the login succeeded.
     fn refund(&self, key: &K, now: Instant) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,18 +131,9 @@ impl LoginFailures {
 
     /// Reserves one failure for a login from `source` as `user` about to be checked, or says
     /// how long until one may be. Call [`LoginFailures::succeeded`] if the login was good.
-    ///
-    /// A username out of budget still gets checked from a source that has not failed lately:
-    /// guesses against a user from elsewhere must not lock its own application out. (A guesser
-    /// thus gets one try per fresh address beyond the user's budget; its own source budget
-    /// still holds.)
     pub fn reserve(&self, source: IpAddr, user: &str, now: Instant) -> Result<(), Duration> {
-        let clean = self.sources.untouched(&source, now);
         self.sources.reserve(&source, now)?;
         if let Err(wait) = self.users.reserve(&user.to_owned(), now) {
-            if clean {
-                return Ok(());
-            }
             self.sources.refund(&source, now);
             return Err(wait);
         }
@@ -216,33 +200,9 @@ mod tests {
         let l = LoginFailures::new(Budget::per_minute(100), Budget::per_minute(2));
         let t0 = Instant::now();
         assert!(l.reserve(ip(1), "app", t0).is_ok());
-        assert!(l.reserve(ip(1), "app", t0).is_ok());
-        assert!(
-            l.reserve(ip(2), "app", t0).is_ok(),
-            "a clean source is still checked"
-        );
-        assert!(l.reserve(ip(2), "app", t0).is_err(), "once");
-        assert!(l.reserve(ip(1), "app", t0).is_err());
-        assert!(l.reserve(ip(1), "other", t0).is_ok());
-    }
-
-    /// Found by review: guesses against `app` from other addresses locked `app`'s own
-    /// application out, right password and all.
-    #[test]
-    fn guesses_from_elsewhere_do_not_lock_a_user_out() {
-        let l = LoginFailures::new(Budget::per_minute(10), Budget::per_minute(30));
-        let t0 = Instant::now();
-        for i in 0..31 {
-            let _ = l.reserve(ip(2 + (i % 4) as u8), "app", t0);
-        }
-        assert!(
-            l.reserve(ip(2), "app", t0).is_err(),
-            "the guessers are refused"
-        );
-        assert!(
-            l.reserve(ip(1), "app", t0).is_ok(),
-            "the application is checked"
-        );
+        assert!(l.reserve(ip(2), "app", t0).is_ok());
+        assert!(l.reserve(ip(3), "app", t0).is_err());
+        assert!(l.reserve(ip(3), "other", t0).is_ok());
     }
 
     #[test]

@@ -120,8 +120,15 @@ fn spelled(value: &str, field: IdentityField) -> Result<String, CertificateIdent
     match field {
         // `dns://…` or `cn://…` would read like the other namespaces' prefixes.
         IdentityField::UriSan => {
+            // RFC 3986: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), so no `:` in it
+            // (`cn:x://…` is not a scheme followed by `://`).
             let shaped = value.split_once("://").is_some_and(|(scheme, rest)| {
-                !scheme.is_empty() && !rest.is_empty() && scheme != "dns" && scheme != "cn"
+                let mut chars = scheme.chars();
+                chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+                    && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                    && !rest.is_empty()
+                    && !scheme.eq_ignore_ascii_case("dns")
+                    && !scheme.eq_ignore_ascii_case("cn")
             });
             shaped.then(|| value.to_owned()).ok_or_else(unusable)
         }
@@ -199,8 +206,15 @@ mod tests {
         );
         let cn = cert(&["orders.prod.svc"], vec![]);
         assert_eq!(identity(&cn, DEFAULT_ORDER).unwrap(), "cn:orders.prod.svc");
-        let uri = cert(&[], vec![uri("dns://orders.prod.svc")]);
-        assert!(identity(&uri, DEFAULT_ORDER).is_err());
+        for spelling in [
+            "dns://orders.prod.svc",
+            "DNS://orders",
+            "cn:legacy://orders",
+            "1x://a",
+        ] {
+            let uri = cert(&[], vec![uri(spelling)]);
+            assert!(identity(&uri, DEFAULT_ORDER).is_err(), "{spelling}");
+        }
     }
 
     #[test]

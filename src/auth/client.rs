@@ -123,37 +123,60 @@ impl UserStore {
         self.users.is_empty()
     }
 
-    /// True when `user` exists and `password` matches. An unknown user costs the same work as
-    /// a known one (a hash of the same kind), so timing does not reveal who exists. Argon2 is
-    /// slow by design: call [`UserStore::check`] from async code.
+    /// True when `user` exists and `password` matches. Argon2 is slow by design: call
+    /// [`UserStore::check`] from async code.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
-        match self.users.get(user) {
-            Some(stored) => stored.verify(password),
-            None => {
-                if let Some(decoy) = self.decoy() {
-                    let _ = decoy.verify(password);
-                }
-                false
-            }
-        }
+        self.users.get(user).is_some_and(|p| p.verify(password))
     }
 
-    /// What an unknown user's password is checked against: an argon2 entry if there is one,
-    /// so unknown users cost as much as the users worth guessing (a mixed file's weak entries
-    /// are warned about at startup).
-    fn decoy(&self) -> Option<&StoredPassword> {
+    fn any_argon2(&self) -> Option<&StoredPassword> {
         self.users
             .values()
             .find(|p| matches!(p, StoredPassword::Argon2(_)))
-            .or_else(|| self.users.values().next())
     }
 
-    /// [`UserStore::verify`], with argon2 entries checked on the hashing threads.
+    /// [`UserStore::verify`] without telling anyone, by its timing, who exists or how their
+    /// password is stored. Only argon2 entries are hashed (on the hashing threads, and not at
+    /// all once the client has gone); unknown users and sha256 entries take as long as a
+    /// typical argon2 check as a wait, not as work, so guesses at names that do not exist cost
+    /// no CPU (each used to cost a decoy hash: a flood of them delayed real logins).
     pub async fn check(&self, user: &str, password: &[u8]) -> bool {
-        let entry = self.users.get(user).or_else(|| self.decoy());
-        if !matches!(entry, Some(StoredPassword::Argon2(_))) {
-            return self.verify(user, password);
+        let entry = self.users.get(user);
+        if let Some(StoredPassword::Argon2(_)) = entry {
+            let started = std::time::Instant::now();
+            let ok = self.hash_check(user, password).await;
+            record_argon2_time(started.elapsed());
+            return ok;
         }
+        let ok = entry.is_some_and(|p| p.verify(password));
+        if self.any_argon2().is_some() {
+            tokio::time::sleep(self.typical_argon2_time().await).await;
+        }
+        ok
+    }
+
+    /// How long an argon2 check takes here lately; measured once with a decoy before any real
+    /// check has been.
+    async fn typical_argon2_time(&self) -> std::time::Duration {
+        let known = TYPICAL_ARGON2_MICROS.load(std::sync::atomic::Ordering::Relaxed);
+        if known > 0 {
+            return std::time::Duration::from_micros(known);
+        }
+        let Some((decoy, _)) = self
+            .users
+            .iter()
+            .find(|(_, p)| matches!(p, StoredPassword::Argon2(_)))
+        else {
+            return std::time::Duration::ZERO;
+        };
+        let started = std::time::Instant::now();
+        let _ = self.hash_check(decoy, b"\0decoy").await;
+        record_argon2_time(started.elapsed());
+        started.elapsed()
+    }
+
+    /// `verify` on a hashing thread.
+    async fn hash_check(&self, user: &str, password: &[u8]) -> bool {
         let Some(jobs) = hash_threads() else {
             return false;
         };
@@ -161,11 +184,30 @@ impl UserStore {
         let (store, user) = (self.clone(), user.to_owned());
         let password = zeroize::Zeroizing::new(password.to_vec());
         let job: HashJob = Box::new(move || {
-            let _ = tx.send(store.verify(&user, &password));
+            // A client that gave up (closed, timed out) while queued costs nothing more.
+            if !tx.is_closed() {
+                let _ = tx.send(store.verify(&user, &password));
+            }
         });
         let queued = jobs.lock().map(|j| j.send(job).is_ok()).unwrap_or(false);
         queued && rx.await.unwrap_or(false)
     }
+}
+
+/// A moving average of argon2 check times (queueing included), in microseconds; 0 until the
+/// first is measured.
+static TYPICAL_ARGON2_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn record_argon2_time(took: std::time::Duration) {
+    use std::sync::atomic::Ordering;
+    let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+    let _ = TYPICAL_ARGON2_MICROS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+        Some(if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        })
+    });
 }
 
 /// How the proxy authenticates its own clients.
@@ -191,11 +233,29 @@ pub enum ClientAuth {
 pub struct Logins {
     pub auth: ClientAuth,
     pub sessions: SessionCache,
+    /// Checks under way, by credentials: logins presenting the same ones at once (a driver
+    /// opening its connection pool) share one check, one reservation of the failure budget.
+    pub checks: crate::single_flight::SingleFlight<[u8; 32], Verdict>,
+}
+
+/// What a check of credentials found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The identity they prove.
+    Accepted(String),
+    /// Not valid; the reason, or empty when Cassandra's usual message says it all.
+    Refused(String),
+    /// Not checked: their source or username failed too often lately.
+    Throttled(std::time::Duration),
 }
 
 impl Logins {
     pub fn new(auth: ClientAuth, sessions: SessionCache) -> Logins {
-        Logins { auth, sessions }
+        Logins {
+            auth,
+            sessions,
+            checks: Default::default(),
+        }
     }
 
     /// Logins that remember no session: every connection is checked.
@@ -291,16 +351,29 @@ mod tests {
     }
 
     /// Found by review: in a mixed file an unknown user was checked against the first entry,
-    /// a fast one, so timing told unknown users from argon2 ones.
-    #[test]
-    fn unknown_users_cost_an_argon2_check_when_there_is_one() {
+    /// a fast one, so timing told unknown users from argon2 ones; then a decoy hash per unknown
+    /// user let a flood of them delay real logins. Unknown users now wait as long as an argon2
+    /// check takes, without hashing.
+    #[tokio::test]
+    async fn unknown_and_sha256_users_wait_like_argon2_ones() {
         let phc = crate::auth::passwords::hash_password(b"s3cret");
-        for text in [
-            format!("bob:plain\nalice:{phc}\ncarol:plain\n"),
-            format!("alice:{phc}\nbob:plain\n"),
+        let store = UserStore::parse(&format!("bob:plain\nalice:{phc}\n")).unwrap();
+        assert!(store.check("alice", b"s3cret").await);
+        let typical = store.typical_argon2_time().await;
+        assert!(typical > std::time::Duration::ZERO);
+        for (user, password, ok) in [
+            ("nobody", "x", false),
+            ("bob", "plain", true),
+            ("bob", "x", false),
         ] {
-            let store = UserStore::parse(&text).unwrap();
-            assert!(matches!(store.decoy(), Some(StoredPassword::Argon2(_))));
+            let started = tokio::time::Instant::now();
+            assert_eq!(store.check(user, password.as_bytes()).await, ok);
+            // A lower bound on a wait, not a speed: the machine may be slower, never faster.
+            assert!(
+                started.elapsed() >= typical / 4,
+                "{user}: {:?}",
+                started.elapsed()
+            );
         }
     }
 

@@ -242,9 +242,8 @@ async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     let _ = framed.get_mut().shutdown().await;
 }
 
-/// Whether a warning about what an unauthenticated peer sent may be logged: anyone can
-/// connect, and each connection must not buy a log line. A few a minute of each kind; the
-/// metrics count them all.
+/// Whether a warning about what a peer sent before it was let in may be logged: each connection
+/// must not buy a log line. A few a minute of each kind; the metrics count them all.
 fn worth_logging(kind: &'static str) -> bool {
     use crate::auth::attempts::{Buckets, Budget};
     static BUDGET: std::sync::OnceLock<Buckets<&'static str>> = std::sync::OnceLock::new();
@@ -320,10 +319,12 @@ async fn refuse_unmapped(
         &metrics().client_handshakes,
         vec![("result", "unmapped_identity")],
     );
-    tracing::warn!(
-        user = %crate::auth::attempts::loggable(user),
-        "login refused: --identity-roles maps no role to this identity (--unmapped-identities deny)"
-    );
+    if worth_logging("unmapped") {
+        tracing::warn!(
+            user = %crate::auth::attempts::loggable(user),
+            "login refused: --identity-roles maps no role to this identity (--unmapped-identities deny)"
+        );
+    }
     let reply = messages::error(
         accepted.version,
         accepted.success.stream(),
@@ -390,7 +391,9 @@ async fn handshake(
             Step::Close(r) => {
                 // A failed login closes too (one try per connection): count it as what it is.
                 let result = if is_bad_credentials(&r) {
-                    if matches!(hs.logins().auth, ClientAuth::Certificate(_)) {
+                    if matches!(hs.logins().auth, ClientAuth::Certificate(_))
+                        && worth_logging("certificate")
+                    {
                         let why = messages::ErrorInfo::parse(&r.body).map(|e| e.message);
                         tracing::warn!(reason = ?why.unwrap_or_default(), "client certificate refused");
                     }

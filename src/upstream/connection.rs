@@ -168,13 +168,32 @@ pub enum UpstreamError {
     Closed,
 }
 
-/// Whether upstream text names an AWS account: an ARN or a 12-digit account id.
+/// Whether upstream text names an AWS account: an ARN (any case) or a 12-digit account id,
+/// also written in groups (`1234-5678-9012`, `1234 5678 9012`).
 fn names_an_account(text: &str) -> bool {
-    text.contains("arn:")
-        || text
-            .as_bytes()
-            .split(|b| !b.is_ascii_digit())
-            .any(|run| run.len() == 12)
+    if text.to_ascii_lowercase().contains("arn:") {
+        return true;
+    }
+    // Digits, where a single '-' or ' ' between two digits does not end the run.
+    let bytes = text.as_bytes();
+    let mut digits = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b.is_ascii_digit() {
+            digits += 1;
+            continue;
+        }
+        let joins = (b == b'-' || b == b' ')
+            && i > 0
+            && bytes[i - 1].is_ascii_digit()
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+        if !joins {
+            if digits == 12 {
+                return true;
+            }
+            digits = 0;
+        }
+    }
+    digits == 12
 }
 
 impl UpstreamError {
@@ -493,9 +512,20 @@ mod public_message_tests {
             code: 0x2100,
             message: "User 999988887777 may not access keyspace x".into(),
         });
-        for e in [&iam, &sdk, &startup, &keyspace] {
+        let shouted = UpstreamError::Refused(ErrorInfo {
+            code: 0x0000,
+            message: "ARN:AWS:STS::9999-8888-7777:ASSUMED-ROLE/x".into(),
+        });
+        let spaced = UpstreamError::UseFailed(ErrorInfo {
+            code: 0x2100,
+            message: "no access in account 9999 8888 7777".into(),
+        });
+        assert!(!names_an_account(
+            "Keyspace orders does not exist (2024-01-15)"
+        ));
+        for e in [&iam, &sdk, &startup, &keyspace, &shouted, &spaced] {
             let m = e.public_message();
-            assert!(!m.contains("arn:") && !m.contains("111122223333"), "{m}");
+            assert!(!names_an_account(&m), "{m}");
             assert!(m.contains("reference"), "{m}");
         }
         let signature = UpstreamError::AuthRejected(ErrorInfo {
