@@ -261,6 +261,9 @@ def test_ecs_task_definition_matches_the_ecs_api():
     # every task, the application with it, during an AWS outage.
     assert proxy["healthCheck"]["command"][1:] == ["/usr/local/bin/keyspaces-proxy", "probe",
                                                    "--path", "/livez"]
+    # A log group that does not exist yet fails the task at start unless it is created.
+    assert all(c["logConfiguration"]["options"].get("awslogs-create-group") == "true"
+               for c in task["containerDefinitions"])
     app = next(c for c in task["containerDefinitions"] if c["name"] == "app")
     assert app["dependsOn"] == [{"containerName": "keyspaces-proxy", "condition": "HEALTHY"}]
     assert task["taskRoleArn"].startswith("arn:aws:iam::")
@@ -283,7 +286,19 @@ def test_dashboard_and_alerts_use_only_metrics_the_proxy_exports(start_emulator,
                 exported.update({name + "_bucket", name + "_sum", name + "_count"})
     used = set()
     dashboard = (DEPLOY / "grafana" / "keyspaces-proxy.json").read_text()
-    json.loads(dashboard)
+    # A rate is shown per second, whatever else its panel shows (a refresh rate once showed
+    # as seconds beside the credentials' expiry).
+    per_second = {"reqps", "ops", "Bps", "binBps", "cps", "rps", "short"}
+    for panel in json.loads(dashboard)["panels"]:
+        config = panel.get("fieldConfig", {})
+        for t in panel.get("targets", []):
+            if "rate(" not in t["expr"] or "histogram_quantile" in t["expr"]:
+                continue
+            unit = config.get("defaults", {}).get("unit")
+            for o in config.get("overrides", []):
+                if o["matcher"] == {"id": "byFrameRefID", "options": t["refId"]}:
+                    unit = next((p["value"] for p in o["properties"] if p["id"] == "unit"), unit)
+            assert unit in per_second, f"{panel['title']}: {t['expr']} shown in {unit}"
     for source in [dashboard, (DEPLOY / "prometheus" / "alerts.yml").read_text()]:
         used |= set(re.findall(r"keyspaces_proxy_[a-z_]+", source))
     assert used and used <= exported, sorted(used - exported)
