@@ -97,6 +97,9 @@ def test_kubernetes_manifests_validate():
             # A native sidecar's readiness is its pod's: no upstream in it.
             assert "readinessProbe" not in p
         else:
+            # The Service stops routing before the listener closes, and the drain fits after.
+            wait = p["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert wait >= 5 and pod["terminationGracePeriodSeconds"] >= wait + 20
             assert p["readinessProbe"]["httpGet"]["path"] == "/readyz"
             assert p["readinessProbe"]["failureThreshold"] * p["readinessProbe"]["periodSeconds"] >= 30
         assert p["resources"]["requests"]
@@ -163,6 +166,11 @@ def test_helm_chart_renders_both_modes(tmp_path):
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez" and "startupProbe" not in c
     assert "--kmsauth-context=env: prod" in c["args"] and "--worker-threads=2" in c["args"]
     assert c["image"].endswith(":0.1.0")
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5
+    grace = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert grace["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + 20
+    v6 = proxy_container(rendered(helm_template(chart, "clientAuth.existingSecret=users", "bindAddress=[::]")))
+    assert {"--listen=[::]:9042", "--metrics-listen=[::]:9464"} <= set(v6["args"])
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {9042, 9464}
     # Mutual TLS: the certificate Secrets mounted, no users Secret needed.

@@ -49,8 +49,10 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     - --region={{ .Values.region }}
     {{- /* A sidecar serves one application: one thread. A shared deployment serves many. */}}
     - --worker-threads={{ .Values.workerThreads | default (ternary 1 2 (eq .Values.mode "sidecar")) }}
+    {{- /* The image's defaults bind metrics to 0.0.0.0: an IPv6 cluster probes the pod's IPv6. */}}
+    - --metrics-listen={{ .Values.bindAddress | default "0.0.0.0" }}:9464
     {{- if eq .Values.mode "shared" }}
-    - --listen=0.0.0.0:9042
+    - --listen={{ .Values.bindAddress | default "0.0.0.0" }}:9042
     {{- if eq (.Values.clientAuth.mode | default "password") "mtls" }}
     - --client-auth=mtls
     {{- else }}
@@ -103,6 +105,14 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
   livenessProbe:
     httpGet: {path: /livez, port: metrics}
     periodSeconds: 10
+  {{- if eq .Values.mode "shared" }}
+  {{- /* SIGTERM closes the listener at once: wait until the Service has stopped routing
+         here first (the sleep action needs no shell, which distroless has not). */}}
+  lifecycle:
+    preStop:
+      sleep:
+        seconds: {{ .Values.preStopSeconds }}
+  {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
