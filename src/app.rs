@@ -145,6 +145,35 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
     });
 }
 
+/// Raises the open-file soft limit to the hard one, and says so: every client is a descriptor,
+/// and a soft limit of 1,024 (a common default) would stop a shared proxy near a thousand
+/// clients with EMFILE on accept.
+fn raise_open_file_limit(max_connections: usize) {
+    let (soft, hard) = match rlimit::Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let now = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            soft
+        }
+    };
+    tracing::info!(was = soft, soft = now, hard, "open-file limit");
+    if now < u64::try_from(max_connections).unwrap_or(u64::MAX) {
+        tracing::warn!(
+            limit = now,
+            max_connections,
+            "the open-file limit is below --max-connections: clients beyond it are refused \
+             with EMFILE; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+        );
+    }
+}
+
 /// Opens the pool's first connections now, so the first client's STARTUP needs no upstream
 /// round trip, and says in the log whether the upstream is usable, and why not: "listening"
 /// alone says nothing about Keyspaces.
@@ -188,6 +217,7 @@ pub async fn run(
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut resolved = cli.resolve().await?;
+    raise_open_file_limit(cli.max_connections);
     resolved.context.shutdown = shutdown_rx;
     let environment = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
     for w in resolved

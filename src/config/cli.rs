@@ -493,13 +493,25 @@ pub struct Cli {
     )]
     pub max_client_in_flight: usize,
 
-    /// Bytes of answers a client may leave unread before the proxy closes it.
-    #[arg(help_heading = "Limits", 
+    /// Bytes of answers a client may leave unread before the proxy closes it (Keyspaces pages
+    /// are at most 1 MB).
+    #[arg(
+        help_heading = "Limits",
         long,
         env = "KEYSPACES_PROXY_MAX_CLIENT_BUFFER",
-        default_value_t = 64 << 20
+        default_value_t = 8 << 20
     )]
     pub max_client_buffer: usize,
+
+    /// Bytes of unread answers all clients together may leave: beyond it a client already
+    /// holding one is closed on its next (sized for the manifests' memory limits).
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "KEYSPACES_PROXY_MAX_TOTAL_CLIENT_BUFFER",
+        default_value_t = 48 << 20
+    )]
+    pub max_total_client_buffer: usize,
 
     /// TOML file with the same names as the flags (flags and environment take precedence).
     #[arg(help_heading = "Operations", long, env = "KEYSPACES_PROXY_CONFIG")]

@@ -315,7 +315,10 @@ impl Cli {
                 max_frame_len: self.max_frame_len,
                 handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
                 max_client_in_flight: self.max_client_in_flight.max(1),
-                max_client_buffer: self.max_client_buffer.max(1),
+                client_buffers: crate::upstream::streams::ClientBuffers::new(
+                    self.max_client_buffer,
+                    self.max_total_client_buffer,
+                ),
                 login_failures: Arc::new(crate::auth::attempts::LoginFailures::new(
                     crate::auth::attempts::Budget::per_minute(self.login_failures_per_source),
                     crate::auth::attempts::Budget::per_minute(self.login_failures_per_user),

@@ -50,8 +50,9 @@ pub struct ProxyContext {
     /// Requests read from one client ahead of their answers (pooled mode); beyond it the
     /// proxy stops reading that client, which pushes back through TCP.
     pub max_client_in_flight: usize,
-    /// Bytes of unwritten answers one client may pin before it is closed as not reading.
-    pub max_client_buffer: usize,
+    /// Bytes of unwritten answers clients may pin, each and all together, before one is
+    /// closed as not reading.
+    pub client_buffers: Arc<crate::upstream::streams::ClientBuffers>,
     /// Per-identity pools (`--identity-roles`); other clients use `pool`.
     pub identity_pools: Option<Arc<crate::upstream::identity_pools::IdentityPools>>,
     /// Shared upstream connections; `None` gives each client its own (debugging mode).

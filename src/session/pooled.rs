@@ -43,8 +43,8 @@ pub(super) async fn forward(
     let mut out: FrameWriter<ClientWriter> =
         FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
     // Bounded twice: no more than `max_client_in_flight` requests are read ahead of their
-    // answers, and a client whose unwritten answers pass `max_client_buffer` bytes is dropped.
-    let inbox = ClientInbox::new(ctx.max_client_buffer);
+    // answers, and a client whose unwritten answers pass its share of `client_buffers` is dropped.
+    let inbox = ClientInbox::new(ctx.client_buffers.clone());
     let mut shutdown = ctx.shutdown.clone();
     // Created once: a fresh watch future on every loop turn costs more than the work it guards.
     let stop = super::stopping(&mut shutdown);

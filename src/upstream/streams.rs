@@ -11,27 +11,61 @@ use crate::frame::header::HEADER_LEN;
 use crate::frame::Frame;
 use crate::queue::FrameQueue;
 
+/// The bytes of unwritten responses clients may pin: each (`--max-client-buffer`) and all
+/// together (`--max-total-client-buffer`), so neither one slow reader nor many can take the
+/// process past its memory limit.
+#[derive(Debug)]
+pub struct ClientBuffers {
+    per_client: usize,
+    total: usize,
+    used: AtomicUsize,
+}
+
+impl ClientBuffers {
+    pub fn new(per_client: usize, total: usize) -> Arc<ClientBuffers> {
+        Arc::new(ClientBuffers {
+            per_client: per_client.max(1),
+            total: total.max(1),
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes pinned by every client together.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
 /// Responses waiting to be written to one client, with the bytes they hold.
 ///
 /// Upstream readers serve many clients and must never wait for one, so a client that stops
-/// reading cannot be slowed down from here: once its unwritten responses pass `limit` bytes it
-/// is marked overflowed and its session closes the connection, which bounds the memory one
-/// client can pin.
+/// reading cannot be slowed down from here: once its unwritten responses pass its share it is
+/// marked overflowed and its session closes the connection, which bounds the memory clients
+/// can pin. A client's share is `per_client`, and less while all clients together hold
+/// `total`: then any client already holding a response is cut on its next one.
 #[derive(Debug)]
 pub struct ClientInbox {
     queue: FrameQueue,
     queued: AtomicUsize,
-    limit: usize,
+    buffers: Arc<ClientBuffers>,
     overflowed: AtomicBool,
     wake: Notify,
 }
 
+impl Drop for ClientInbox {
+    fn drop(&mut self) {
+        // Responses never written go with the inbox: their bytes are free for others.
+        let left = self.queued.load(Ordering::Acquire);
+        self.buffers.used.fetch_sub(left, Ordering::AcqRel);
+    }
+}
+
 impl ClientInbox {
-    pub fn new(limit: usize) -> Arc<ClientInbox> {
+    pub fn new(buffers: Arc<ClientBuffers>) -> Arc<ClientInbox> {
         Arc::new(ClientInbox {
             queue: FrameQueue::new(),
             queued: AtomicUsize::new(0),
-            limit,
+            buffers,
             overflowed: AtomicBool::new(false),
             wake: Notify::new(),
         })
@@ -50,9 +84,12 @@ impl ClientInbox {
     fn push(&self, frame: Frame) {
         let len = HEADER_LEN + frame.body.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        let all = self.buffers.used.fetch_add(len, Ordering::AcqRel);
         // One response is always accepted, however large (the frame limit bounds it).
-        if before > 0 && before + len > self.limit {
+        let over = before + len > self.buffers.per_client || all + len > self.buffers.total;
+        if before > 0 && over {
             self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.buffers.used.fetch_sub(len, Ordering::AcqRel);
             if !self.overflowed.swap(true, Ordering::AcqRel) {
                 self.wake.notify_one();
             }
@@ -64,8 +101,9 @@ impl ClientInbox {
 
     /// The session has written (or dropped) `frame`: its bytes no longer count.
     pub fn written(&self, frame: &Frame) {
-        self.queued
-            .fetch_sub(HEADER_LEN + frame.body.len(), Ordering::AcqRel);
+        let len = HEADER_LEN + frame.body.len();
+        self.queued.fetch_sub(len, Ordering::AcqRel);
+        self.buffers.used.fetch_sub(len, Ordering::AcqRel);
     }
 
     /// Bytes of responses not yet written to the client.
@@ -318,7 +356,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_reading_overflows_its_inbox() {
-        let inbox = ClientInbox::new(100);
+        let inbox = ClientInbox::new(ClientBuffers::new(100, 1 << 20));
         let big = Frame::new(
             messages::ready(4, 0).header,
             bytes::Bytes::from(vec![0u8; 300]),
@@ -338,6 +376,38 @@ mod tests {
         assert_eq!(got[0].stream(), 1);
         inbox.written(&got[0]);
         assert_eq!(inbox.queued_bytes(), 0);
+    }
+
+    /// Many slow readers, each within its own limit, cannot pin more than the total: once all
+    /// together hold it, a client already holding a response is cut on its next one; bytes of
+    /// a closed client's inbox count no more.
+    #[test]
+    fn all_clients_together_stay_within_the_total() {
+        let buffers = ClientBuffers::new(1 << 20, 1000);
+        let frame = Frame::new(
+            messages::ready(4, 0).header,
+            bytes::Bytes::from(vec![0u8; 291]),
+        ); // 300 bytes with its header
+        let inboxes: Vec<_> = (0..4).map(|_| ClientInbox::new(buffers.clone())).collect();
+        let deliver = |i: usize| {
+            ReplyTo::Client {
+                inbox: inboxes[i].clone(),
+                stream: 1,
+            }
+            .deliver(frame.clone())
+        };
+        for i in 0..4 {
+            deliver(i); // a first response always fits: 1200 bytes in all
+        }
+        assert_eq!(buffers.used(), 1200);
+        deliver(0);
+        assert!(
+            inboxes[0].is_overflowed(),
+            "over the total, holding one already"
+        );
+        assert_eq!(buffers.used(), 1200);
+        drop(inboxes);
+        assert_eq!(buffers.used(), 0, "closed clients' bytes are free again");
     }
 
     #[test]
@@ -378,7 +448,7 @@ mod tests {
 
     #[test]
     fn delivery_restores_the_client_stream() {
-        let inbox = ClientInbox::new(1 << 20);
+        let inbox = ClientInbox::new(ClientBuffers::new(1 << 20, 1 << 30));
         let reply = ReplyTo::Client {
             inbox: inbox.clone(),
             stream: 77,

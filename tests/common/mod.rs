@@ -152,7 +152,10 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         max_frame_len: opts.max_frame_len,
         handshake_timeout: opts.handshake_timeout,
         max_client_in_flight: opts.max_client_in_flight,
-        max_client_buffer: opts.max_client_buffer,
+        client_buffers: keyspaces_proxy::upstream::streams::ClientBuffers::new(
+            opts.max_client_buffer,
+            usize::MAX / 2,
+        ),
         handshaking: keyspaces_proxy::session::admission::HandshakeSlots::new(
             opts.max_handshaking,
             opts.max_handshaking,

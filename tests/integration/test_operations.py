@@ -7,6 +7,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from cassandra import ConsistencyLevel, InvalidRequest
@@ -373,3 +374,28 @@ def test_a_rotated_secret_is_picked_up_without_a_signal(start_emulator, start_pr
             assert time.time() < deadline, f"{password}: the change was not picked up"
             time.sleep(0.1)
         assert works(password)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one(start_emulator, processes, aws_env, tmp_path):
+    """A soft limit of 256 (hard 4096): the proxy raises it to 4096 at start and says so."""
+    import resource
+    from conftest import BIN_DIR, free_port, wait_for_port
+
+    emu = start_emulator(listen_on_peers=False)
+    port, metrics = free_port(), free_port()
+    log = tmp_path / "proxy.log"
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    proc = subprocess.Popen(
+        [str(BIN_DIR / "keyspaces-proxy"), "--listen", f"127.0.0.1:{port}",
+         "--metrics-listen", f"127.0.0.1:{metrics}", "--region", "us-east-1",
+         "--endpoint", f"{emu.host}:{emu.port}", "--ca-file", emu.ca,
+         "--tls-server-name", "cassandra.us-east-1.amazonaws.com"],
+        env=aws_env, stderr=log.open("w"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    processes.procs.append(proc)
+    wait_for_port(port, proc)
+    limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)], line
+    assert re.search(rf"open-file limit was=256 soft={hard} hard={hard}", log.read_text())
