@@ -251,10 +251,16 @@ async fn reload_clients(ctx: &ProxyContext, cli: &Cli, why: &'static str) {
     }
     match cli.client_auth().await {
         Ok(auth) => {
-            // Sessions vouched for by the old users must be checked again: the new settings
-            // come with an empty cache.
-            ctx.logins
-                .store(Arc::new(Logins::new(auth, cli.session_cache())));
+            // Sessions vouched for by the old users are checked again, except where the user's
+            // entry (or the kmsauth settings) did not change.
+            let next = Logins::new(auth, cli.session_cache());
+            let previous = ctx.logins.load_full();
+            previous.sessions.carry_over(
+                &next.sessions,
+                |identity| previous.still_vouches(&next, identity),
+                std::time::Instant::now(),
+            );
+            ctx.logins.store(Arc::new(next));
             tracing::info!(cause = why, "client authentication reloaded");
         }
         Err(e) => tracing::error!(cause = why, error = %e, "keeping the previous client users"),

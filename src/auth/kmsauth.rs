@@ -94,7 +94,7 @@ fn kms_budget(per_second: u32) -> Budget {
 }
 
 /// What `--client-auth kmsauth` checks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KmsAuthSettings {
     /// This proxy's name: the `to` of every token.
     pub to: String,

@@ -104,6 +104,25 @@ impl SessionCache {
         );
     }
 
+    /// Copies into `into` the live sessions whose identity `keep` approves: a reload that did
+    /// not change a user's entry must not send its application back through a full check (or,
+    /// while someone guesses at its name, into the failure budget).
+    pub fn carry_over(&self, into: &SessionCache, keep: impl Fn(&str) -> bool, now: Instant) {
+        if !into.enabled() {
+            return;
+        }
+        let kept: Vec<([u8; 32], Session)> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.alive(now) && keep(&s.identity))
+            .map(|(k, s)| (*k, s.clone()))
+            .collect();
+        let mut target = into.lock();
+        for (key, session) in kept.into_iter().take(into.max) {
+            target.insert(key, session);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -118,6 +137,21 @@ mod tests {
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn sessions_approved_by_a_reload_are_carried_over() {
+        let old = SessionCache::new(30 * MIN, 10);
+        let t0 = Instant::now();
+        old.insert(session_key("app", b"pw"), "app", t0, None);
+        old.insert(session_key("gone", b"pw"), "gone", t0, None);
+        let new = SessionCache::new(30 * MIN, 10);
+        old.carry_over(&new, |identity| identity == "app", t0);
+        assert_eq!(
+            new.touch(&session_key("app", b"pw"), t0).as_deref(),
+            Some("app")
+        );
+        assert!(new.touch(&session_key("gone", b"pw"), t0).is_none());
+    }
 
     #[test]
     fn a_session_slides_with_use_and_expires_without() {

@@ -168,32 +168,31 @@ pub enum UpstreamError {
     Closed,
 }
 
-/// Whether upstream text names an AWS account: an ARN (any case) or a 12-digit account id,
-/// also written in groups (`1234-5678-9012`, `1234 5678 9012`).
+/// Whether upstream text names an AWS account: an ARN (any case), a 12-digit account id on its
+/// own, or one written as three groups of four digits with short separators between them
+/// (`1234-5678-9012`, `1234.5678.9012`, `1234 - 5678 - 9012`).
 fn names_an_account(text: &str) -> bool {
     if text.to_ascii_lowercase().contains("arn:") {
         return true;
     }
-    // Digits, where a single '-' or ' ' between two digits does not end the run.
-    let bytes = text.as_bytes();
-    let mut digits = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b.is_ascii_digit() {
-            digits += 1;
-            continue;
-        }
-        let joins = (b == b'-' || b == b' ')
-            && i > 0
-            && bytes[i - 1].is_ascii_digit()
-            && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
-        if !joins {
-            if digits == 12 {
-                return true;
-            }
-            digits = 0;
-        }
+    // Runs of digits, with what separates each from the one before it.
+    let mut runs: Vec<(&str, &str)> = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+        let gap = &rest[..start];
+        let after = &rest[start..];
+        let end = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        runs.push((gap, &after[..end]));
+        rest = &after[end..];
     }
-    digits == 12
+    let separator =
+        |gap: &str| !gap.is_empty() && gap.len() <= 3 && !gap.chars().any(|c| c.is_alphanumeric());
+    runs.iter().any(|(_, run)| run.len() == 12)
+        || runs.windows(3).any(|w| {
+            w.iter().all(|(_, run)| run.len() == 4) && separator(w[1].0) && separator(w[2].0)
+        })
 }
 
 impl UpstreamError {
@@ -523,6 +522,16 @@ mod public_message_tests {
         assert!(!names_an_account(
             "Keyspace orders does not exist (2024-01-15)"
         ));
+        assert!(!names_an_account("retry in 1000 ms, 3 of 5"));
+        for hidden in [
+            "throttled 111122223333 5 times",
+            "request at 2024-01-01 111122223333 denied",
+            "account 1111.2222.3333 denied",
+            "account 1111_2222_3333 denied",
+            "account 1111 - 2222 - 3333 denied",
+        ] {
+            assert!(names_an_account(hidden), "{hidden}");
+        }
         for e in [&iam, &sdk, &startup, &keyspace, &shouted, &spaced] {
             let m = e.public_message();
             assert!(!names_an_account(&m), "{m}");
