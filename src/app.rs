@@ -169,7 +169,7 @@ fn raise_open_file_limit(max_connections: usize) {
             limit = now,
             max_connections,
             "the open-file limit is below --max-connections: clients beyond it are refused \
-             with EMFILE; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+             (closed at once); raise the hard limit (LimitNOFILE=, ulimit -Hn)"
         );
     }
 }

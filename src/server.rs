@@ -20,6 +20,8 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let mut shutdown = ctx.shutdown.clone();
+    let mut spare = SpareDescriptor::new();
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = crate::session::stopping(&mut shutdown) => break,
@@ -27,9 +29,19 @@ pub async fn serve(
                 let (socket, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        // Out of descriptors (EMFILE) the waiting client would hang in the
+                        // backlog and the loop spin on the same error: refuse it at once.
+                        let refused = spare.refuse_one(&listener).await;
+                        if refused {
+                            Metrics::count(&metrics().client_connections_rejected, vec![("reason", "file_limit")]);
+                        }
+                        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            last_warning = Some(std::time::Instant::now());
+                            tracing::warn!(error = %e, refused, "accept failed (out of file descriptors? see the open-file limit logged at start)");
+                        }
+                        if !refused {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                         continue;
                     }
                 };
@@ -63,5 +75,28 @@ pub async fn serve(
             ?drain,
             "drain time over; closing remaining client connections"
         );
+    }
+}
+
+/// A descriptor held in reserve: when the process has none left, it is given up for a moment
+/// to accept the waiting client and close it at once.
+struct SpareDescriptor(Option<std::fs::File>);
+
+impl SpareDescriptor {
+    fn new() -> SpareDescriptor {
+        SpareDescriptor(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Accepts one waiting connection with the spare descriptor and closes it; whether one was.
+    async fn refuse_one(&mut self, listener: &TcpListener) -> bool {
+        if self.0.take().is_none() {
+            *self = SpareDescriptor::new();
+            return false;
+        }
+        let waiting = tokio::time::timeout(Duration::from_millis(10), listener.accept()).await;
+        let refused = matches!(waiting, Ok(Ok(_)));
+        drop(waiting);
+        *self = SpareDescriptor::new();
+        refused
     }
 }

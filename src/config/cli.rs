@@ -13,7 +13,9 @@ use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
 
 /// keyspaces-proxy: unmodified Cassandra drivers on localhost, Amazon Keyspaces with SigV4 upstream.
 #[derive(Parser, Serialize)]
-#[command(name = "keyspaces-proxy", version, about)]
+// A flag given again overrides the earlier one (last wins), as Kubernetes `args` appended to the
+// image's ENTRYPOINT and Helm's extraArgs after the chart's own flags expect.
+#[command(name = "keyspaces-proxy", version, about, args_override_self = true)]
 #[serde(rename_all = "kebab-case")]
 pub struct Cli {
     #[command(subcommand)]

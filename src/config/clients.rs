@@ -17,7 +17,7 @@ const CLIENT_USER_FLAG: &str =
 
 /// `--client-user` values are split at commas, and argon2 hashes have commas in them
 /// (`m=19456,t=2,p=1`): a piece without a `:` continues the entry before it.
-fn rejoin_phc(values: &[String]) -> Vec<String> {
+pub(super) fn rejoin_phc(values: &[String]) -> Vec<String> {
     let mut entries: Vec<String> = Vec::new();
     for v in values.iter().filter(|v| !v.is_empty()) {
         match entries.last_mut() {

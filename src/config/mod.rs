@@ -47,8 +47,10 @@ fn mask_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, 
 
 fn mask_users<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeSeq;
-    let mut seq = s.serialize_seq(Some(v.len()))?;
-    for entry in v {
+    // As they are used: a comma inside an argon2 hash or a password does not start a user.
+    let entries = clients::rejoin_phc(v);
+    let mut seq = s.serialize_seq(Some(entries.len()))?;
+    for entry in &entries {
         let user = entry.split_once(':').map_or(entry.as_str(), |(u, _)| u);
         seq.serialize_element(&format!("{user}:****"))?;
     }
@@ -356,6 +358,28 @@ mod tests {
             "k.pem",
         ]);
         assert!(cli.exposure_warning().is_none());
+    }
+
+    /// Found by review: Kubernetes `args` after the image's ENTRYPOINT, or Helm's extraArgs
+    /// after the chart's flags, repeated a flag and the proxy refused to start.
+    #[test]
+    fn a_repeated_flag_overrides_and_a_list_accumulates() {
+        let cli = Cli::parse_from([
+            "keyspaces-proxy",
+            "--worker-threads",
+            "2",
+            "--region",
+            "us-east-1",
+            "--worker-threads=4",
+            "--region=eu-west-1",
+            "--client-user",
+            "a:1",
+            "--client-user",
+            "b:2",
+        ]);
+        assert_eq!(cli.worker_threads, 4);
+        assert_eq!(cli.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(cli.client_users, ["a:1", "b:2"]);
     }
 
     /// `--flag-name` reads `KEYSPACES_PROXY_FLAG_NAME`, no exceptions (actions aside).

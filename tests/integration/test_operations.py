@@ -399,3 +399,46 @@ def test_the_open_file_limit_is_raised_to_the_hard_one(start_emulator, processes
     line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)], line
     assert re.search(rf"open-file limit was=256 soft={hard} hard={hard}", log.read_text())
+
+
+def test_out_of_descriptors_a_client_is_refused_at_once(start_emulator, processes, aws_env, tmp_path):
+    """With every descriptor taken, a new client is closed at once and counted (it used to hang
+    in the backlog while the accept loop logged EMFILE every 50 ms)."""
+    import resource
+    import socket
+    from conftest import BIN_DIR, free_port, wait_for_port
+
+    emu = start_emulator(listen_on_peers=False)
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen(
+        [str(BIN_DIR / "keyspaces-proxy"), "--listen", f"127.0.0.1:{port}",
+         "--metrics-listen", f"127.0.0.1:{metrics}", "--region", "us-east-1",
+         "--endpoint", f"{emu.host}:{emu.port}", "--ca-file", emu.ca,
+         "--tls-server-name", "cassandra.us-east-1.amazonaws.com"],
+        env=aws_env, stderr=(tmp_path / "proxy.log").open("w"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+    )
+    processes.procs.append(proc)
+    wait_for_port(port, proc)
+    held = []
+    refused = None
+    for _ in range(80):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.append(s)
+        s.settimeout(0.2)
+        try:
+            if s.recv(1) == b"":
+                refused = s
+                break
+        except socket.timeout:
+            pass  # accepted and waiting for its STARTUP
+    assert refused is not None, "no client was refused while descriptors ran out"
+    for s in held:
+        s.close()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        status, body = http_get(metrics, "/metrics")
+        if samples(body).get('keyspaces_proxy_client_connections_rejected_total{reason="file_limit"}', 0) >= 1:
+            break
+        time.sleep(0.1)
+    assert samples(body).get('keyspaces_proxy_client_connections_rejected_total{reason="file_limit"}', 0) >= 1
