@@ -22,6 +22,9 @@ use crate::session::ProxyContext;
 /// Changes closer together than this are one reload: an editor's save, a Secret's swap.
 const SETTLE: Duration = Duration::from_millis(300);
 
+/// How often the watched files are compared with what was loaded, whatever the watches saw.
+const POLL: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cause {
     Signal,
@@ -52,7 +55,18 @@ pub fn spawn(
         // Kept alive with the task: dropping the watcher stops it.
         let _watcher = watcher;
         let mut seen = fingerprints(&watched);
-        while let Some(first) = rx.recv().await {
+        // Also a look every POLL: a watch follows a directory's inode, so a directory replaced
+        // as a whole (mv new old) is never seen by it.
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                cause = rx.recv() => match cause {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = poll.tick(), if !watched.is_empty() => Cause::FileChange,
+            };
             // A burst is one reload (a signal in it wins); the window is fixed, so a steady
             // trickle of events cannot put the reload off for ever.
             let mut cause = first;

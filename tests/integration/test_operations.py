@@ -374,6 +374,19 @@ def test_a_rotated_secret_is_picked_up_without_a_signal(start_emulator, start_pr
             assert time.time() < deadline, f"{password}: the change was not picked up"
             time.sleep(0.1)
         assert works(password)
+    # The whole directory replaced (a watch follows the old directory's inode): the periodic
+    # look finds it.
+    fresh = tmp_path / "secret-new"
+    fresh.mkdir()
+    (fresh / "users").write_text("app:fifth-password\n")
+    os.replace(volume, tmp_path / "secret-old")
+    os.replace(fresh, volume)
+    reloads = proxy.log_path.read_text().count("client authentication reloaded")
+    deadline = time.time() + 30
+    while proxy.log_path.read_text().count("client authentication reloaded") == reloads:
+        assert time.time() < deadline, "the replaced directory was not picked up"
+        time.sleep(0.2)
+    assert works("fifth-password")
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_one(start_emulator, processes, aws_env, tmp_path):
