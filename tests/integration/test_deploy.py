@@ -121,6 +121,9 @@ def test_helm_chart_values_match_its_schema():
     sidecar = {**values, "mode": "sidecar"}
     assert not list(validator.iter_errors(sidecar))
     assert list(validator.iter_errors({**shared, "region": "US East"}))
+    assert list(validator.iter_errors({**shared, "extraArgs": ["--pool-max-connections 32"]})), \
+        "a flag and its value in one argument"
+    assert not list(validator.iter_errors({**shared, "extraArgs": ["--kmsauth-context=env: prod"]}))
     # Mutual TLS needs the proxy's certificate and the client CA, not a users Secret.
     mtls = {**values, "clientAuth": {"mode": "mtls"}}
     assert list(validator.iter_errors(mtls)), "mtls without certificates"
@@ -169,6 +172,19 @@ def test_helm_chart_renders_both_modes(tmp_path):
     assert c["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5
     grace = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert grace["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + 20
+    # extraArgs may repeat a flag the chart sets: the proxy takes the last (it used to refuse
+    # to start), and files they name can be mounted.
+    r = helm_template(chart, "clientAuth.existingSecret=users", "workerThreads=0",
+                      "extraArgs[0]=--worker-threads=4", "extraVolumes[0].name=roles",
+                      "extraVolumes[0].configMap.name=roles", "extraVolumeMounts[0].name=roles",
+                      "extraVolumeMounts[0].mountPath=/etc/keyspaces-proxy/roles")
+    out.write_text(r.stdout)
+    run(tool("kubernetes-validate"), "--strict", out)
+    c = proxy_container(rendered(r))
+    assert "--worker-threads=0" in c["args"], "0 (one thread per core) is a value, not a default"
+    assert {"name": "roles", "mountPath": "/etc/keyspaces-proxy/roles"} in c["volumeMounts"]
+    effective = run(BIN_DIR / "keyspaces-proxy", *c["args"], "--print-config")
+    assert "worker-threads = 4" in effective.stdout
     v6 = proxy_container(rendered(helm_template(chart, "clientAuth.existingSecret=users", "bindAddress=[::]")))
     assert {"--listen=[::]:9042", "--metrics-listen=[::]:9464"} <= set(v6["args"])
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
@@ -249,6 +265,10 @@ def test_prometheus_rules_and_scrape_config():
     config = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yml").read_text())
     k8s = [j for j in config["scrape_configs"] if "kubernetes_sd_configs" in j]
     assert k8s and all(j["kubernetes_sd_configs"] == [{"role": "pod"}] for j in k8s)
+    # Only the proxy's own container and port: `up` under the job is the proxy's alone.
+    for job in k8s:
+        keep = job["relabel_configs"][0]
+        assert keep["action"] == "keep" and keep["regex"] == "keyspaces-proxy;metrics", keep
     rest = {"scrape_configs": [j for j in config["scrape_configs"] if j not in k8s]}
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-scrape-{os.getpid()}.yml"
     tmp.write_text(yaml.safe_dump(rest))
@@ -267,7 +287,8 @@ def test_ecs_task_definition_matches_the_ecs_api():
     proxy = next(c for c in task["containerDefinitions"] if c["name"] == "keyspaces-proxy")
     # An essential container's health check that followed Keyspaces would have ECS replace
     # every task, the application with it, during an AWS outage.
-    assert proxy["healthCheck"]["command"][1:] == ["/usr/local/bin/keyspaces-proxy", "probe",
+    assert proxy["healthCheck"]["command"][1:] == ["/usr/local/bin/keyspaces-proxy", "--defaults",
+                                                   "/etc/keyspaces-proxy/defaults.toml", "probe",
                                                    "--path", "/livez"]
     # A log group that does not exist yet fails the task at start unless it is created.
     assert all(c["logConfiguration"]["options"].get("awslogs-create-group") == "true"

@@ -455,3 +455,31 @@ def test_out_of_descriptors_a_client_is_refused_at_once(start_emulator, processe
             break
         time.sleep(0.1)
     assert samples(body).get('keyspaces_proxy_client_connections_rejected_total{reason="file_limit"}', 0) >= 1
+
+
+def test_the_images_health_check_follows_a_moved_metrics_port(start_emulator, processes, aws_env,
+                                                             tmp_path):
+    """The image's HEALTHCHECK (and ECS's) is a probe process of its own: with the metrics port
+    moved in a config file named by KEYSPACES_PROXY_CONFIG, as the Dockerfile says to, the
+    probe finds the server."""
+    import json as _json
+    from conftest import BIN_DIR, ROOT, free_port, wait_for_port
+
+    defaults = ROOT / "deploy" / "image-defaults.toml"
+    healthcheck = next(l for l in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+                       if l.strip().startswith("CMD ["))
+    argv = _json.loads(healthcheck.strip()[len("CMD "):])
+    emu = start_emulator(listen_on_peers=False)
+    port, metrics = free_port(), free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'listen = "127.0.0.1:{port}"\nmetrics-listen = "127.0.0.1:{metrics}"\n'
+                      f'endpoint = "{emu.host}:{emu.port}"\nca-file = "{emu.ca}"\n'
+                      'tls-server-name = "cassandra.us-east-1.amazonaws.com"\nregion = "us-east-1"\n')
+    env = dict(aws_env, KEYSPACES_PROXY_CONFIG=str(config))
+    proc = subprocess.Popen([str(BIN_DIR / "keyspaces-proxy"), "--defaults", str(defaults)], env=env,
+                            stderr=subprocess.DEVNULL)
+    processes.procs.append(proc)
+    wait_for_port(metrics, proc)
+    check = [str(BIN_DIR / "keyspaces-proxy")] + [str(defaults) if a.endswith("defaults.toml") else a
+                                                  for a in argv[1:]]
+    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 0

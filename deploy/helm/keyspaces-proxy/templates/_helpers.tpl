@@ -36,7 +36,7 @@ The proxy container. Shared mode listens on all interfaces with client authentic
 sidecar stays on the pod's loopback, where only its own application can reach it.
 Use from an application chart (a native sidecar, Kubernetes 1.29+):
   initContainers:
-    {{- include "keyspaces-proxy.sidecar" (dict "Values" .Values.keyspacesProxy "Chart" .Chart "Release" .Release) | nindent 4 }}
+    {{- include "keyspaces-proxy.sidecar" (dict "Values" (index .Values "keyspaces-proxy") "Chart" .Chart "Release" .Release) | nindent 4 }}
 */}}
 {{- define "keyspaces-proxy.container" -}}
 - name: keyspaces-proxy
@@ -48,7 +48,9 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
   args:
     - --region={{ .Values.region }}
     {{- /* A sidecar serves one application: one thread. A shared deployment serves many. */}}
-    - --worker-threads={{ .Values.workerThreads | default (ternary 1 2 (eq .Values.mode "sidecar")) }}
+    {{- $threads := .Values.workerThreads }}
+    {{- if kindIs "invalid" $threads }}{{ $threads = ternary 1 2 (eq .Values.mode "sidecar") }}{{ end }}
+    - --worker-threads={{ $threads }}
     {{- /* The image's defaults bind metrics to 0.0.0.0: an IPv6 cluster probes the pod's IPv6. */}}
     - --metrics-listen={{ .Values.bindAddress | default "0.0.0.0" }}:9464
     {{- if eq .Values.mode "shared" }}
@@ -121,8 +123,12 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     runAsNonRoot: true
     capabilities:
       drop: ["ALL"]
-  {{- if eq .Values.mode "shared" }}
+  {{- if or (eq .Values.mode "shared") .Values.extraVolumeMounts }}
   volumeMounts:
+    {{- with .Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if eq .Values.mode "shared" }}
     {{- if ne (.Values.clientAuth.mode | default "password") "mtls" }}
     - name: users
       mountPath: /etc/keyspaces-proxy/users
@@ -137,6 +143,7 @@ Use from an application chart (a native sidecar, Kubernetes 1.29+):
     - name: client-ca
       mountPath: /etc/keyspaces-proxy/client-ca
       readOnly: true
+    {{- end }}
     {{- end }}
   {{- end }}
 {{- end -}}
