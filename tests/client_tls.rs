@@ -137,15 +137,31 @@ fn spiffe(id: &str) -> SanType {
     SanType::URI(id.try_into().unwrap())
 }
 
-#[tokio::test]
-async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
+/// A proxy requiring client certificates from a client CA, reading the identity from
+/// `fields`: its address, the CA its own certificate chains to, and the client CA. The
+/// emulator and directory live as long as the returned guard.
+async fn mtls_proxy(
+    fields: Vec<IdentityField>,
+) -> (
+    SocketAddr,
+    Ca,
+    Ca,
+    (tempfile::TempDir, keyspaces_emulator::Emulator),
+) {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let (server_ca, client_ca, stranger_ca) = (ca("proxy CA"), ca("client CA"), ca("stranger"));
+    let (server_ca, client_ca) = (ca("proxy CA"), ca("client CA"));
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.client_tls = Some(proxy_tls(dir.path(), &server_ca, Some(&client_ca)));
-    opts.client_auth = ClientAuth::Certificate(DEFAULT_ORDER.to_vec());
+    opts.client_auth = ClientAuth::Certificate(fields);
     let addr = proxy(&emu, opts).await;
+    (addr, server_ca, client_ca, (dir, emu))
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
+    let (addr, server_ca, client_ca, _guard) = mtls_proxy(DEFAULT_ORDER.to_vec()).await;
+    let stranger_ca = ca("stranger");
 
     let orders = leaf(
         &client_ca,
@@ -188,13 +204,7 @@ async fn mutual_tls_admits_only_certificates_from_the_client_ca() {
 
 #[tokio::test]
 async fn a_certificate_without_the_chosen_identity_field_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let (server_ca, client_ca) = (ca("proxy CA"), ca("client CA"));
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.client_tls = Some(proxy_tls(dir.path(), &server_ca, Some(&client_ca)));
-    opts.client_auth = ClientAuth::Certificate(vec![IdentityField::UriSan]);
-    let addr = proxy(&emu, opts).await;
+    let (addr, server_ca, client_ca, _guard) = mtls_proxy(vec![IdentityField::UriSan]).await;
 
     let cn_only = leaf(&client_ca, Some("admin"), vec![]);
     let mut c = tls_connect(addr, &server_ca, Some(&cn_only)).await.unwrap();
@@ -242,13 +252,7 @@ async fn passwords_over_tls_and_plaintext_clients_told_why() {
 /// keep its identity. Every connection does a full handshake.
 #[tokio::test]
 async fn client_sessions_are_never_resumed() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let (server_ca, client_ca) = (ca("proxy CA"), ca("client CA"));
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.client_tls = Some(proxy_tls(dir.path(), &server_ca, Some(&client_ca)));
-    opts.client_auth = ClientAuth::Certificate(DEFAULT_ORDER.to_vec());
-    let addr = proxy(&emu, opts).await;
+    let (addr, server_ca, client_ca, _guard) = mtls_proxy(DEFAULT_ORDER.to_vec()).await;
     let orders = leaf(
         &client_ca,
         None,
