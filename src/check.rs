@@ -384,16 +384,19 @@ async fn network_steps(cli: &Cli, parts: &UpstreamParts, report: &mut Report) ->
         .await
     {
         Ok(tls) => {
-            let version = tls
-                .get_ref()
-                .1
+            let session = tls.get_ref().1;
+            let version = session
                 .protocol_version()
                 .map(|v| format!("{v:?}"))
                 .unwrap_or_default();
+            let root = session
+                .peer_certificates()
+                .and_then(|chain| crate::upstream::tls::anchor_name(chain, &parts.roots))
+                .unwrap_or_else(|| "a trusted root".to_owned());
             report.pass(
                 "TLS",
                 format!(
-                    "{version}, certificate valid for {} and trusted",
+                    "{version}, certificate valid for {} and verified against {root}",
                     name.to_str()
                 ),
             );

@@ -123,3 +123,47 @@ async fn check_passes_and_explains_failures() {
     assert!(out.contains("check the secret key"), "{out}");
     drop(stranger);
 }
+
+/// Each root Keyspaces documents, as a stand-in with its subject at the top of a chain with an
+/// intermediate (as real endpoints serve): the proxy connects, and `check` names the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_root_each_chain_verified_against() {
+    use keyspaces_emulator::tls::RootKind;
+    let names = [
+        "Amazon Root CA 1",
+        "Amazon Root CA 2",
+        "Amazon Root CA 3",
+        "Amazon Root CA 4",
+        "Starfield Class 2 Certification Authority",
+    ];
+    for (kind, name) in RootKind::ALL.into_iter().zip(names) {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = emulator(dir.path(), |c| c.root = Some(kind)).await;
+        let aws = dir.path().join("aws-empty");
+        std::fs::write(&aws, "").unwrap();
+        let args: Vec<String> = [
+            "--region",
+            REGION,
+            "--endpoint",
+            &emu.addr.to_string(),
+            "--tls-server-name",
+            "cassandra.us-east-1.amazonaws.com",
+            "--ca-file",
+            &emu.ca_pem.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            check(
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                SECRET,
+                &aws,
+            )
+        })
+        .await
+        .unwrap();
+        assert!(ok, "{}: {out}", kind.slug());
+        assert!(out.contains(&format!("verified against {name}")), "{out}");
+    }
+}

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Serialize;
 
+use super::commands::Command;
 use super::modes::{ClientAuthMode, LogFormat, UnmappedIdentities, UpstreamAuthMode, UpstreamMode};
 use super::{mask_secret, mask_users};
 use crate::frame::codec::DEFAULT_MAX_FRAME_LEN;
@@ -66,7 +67,18 @@ pub struct Cli {
     )]
     pub tls_server_name: Option<String>,
 
-    /// Trust the roots in this PEM file instead of the built-in Amazon Root CA 1.
+    /// Built-in roots to trust: every root Keyspaces documents (Amazon Root CAs 1–4, Starfield
+    /// Class 2), or Amazon Root CA 1 alone.
+    #[arg(
+        help_heading = "Upstream and AWS",
+        long,
+        env = "KEYSPACES_PROXY_BUILTIN_ROOTS",
+        value_enum,
+        default_value = "keyspaces"
+    )]
+    pub builtin_roots: crate::upstream::tls::BuiltinRoots,
+
+    /// Trust the roots in this PEM file instead of the built-in ones.
     #[arg(
         help_heading = "Upstream and AWS",
         long,
@@ -577,23 +589,4 @@ pub struct Cli {
         env = "KEYSPACES_PROXY_INSECURE_PLAINTEXT_UPSTREAM_FOR_BENCHMARKS"
     )]
     pub insecure_plaintext_upstream_for_benchmarks: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
-pub enum Command {
-    /// Diagnose the connection to Keyspaces step by step (exit status 0 only if all pass).
-    Check,
-    /// Ask a running proxy's health endpoint (on --metrics-listen) and exit 0 if it answers 200:
-    /// a HEALTHCHECK for images without a shell or curl.
-    Probe {
-        /// /livez (the process answers) or /readyz (Keyspaces is reachable).
-        #[arg(long, default_value = "/livez")]
-        path: String,
-        /// The proxy's --metrics-listen address (default: the one configured here).
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-    },
-    /// Read a password on standard input (one line) and print its argon2id hash, for
-    /// `--client-user user:<hash>` and the credentials file.
-    HashPassword,
 }

@@ -8,11 +8,13 @@ use crate::upstream::tls::TlsConfigError;
 
 mod cli;
 mod clients;
+mod commands;
 mod modes;
 mod region;
 mod resolve;
 
-pub use cli::{Cli, Command};
+pub use cli::Cli;
+pub use commands::Command;
 pub use modes::{ClientAuthMode, LogFormat, UnmappedIdentities, UpstreamAuthMode, UpstreamMode};
 
 pub use resolve::{Resolved, UpstreamParts, UpstreamSummary};
@@ -29,6 +31,7 @@ const CHECK_FLAGS: &[&str] = &[
     "fips",
     "tls_server_name",
     "ca_file",
+    "builtin_roots",
     "upstream_auth",
     "upstream_username",
     "upstream_password",

@@ -19,7 +19,7 @@ use crate::auth::identity_roles::IdentityRoles;
 use crate::session::ProxyContext;
 use crate::upstream::identity_pools::IdentityPools;
 use crate::upstream::pool::{Pool, PoolSettings};
-use crate::upstream::tls::{client_config, server_name};
+use crate::upstream::tls::{client_config_with, server_name};
 use crate::upstream::{UpstreamAuth, UpstreamTarget};
 
 /// A context ready to serve, and the credential cache to keep warm (SigV4 only).
@@ -83,6 +83,8 @@ pub struct UpstreamParts {
     pub address: Result<String, ConfigError>,
     pub server_name: Result<ServerName<'static>, ConfigError>,
     pub tls: Result<Arc<rustls::ClientConfig>, ConfigError>,
+    /// The roots `tls` trusts, to name the one a chain verified against (`check`).
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub warnings: Vec<String>,
 }
 
@@ -233,7 +235,10 @@ impl Cli {
                 }
             }),
             server_name,
-            tls: client_config(self.ca_file.as_deref()).map_err(Into::into),
+            tls: client_config_with(self.ca_file.as_deref(), self.builtin_roots)
+                .map_err(Into::into),
+            roots: crate::upstream::tls::roots(self.ca_file.as_deref(), self.builtin_roots)
+                .unwrap_or_default(),
             region,
             auth,
             chain_credentials,

@@ -1,5 +1,5 @@
-//! TLS towards Keyspaces: TLS 1.2+, SNI, hostname verification, and trust pinned to Amazon Root
-//! CA 1 unless the operator names other roots.
+//! TLS towards Keyspaces: TLS 1.2+, SNI, hostname verification, and trust pinned to the roots
+//! Keyspaces documents (never the system store) unless the operator names other roots.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,8 +8,42 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
-/// Amazon Root CA 1, which every Keyspaces endpoint chains to.
+/// Amazon Root CA 1, which most Keyspaces endpoints chain to.
 pub const AMAZON_ROOT_CA_1: &[u8] = include_bytes!("../../certs/AmazonRootCA1.pem");
+
+/// The roots Keyspaces' connection guide tells clients to trust: Amazon Root CAs 1–4 (Amazon
+/// Trust Services, RSA and ECC) and, while Regions migrate from it, Starfield Class 2. From
+/// Debian's ca-certificates; their fingerprints are pinned in a test.
+pub const KEYSPACES_ROOTS: &[(&str, &[u8])] = &[
+    ("Amazon Root CA 1", AMAZON_ROOT_CA_1),
+    (
+        "Amazon Root CA 2",
+        include_bytes!("../../certs/AmazonRootCA2.pem"),
+    ),
+    (
+        "Amazon Root CA 3",
+        include_bytes!("../../certs/AmazonRootCA3.pem"),
+    ),
+    (
+        "Amazon Root CA 4",
+        include_bytes!("../../certs/AmazonRootCA4.pem"),
+    ),
+    (
+        "Starfield Class 2 Certification Authority",
+        include_bytes!("../../certs/StarfieldClass2CA.pem"),
+    ),
+];
+
+/// Which built-in roots to trust (`--ca-file` replaces them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuiltinRoots {
+    /// Every root Keyspaces documents (Amazon Root CAs 1–4, Starfield Class 2).
+    #[default]
+    Keyspaces,
+    /// Amazon Root CA 1 alone, for operators who want the narrowest trust.
+    AmazonRootCa1,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
@@ -23,40 +57,87 @@ pub enum TlsConfigError {
     Rustls(#[from] rustls::Error),
 }
 
-fn roots_from_pem(pem: &[u8], origin: &str) -> Result<RootCertStore, TlsConfigError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| TlsConfigError::CaFile {
+fn certificates(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsConfigError::CaFile {
             path: origin.to_owned(),
             reason: e.to_string(),
         })?;
-        roots.add(cert)?;
-    }
-    if roots.is_empty() {
+    if certs.is_empty() {
         return Err(TlsConfigError::NoCertificates(origin.to_owned()));
     }
-    Ok(roots)
+    Ok(certs)
 }
 
-/// A client config trusting the built-in root, or only the roots in `ca_file`.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let roots = match ca_file {
-        None => roots_from_pem(AMAZON_ROOT_CA_1, "built-in Amazon Root CA 1")?,
+/// The roots to trust: those in `ca_file`, or the built-in ones `builtin` chooses.
+pub fn roots(
+    ca_file: Option<&Path>,
+    builtin: BuiltinRoots,
+) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    match ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| TlsConfigError::CaFile {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
-            roots_from_pem(&pem, &path.display().to_string())?
+            certificates(&pem, &path.display().to_string())
         }
-    };
+        None => {
+            let chosen = match builtin {
+                BuiltinRoots::Keyspaces => KEYSPACES_ROOTS,
+                BuiltinRoots::AmazonRootCa1 => &KEYSPACES_ROOTS[..1],
+            };
+            let mut all = Vec::new();
+            for (name, pem) in chosen {
+                all.extend(certificates(pem, name)?);
+            }
+            Ok(all)
+        }
+    }
+}
+
+/// A client config trusting the Keyspaces roots, or only the roots in `ca_file`.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    client_config_with(ca_file, BuiltinRoots::Keyspaces)
+}
+
+/// [`client_config`] with a choice of built-in roots.
+pub fn client_config_with(
+    ca_file: Option<&Path>,
+    builtin: BuiltinRoots,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let mut store = RootCertStore::empty();
+    for cert in roots(ca_file, builtin)? {
+        store.add(cert)?;
+    }
     // An explicit provider: `ClientConfig::builder()` panics when two providers are linked in.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots)
+        .with_root_certificates(store)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The name of the root in `roots` a verified `chain` (leaf first, as the server sent it)
+/// leads to: the one whose subject issued the chain's last certificate, or is it.
+pub fn anchor_name(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, top) = X509Certificate::from_der(chain.last()?.as_ref()).ok()?;
+    roots.iter().find_map(|root| {
+        let (_, root) = X509Certificate::from_der(root.as_ref()).ok()?;
+        let issued = root.subject().as_raw() == top.issuer().as_raw()
+            || root.subject().as_raw() == top.subject().as_raw();
+        issued.then(|| {
+            let subject = root.subject();
+            let cn = subject.iter_common_name().next();
+            let ou = subject.iter_organizational_unit().next();
+            cn.or(ou)
+                .and_then(|a| a.as_str().ok())
+                .map_or_else(|| subject.to_string(), str::to_owned)
+        })
+    })
 }
 
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsConfigError> {
@@ -69,17 +150,43 @@ mod tests {
 
     use super::*;
 
+    /// Exactly the roots Keyspaces documents, checked against the SHA-256 fingerprints AWS
+    /// publishes (not against the files they came from).
     #[test]
-    fn built_in_root_is_amazon_root_ca_1() {
-        let cert = CertificateDer::pem_slice_iter(AMAZON_ROOT_CA_1)
-            .next()
+    fn built_in_roots_are_the_documented_set() {
+        let fingerprints: Vec<String> = roots(None, BuiltinRoots::Keyspaces)
             .unwrap()
-            .unwrap();
+            .iter()
+            .map(|c| hex::encode(Sha256::digest(c.as_ref())))
+            .collect();
         assert_eq!(
-            hex::encode(Sha256::digest(cert.as_ref())),
-            "8ecde6884f3d87b1125ba31ac3fcb13d7016de7f57cc904fe1cb97c6ae98196e"
+            fingerprints,
+            [
+                "8ecde6884f3d87b1125ba31ac3fcb13d7016de7f57cc904fe1cb97c6ae98196e",
+                "1ba5b2aa8c65401a82960118f80bec4f62304d83cec4713a19c39c011ea46db4",
+                "18ce6cfe7bf14e60b2e347b8dfe868cb31d02ebb3ada271569f50343b46db3a4",
+                "e35d28419ed02025cfa69038cd623962458da5c695fbdea3c22b0bfb25897092",
+                "1465fa205397b876faa6f0a9958e5590e40fcc7faa4fb7c2c8677521fb5fb658",
+            ]
+        );
+        let strict = roots(None, BuiltinRoots::AmazonRootCa1).unwrap();
+        assert_eq!(strict.len(), 1);
+        assert_eq!(
+            hex::encode(Sha256::digest(strict[0].as_ref())),
+            fingerprints[0]
         );
         client_config(None).unwrap();
+        client_config_with(None, BuiltinRoots::AmazonRootCa1).unwrap();
+    }
+
+    #[test]
+    fn a_chain_is_named_by_its_root() {
+        let all = roots(None, BuiltinRoots::Keyspaces).unwrap();
+        for (i, (name, _)) in KEYSPACES_ROOTS.iter().enumerate() {
+            // A chain that ends at the root itself.
+            assert_eq!(anchor_name(&all[i..=i], &all).as_deref(), Some(*name));
+        }
+        assert_eq!(anchor_name(&all[..1], &all[1..]), None);
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct EmulatorConfig {
     pub insecure_plaintext: bool,
     /// Serve a certificate that expired in 2020 (clients must refuse it).
     pub expired_certificate: bool,
+    /// Serve a chain under a stand-in for one of the roots Keyspaces documents.
+    pub root: Option<tls::RootKind>,
     /// Accept SigV4 from access keys it does not know (issued by a test STS), unverified.
     pub accept_unknown_keys: bool,
     /// Close the connection after answering a request body the emulator cannot decode, as
@@ -96,6 +98,7 @@ impl Default for EmulatorConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             insecure_plaintext: false,
             expired_certificate: false,
+            root: None,
             accept_unknown_keys: false,
             close_on_protocol_error: false,
         }
@@ -190,7 +193,10 @@ impl Emulator {
         let mut tls_ips = vec![addr.ip()];
         tls_ips.extend(peers.iter().copied());
         let names = tls::subject_alt_names(&config.region, &tls_ips);
-        let material = tls::load_or_create(&config.state_dir, &names, config.expired_certificate)?;
+        let material = match config.root {
+            Some(kind) => tls::under_root(&config.state_dir, &names, kind)?,
+            None => tls::load_or_create(&config.state_dir, &names, config.expired_certificate)?,
+        };
         let topology = engine::Topology {
             region: config.region.clone(),
             partitioner: config.partitioner,

@@ -63,6 +63,11 @@ struct Cli {
     /// Fault: serve a server certificate that expired in 2020.
     #[arg(long)]
     expired_certificate: bool,
+    /// Serve the certificate through an intermediate under a stand-in for a root Keyspaces
+    /// documents (amazon-root-ca-1..4, starfield-class-2); the root is written to the state
+    /// directory as root-<kind>.pem and reported as the CA.
+    #[arg(long, value_parser = parse_root)]
+    root: Option<keyspaces_emulator::tls::RootKind>,
     /// TESTS: accept SigV4 from unknown access keys (issued by a local STS such as moto's)
     /// without checking the signature; they are logged by key id.
     #[arg(long)]
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
         event_log: cli.event_log,
         insecure_plaintext: cli.insecure_plaintext_for_benchmarks,
         expired_certificate: cli.expired_certificate,
+        root: cli.root,
         accept_unknown_keys: cli.accept_unknown_keys,
         close_on_protocol_error: cli.close_on_protocol_error,
         ..EmulatorConfig::default()
@@ -178,5 +184,11 @@ fn main() -> ExitCode {
         );
         let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS
+    })
+}
+
+fn parse_root(s: &str) -> Result<keyspaces_emulator::tls::RootKind, String> {
+    keyspaces_emulator::tls::RootKind::parse(s).ok_or_else(|| {
+        "expected amazon-root-ca-1, amazon-root-ca-2, amazon-root-ca-3, amazon-root-ca-4 or starfield-class-2".to_owned()
     })
 }

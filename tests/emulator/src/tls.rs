@@ -53,6 +53,124 @@ fn ca_params() -> Result<CertificateParams, EmulatorError> {
     Ok(params)
 }
 
+/// A stand-in for one of the roots Keyspaces documents: the same subject, and the same key
+/// type where the test PKI can make one (rcgen on ring makes no RSA keys: the RSA roots'
+/// stand-ins are ECDSA). The server's chain then runs leaf → intermediate → this root, as a
+/// real endpoint's does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    AmazonRootCa1,
+    AmazonRootCa2,
+    AmazonRootCa3,
+    AmazonRootCa4,
+    StarfieldClass2,
+}
+
+impl RootKind {
+    pub const ALL: [RootKind; 5] = [
+        RootKind::AmazonRootCa1,
+        RootKind::AmazonRootCa2,
+        RootKind::AmazonRootCa3,
+        RootKind::AmazonRootCa4,
+        RootKind::StarfieldClass2,
+    ];
+
+    pub fn parse(s: &str) -> Option<RootKind> {
+        RootKind::ALL.into_iter().find(|k| k.slug() == s)
+    }
+
+    pub fn slug(self) -> &'static str {
+        match self {
+            RootKind::AmazonRootCa1 => "amazon-root-ca-1",
+            RootKind::AmazonRootCa2 => "amazon-root-ca-2",
+            RootKind::AmazonRootCa3 => "amazon-root-ca-3",
+            RootKind::AmazonRootCa4 => "amazon-root-ca-4",
+            RootKind::StarfieldClass2 => "starfield-class-2",
+        }
+    }
+
+    fn params(
+        self,
+    ) -> Result<(CertificateParams, &'static rcgen::SignatureAlgorithm), EmulatorError> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let dn = &mut params.distinguished_name;
+        dn.push(DnType::CountryName, "US");
+        let (cn, algorithm) = match self {
+            RootKind::StarfieldClass2 => {
+                dn.push(DnType::OrganizationName, "Starfield Technologies, Inc.");
+                dn.push(
+                    DnType::OrganizationalUnitName,
+                    "Starfield Class 2 Certification Authority",
+                );
+                return Ok((params, &rcgen::PKCS_ECDSA_P256_SHA256));
+            }
+            RootKind::AmazonRootCa1 => ("Amazon Root CA 1", &rcgen::PKCS_ECDSA_P256_SHA256),
+            RootKind::AmazonRootCa2 => ("Amazon Root CA 2", &rcgen::PKCS_ECDSA_P384_SHA384),
+            RootKind::AmazonRootCa3 => ("Amazon Root CA 3", &rcgen::PKCS_ECDSA_P256_SHA256),
+            RootKind::AmazonRootCa4 => ("Amazon Root CA 4", &rcgen::PKCS_ECDSA_P384_SHA384),
+        };
+        dn.push(DnType::OrganizationName, "Amazon");
+        dn.push(DnType::CommonName, cn);
+        Ok((params, algorithm))
+    }
+}
+
+/// A fresh chain under a stand-in for `kind` (kept in memory; the root is written to `dir` as
+/// `root-<kind>.pem`, what clients must trust).
+pub fn under_root(
+    dir: &Path,
+    names: &[String],
+    kind: RootKind,
+) -> Result<TlsMaterial, EmulatorError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let (root_params, algorithm) = kind.params()?;
+    let root_key = KeyPair::generate_for(algorithm).map_err(err)?;
+    let root = root_params.self_signed(&root_key).map_err(err)?;
+    let root_pem_path = dir.join(format!("root-{}.pem", kind.slug()));
+    write(&root_pem_path, &root.pem())?;
+    let root_issuer = Issuer::new(root_params, root_key);
+
+    let mut middle = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    middle.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    middle.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    middle.distinguished_name.push(
+        DnType::CommonName,
+        format!("keyspaces-emulator intermediate under {}", kind.slug()),
+    );
+    let middle_key = KeyPair::generate().map_err(err)?;
+    let middle_cert = middle.signed_by(&middle_key, &root_issuer).map_err(err)?;
+    let middle_issuer = Issuer::new(middle, middle_key);
+
+    let leaf_key = KeyPair::generate().map_err(err)?;
+    let mut leaf = CertificateParams::new(names.to_vec()).map_err(err)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, names[0].clone());
+    let leaf_cert = leaf.signed_by(&leaf_key, &middle_issuer).map_err(err)?;
+    let chain = vec![leaf_cert.der().clone(), middle_cert.der().clone()];
+    let key = PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).map_err(err)?;
+    Ok(TlsMaterial {
+        ca_pem: root_pem_path,
+        server_config: server_config(chain, key)?,
+    })
+}
+
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, EmulatorError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(err)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(err)?;
+    Ok(Arc::new(config))
+}
+
 /// Loads the CA and certificate from `dir`, creating whichever is missing. The server
 /// certificate is re-issued (by the same CA) when the names it must cover change.
 ///
@@ -114,15 +232,8 @@ pub fn load_or_create(
         .collect::<Result<_, _>>()
         .map_err(err)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(err)?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(err)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(err)?;
     Ok(TlsMaterial {
         ca_pem: ca_pem_path,
-        server_config: Arc::new(config),
+        server_config: server_config(chain, key)?,
     })
 }
