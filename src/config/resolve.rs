@@ -159,6 +159,13 @@ impl Cli {
             },
         };
         let mut warnings = Vec::new();
+        if self.ca_file.is_some()
+            && self.builtin_roots != crate::upstream::tls::BuiltinRoots::Keyspaces
+        {
+            warnings.push(
+                "--builtin-roots is ignored: --ca-file replaces the built-in roots".to_owned(),
+            );
+        }
         // Only an AWS region is checked: with plain credentials and an explicit endpoint
         // (Cassandra, Astra) the name is only a label and may be another cloud's (`us-east1`).
         let aws_region = self.upstream_auth == UpstreamAuthMode::Sigv4 || self.endpoint.is_none();

@@ -42,6 +42,8 @@ pub enum BuiltinRoots {
     #[default]
     Keyspaces,
     /// Amazon Root CA 1 alone, for operators who want the narrowest trust.
+    #[value(name = "amazon-root-ca-1")]
+    #[serde(rename = "amazon-root-ca-1")]
     AmazonRootCa1,
 }
 
@@ -120,24 +122,45 @@ pub fn client_config_with(
     Ok(Arc::new(config))
 }
 
-/// The name of the root in `roots` a verified `chain` (leaf first, as the server sent it)
-/// leads to: the one whose subject issued the chain's last certificate, or is it.
+/// The name of the root in `roots` that `chain` (leaf first, as the server sent it) verifies
+/// against: the trust anchor of the path the verifier builds, signatures checked — not a guess
+/// from names, which a server could steer by appending a certificate. `None` if no path.
 pub fn anchor_name(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> Option<String> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, top) = X509Certificate::from_der(chain.last()?.as_ref()).ok()?;
-    roots.iter().find_map(|root| {
-        let (_, root) = X509Certificate::from_der(root.as_ref()).ok()?;
-        let issued = root.subject().as_raw() == top.issuer().as_raw()
-            || root.subject().as_raw() == top.subject().as_raw();
-        issued.then(|| {
-            let subject = root.subject();
-            let cn = subject.iter_common_name().next();
-            let ou = subject.iter_organizational_unit().next();
-            cn.or(ou)
-                .and_then(|a| a.as_str().ok())
-                .map_or_else(|| subject.to_string(), str::to_owned)
-        })
-    })
+    let (leaf, intermediates) = chain.split_first()?;
+    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let anchors: Vec<_> = roots
+        .iter()
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+        .collect();
+    let algorithms = rustls::crypto::aws_lc_rs::default_provider()
+        .signature_verification_algorithms
+        .all;
+    let path = leaf
+        .verify_for_usage(
+            algorithms,
+            &anchors,
+            intermediates,
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .ok()?;
+    let anchor = path.anchor();
+    let index = anchors.iter().position(|a| {
+        a.subject.as_ref() == anchor.subject.as_ref()
+            && a.subject_public_key_info.as_ref() == anchor.subject_public_key_info.as_ref()
+    })?;
+    let (_, root) = X509Certificate::from_der(roots.get(index)?.as_ref()).ok()?;
+    let subject = root.subject();
+    let cn = subject.iter_common_name().next();
+    let ou = subject.iter_organizational_unit().next();
+    Some(
+        cn.or(ou)
+            .and_then(|a| a.as_str().ok())
+            .map_or_else(|| subject.to_string(), str::to_owned),
+    )
 }
 
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsConfigError> {
@@ -179,14 +202,49 @@ mod tests {
         client_config_with(None, BuiltinRoots::AmazonRootCa1).unwrap();
     }
 
+    /// Found by review: naming the root from the chain's last certificate let a server steer
+    /// the name by appending one. The name is the verified path's anchor: a chain under one
+    /// root, with a decoy naming another appended, is named by the root it verifies against.
     #[test]
-    fn a_chain_is_named_by_its_root() {
-        let all = roots(None, BuiltinRoots::Keyspaces).unwrap();
-        for (i, (name, _)) in KEYSPACES_ROOTS.iter().enumerate() {
-            // A chain that ends at the root itself.
-            assert_eq!(anchor_name(&all[i..=i], &all).as_deref(), Some(*name));
-        }
-        assert_eq!(anchor_name(&all[..1], &all[1..]), None);
+    fn a_chain_is_named_by_the_root_it_verifies_against() {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let root = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            (cert.der().clone(), Issuer::new(p, key))
+        };
+        let (one, one_issuer) = root("Amazon Root CA 1");
+        let (three, three_issuer) = root("Amazon Root CA 3");
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["cassandra.us-east-1.amazonaws.com".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &one_issuer)
+            .unwrap();
+        // A decoy: issued by "Amazon Root CA 3", appended as the chain's last certificate.
+        let decoy = CertificateParams::new(vec!["decoy".to_owned()])
+            .unwrap()
+            .signed_by(&KeyPair::generate().unwrap(), &three_issuer)
+            .unwrap();
+        let roots = [three.clone(), one.clone()];
+        let chain = [leaf.der().clone(), decoy.der().clone()];
+        assert_eq!(
+            anchor_name(&chain, &roots).as_deref(),
+            Some("Amazon Root CA 1")
+        );
+        assert_eq!(anchor_name(&chain, &roots[..1]), None, "no path, no name");
+    }
+
+    #[test]
+    fn the_strict_choice_is_spelled_as_documented() {
+        use clap::ValueEnum;
+        assert_eq!(
+            BuiltinRoots::from_str("amazon-root-ca-1", false),
+            Ok(BuiltinRoots::AmazonRootCa1)
+        );
     }
 
     #[test]
