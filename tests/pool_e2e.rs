@@ -717,3 +717,41 @@ async fn dedicated_mode_is_still_available() {
     assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
     assert_eq!(events_of(&emu.events.snapshot(), "connect").count(), 1);
 }
+
+/// Keyspaces' endpoint is several load balancers, listed in its system.peers: the pool spreads
+/// its connections over all of them, keeping the endpoint's name for TLS and SigV4. (Dead
+/// addresses are what most other tests meet: their emulators list peers they do not listen on.)
+#[tokio::test]
+async fn connections_spread_over_every_address_the_endpoint_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| {
+        c.listen_on_peers = true;
+        c.peers = 3;
+    })
+    .await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 8,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    let _ = pipeline(&mut c, &local_query(), 64, 8).await;
+    until_authenticated(&emu, 8).await;
+    let events = emu.events.snapshot();
+    let locals: HashSet<String> = events_of(&events, "connect")
+        .filter_map(|e| {
+            e["local"]
+                .as_str()
+                .map(|l| l.split(':').next().unwrap_or("").to_owned())
+        })
+        .collect();
+    let expected: HashSet<String> = std::iter::once(emu.addr.ip().to_string())
+        .chain(emu.peer_addrs.iter().map(|a| a.ip().to_string()))
+        .collect();
+    assert_eq!(locals, expected, "every address is used");
+    assert!(
+        events_of(&events, "auth").all(|e| e["ok"] == true),
+        "the endpoint's name signed every handshake"
+    );
+}

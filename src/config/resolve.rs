@@ -17,6 +17,7 @@ use crate::auth::client::{ClientAuth, Logins};
 use crate::auth::credentials::{provider_from_chain, sdk_config, CredentialCache};
 use crate::auth::identity_roles::IdentityRoles;
 use crate::session::ProxyContext;
+use crate::upstream::addresses::AddressBook;
 use crate::upstream::identity_pools::IdentityPools;
 use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::tls::{client_config_with, server_name};
@@ -49,8 +50,10 @@ impl UpstreamParts {
     pub fn into_target(self, cli: &Cli) -> Result<ResolvedUpstream, ConfigError> {
         let region = self.region?;
         let (auth, credentials) = self.auth?;
+        let address = self.address?;
         let target = UpstreamTarget {
-            address: self.address?,
+            addresses: Arc::new(AddressBook::new(&address)),
+            address,
             server_name: self.server_name?,
             tls: self.tls?,
             insecure_plaintext: cli.insecure_plaintext_upstream_for_benchmarks,

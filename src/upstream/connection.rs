@@ -1,6 +1,7 @@
 //! One authenticated connection to Keyspaces: TCP, TLS, STARTUP and the SigV4 (or PLAIN)
 //! exchange. Every connection is signed anew: the server's nonce makes handshakes unreplayable.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,10 +17,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
-use crate::auth::credentials::{CredentialCache, CredentialsError};
+use crate::auth::credentials::CredentialCache;
 use crate::auth::sigv4;
 use crate::frame::messages::{self, ErrorInfo};
-use crate::frame::{opcode, Compression, Frame, FrameCodec, FrameDecodeError};
+use crate::frame::{opcode, Compression, Frame, FrameCodec};
 use crate::metrics::{metrics, Metrics};
 
 /// How the proxy proves itself to the upstream.
@@ -49,8 +50,10 @@ impl std::fmt::Debug for UpstreamAuth {
 /// Where and how to connect; shared by every upstream connection.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
-    /// `host:port` to dial.
+    /// `host:port` to dial: the name is resolved to every address it offers.
     pub address: String,
+    /// Those addresses (and the upstream's peers), which connections spread over.
+    pub addresses: Arc<super::addresses::AddressBook>,
     /// The name sent as SNI and verified in the certificate.
     pub server_name: ServerName<'static>,
     pub tls: Arc<ClientConfig>,
@@ -140,133 +143,12 @@ pub struct UpstreamConnection {
     pub compression: Compression,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("cannot connect to {address}: {source}")]
-    Connect {
-        address: String,
-        source: std::io::Error,
-    },
-    #[error("TLS handshake with {address} failed: {source}")]
-    Tls {
-        address: String,
-        source: std::io::Error,
-    },
-    #[error("upstream handshake timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("upstream rejected authentication: {}", .0.message)]
-    AuthRejected(ErrorInfo),
-    #[error("upstream refused the connection handshake: {}", .0.message)]
-    Refused(ErrorInfo),
-    #[error("{}", .0.message)]
-    UseFailed(ErrorInfo),
-    #[error(transparent)]
-    Credentials(#[from] CredentialsError),
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-    #[error("upstream closed the connection during the handshake")]
-    Closed,
-}
-
-/// Whether upstream text names an AWS account: an ARN (any case), a 12-digit account id on its
-/// own, or one written as three groups of four digits with short separators between them
-/// (`1234-5678-9012`, `1234.5678.9012`, `1234 - 5678 - 9012`).
-fn names_an_account(text: &str) -> bool {
-    if text.to_ascii_lowercase().contains("arn:") {
-        return true;
-    }
-    // Runs of digits, with what separates each from the one before it.
-    let mut runs: Vec<(&str, &str)> = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
-        let gap = &rest[..start];
-        let after = &rest[start..];
-        let end = after
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(after.len());
-        runs.push((gap, &after[..end]));
-        rest = &after[end..];
-    }
-    let separator =
-        |gap: &str| !gap.is_empty() && gap.len() <= 3 && !gap.chars().any(|c| c.is_alphanumeric());
-    runs.iter().any(|(_, run)| run.len() == 12)
-        || runs.windows(3).any(|w| {
-            w.iter().all(|(_, run)| run.len() == 4) && separator(w[1].0) && separator(w[2].0)
-        })
-}
-
-impl UpstreamError {
-    /// What a client may be told. Credential and IAM failures carry SDK text (role and
-    /// principal ARNs, account ids, HTTP bodies): the client gets a short reason and a
-    /// reference, and the details are logged under that reference. Network and TLS failures
-    /// name only the endpoint and the cause, which the client needs to see.
-    pub fn public_message(&self) -> String {
-        let withheld = |what: &str| {
-            let reference = crate::reference::Reference::new();
-            tracing::warn!(%reference, error = %self, "{what}");
-            reference
-        };
-        match self {
-            UpstreamError::AuthRejected(info) | UpstreamError::UseFailed(info)
-                if !names_an_account(&info.message) =>
-            {
-                info.message.clone()
-            }
-            UpstreamError::AuthRejected(_) => {
-                let reference = withheld("upstream authentication failed");
-                format!(
-                    "keyspaces-proxy: Keyspaces did not accept the proxy's AWS credentials \
-                     (reference {reference} in the proxy's log)"
-                )
-            }
-            UpstreamError::Credentials(_) => {
-                let reference = withheld("AWS credentials unavailable");
-                format!(
-                    "keyspaces-proxy: could not obtain AWS credentials for this connection \
-                     (reference {reference} in the proxy's log)"
-                )
-            }
-            UpstreamError::UseFailed(_) | UpstreamError::Refused(_) if self.names_an_account() => {
-                let reference = withheld("upstream refused a request the proxy made");
-                format!(
-                    "keyspaces-proxy: Keyspaces refused the request (reference {reference} in \
-                     the proxy's log)"
-                )
-            }
-            other => format!("keyspaces-proxy cannot reach Keyspaces: {other}"),
-        }
-    }
-
-    fn names_an_account(&self) -> bool {
-        match self {
-            UpstreamError::AuthRejected(info)
-            | UpstreamError::Refused(info)
-            | UpstreamError::UseFailed(info) => names_an_account(&info.message),
-            _ => false,
-        }
-    }
-
-    /// A bounded label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            UpstreamError::Connect { .. } => "connect_error",
-            UpstreamError::Tls { .. } => "tls_error",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::AuthRejected(_) => "rejected",
-            UpstreamError::Refused(_) | UpstreamError::UseFailed(_) => "refused",
-            UpstreamError::Credentials(_) => "credentials_error",
-            UpstreamError::Protocol(_) | UpstreamError::Closed => "protocol_error",
-        }
-    }
-}
-
-impl From<FrameDecodeError> for UpstreamError {
-    fn from(e: FrameDecodeError) -> Self {
-        UpstreamError::Protocol(e.to_string())
-    }
-}
+pub use super::error::UpstreamError;
 
 const HANDSHAKE_STREAM: i16 = 0;
+
+/// Addresses tried for one connection before its failure is the caller's.
+const MAX_DIALS: usize = 16;
 
 /// Sends one handshake-time request and waits for its answer on the handshake stream.
 pub(crate) async fn roundtrip(
@@ -356,33 +238,7 @@ impl UpstreamTarget {
         version: u8,
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
-        let tcp =
-            TcpStream::connect(&self.address)
-                .await
-                .map_err(|source| UpstreamError::Connect {
-                    address: self.address.clone(),
-                    source,
-                })?;
-        let _ = tcp.set_nodelay(true);
-        let io = if self.insecure_plaintext {
-            UpstreamIo::Plain(tcp)
-        } else {
-            let tls_started = std::time::Instant::now();
-            let tls = TlsConnector::from(self.tls.clone())
-                .connect(
-                    self.server_name.clone(),
-                    BufReader::with_capacity(TLS_READ_BUFFER, tcp),
-                )
-                .await
-                .map_err(|source| UpstreamError::Tls {
-                    address: self.address.clone(),
-                    source,
-                })?;
-            metrics()
-                .tls_handshake_duration
-                .observe(tls_started.elapsed().as_secs_f64());
-            UpstreamIo::Tls(Box::new(tls))
-        };
+        let (io, addr) = self.dial().await?;
         let mut framed = Framed::new(io, FrameCodec::new(self.max_frame_len));
 
         let supported =
@@ -417,11 +273,93 @@ impl UpstreamTarget {
             opcode::AUTHENTICATE => self.authenticate(&mut framed, version).await?,
             _ => return Err(unexpected(&reply, "STARTUP")),
         }
+        self.addresses.succeeded(addr);
+        // Keyspaces' other load balancers, for the next connections to spread over (SigV4
+        // only: behind other servers' proxies — Astra's SNI — peers are not for dialling).
+        let now = std::time::Instant::now();
+        if matches!(self.auth, UpstreamAuth::SigV4 { .. }) && self.addresses.wants_peers(now) {
+            match super::peers::read(&mut framed, version, compression).await {
+                Ok(peers) => self.addresses.learned_peers(&peers, now),
+                Err(e) => tracing::debug!(error = %e, "cannot read system.peers"),
+            }
+        }
         Ok(UpstreamConnection {
             framed,
             version,
             compression,
         })
+    }
+
+    /// TCP, then TLS unless benchmarking, to the endpoint's addresses in turn: an address
+    /// that refuses or fails its TLS handshake sits out and the next is tried, so one dead
+    /// load balancer costs a connection nothing but the attempt.
+    async fn dial(&self) -> Result<(UpstreamIo, SocketAddr), UpstreamError> {
+        let mut last = None;
+        let known = self.addresses.counts(std::time::Instant::now()).0;
+        for _ in 0..known.clamp(1, MAX_DIALS) {
+            let addr = self
+                .addresses
+                .pick()
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
+            if last.as_ref().is_some_and(|(tried, _)| *tried == addr) {
+                break; // nothing else to try
+            }
+            match self.dial_one(addr).await {
+                Ok(io) => return Ok((io, addr)),
+                Err(e) => {
+                    self.addresses.failed(addr, std::time::Instant::now());
+                    tracing::debug!(%addr, error = %e, "upstream address failed; trying the next");
+                    last = Some((addr, e));
+                }
+            }
+        }
+        Err(last.map_or_else(
+            || UpstreamError::Connect {
+                address: self.address.clone(),
+                source: std::io::Error::other("no address to dial"),
+            },
+            |(_, e)| e,
+        ))
+    }
+
+    async fn dial_one(&self, addr: SocketAddr) -> Result<UpstreamIo, UpstreamError> {
+        let named = || format!("{} ({addr})", self.address);
+        // A silent address must not use up the whole connect timeout: the others wait.
+        let limit = (self.connect_timeout / 4).max(Duration::from_secs(1));
+        let tcp = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+            Ok(connected) => connected,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TCP answer within {limit:?}"),
+            )),
+        }
+        .map_err(|source| UpstreamError::Connect {
+            address: named(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        if self.insecure_plaintext {
+            return Ok(UpstreamIo::Plain(tcp));
+        }
+        let tls_started = std::time::Instant::now();
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(
+                self.server_name.clone(),
+                BufReader::with_capacity(TLS_READ_BUFFER, tcp),
+            )
+            .await
+            .map_err(|source| UpstreamError::Tls {
+                address: named(),
+                source,
+            })?;
+        metrics()
+            .tls_handshake_duration
+            .observe(tls_started.elapsed().as_secs_f64());
+        Ok(UpstreamIo::Tls(Box::new(tls)))
     }
 
     async fn authenticate(
@@ -485,65 +423,5 @@ fn auth_failure(f: &Frame) -> UpstreamError {
             "unexpected {} during authentication",
             opcode::name(f.opcode())
         )),
-    }
-}
-
-#[cfg(test)]
-mod public_message_tests {
-    use super::*;
-
-    #[test]
-    fn clients_never_see_account_ids_or_sdk_text() {
-        use crate::frame::messages::ErrorInfo;
-        let iam = UpstreamError::AuthRejected(ErrorInfo {
-            code: 0x0100,
-            message: "User arn:aws:sts::111122223333:assumed-role/orders/x has no permissions."
-                .into(),
-        });
-        let sdk = UpstreamError::Credentials(crate::auth::credentials::CredentialsError(
-            "AccessDenied: arn:aws:iam::111122223333:role/orders; request id 5f1c".into(),
-        ));
-        let startup = UpstreamError::Refused(ErrorInfo {
-            code: 0x0000,
-            message: "User: arn:aws:iam::999988887777:role/internal is not authorized".into(),
-        });
-        let keyspace = UpstreamError::UseFailed(ErrorInfo {
-            code: 0x2100,
-            message: "User 999988887777 may not access keyspace x".into(),
-        });
-        let shouted = UpstreamError::Refused(ErrorInfo {
-            code: 0x0000,
-            message: "ARN:AWS:STS::9999-8888-7777:ASSUMED-ROLE/x".into(),
-        });
-        let spaced = UpstreamError::UseFailed(ErrorInfo {
-            code: 0x2100,
-            message: "no access in account 9999 8888 7777".into(),
-        });
-        assert!(!names_an_account(
-            "Keyspace orders does not exist (2024-01-15)"
-        ));
-        assert!(!names_an_account("retry in 1000 ms, 3 of 5"));
-        for hidden in [
-            "throttled 111122223333 5 times",
-            "request at 2024-01-01 111122223333 denied",
-            "account 1111.2222.3333 denied",
-            "account 1111_2222_3333 denied",
-            "account 1111 - 2222 - 3333 denied",
-        ] {
-            assert!(names_an_account(hidden), "{hidden}");
-        }
-        for e in [&iam, &sdk, &startup, &keyspace, &shouted, &spaced] {
-            let m = e.public_message();
-            assert!(!names_an_account(&m), "{m}");
-            assert!(m.contains("reference"), "{m}");
-        }
-        let signature = UpstreamError::AuthRejected(ErrorInfo {
-            code: 0x0100,
-            message: "Authentication failure: Invalid signature".into(),
-        });
-        assert_eq!(
-            signature.public_message(),
-            "Authentication failure: Invalid signature"
-        );
     }
 }

@@ -1,12 +1,15 @@
 //! The Keyspaces side: TLS with pinned roots, authenticated connections, and the pool that
 //! multiplexes every client over a few of them.
 
+pub mod addresses;
 pub mod affinity;
 pub mod connection;
+mod error;
 pub mod group;
 pub mod identity_pools;
 mod maintenance;
 pub mod mux;
+mod peers;
 pub mod pool;
 pub mod prepared;
 pub mod streams;

@@ -128,8 +128,12 @@ pub async fn proxy_with_pool(
 
 /// What a proxy in front of `emu` shares between its sessions.
 pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
+    let address = opts.endpoint.unwrap_or_else(|| emu.addr.to_string());
     let upstream = UpstreamTarget {
-        address: opts.endpoint.unwrap_or_else(|| emu.addr.to_string()),
+        addresses: Arc::new(keyspaces_proxy::upstream::addresses::AddressBook::new(
+            &address,
+        )),
+        address,
         server_name: server_name(&opts.server_name).unwrap(),
         tls: client_config(Some(&opts.ca)).unwrap(),
         insecure_plaintext: false,
@@ -184,6 +188,9 @@ pub fn error_of(f: &Frame) -> keyspaces_proxy::frame::messages::ErrorInfo {
 /// A direct TLS + SigV4 connection to the emulator, as a driver with the official plugin makes.
 pub async fn direct_tls(emu: &Emulator) -> keyspaces_proxy::upstream::connection::UpstreamFramed {
     let target = UpstreamTarget {
+        addresses: Arc::new(keyspaces_proxy::upstream::addresses::AddressBook::new(
+            &emu.addr.to_string(),
+        )),
         address: emu.addr.to_string(),
         server_name: server_name(&format!("cassandra.{REGION}.amazonaws.com")).unwrap(),
         tls: client_config(Some(&emu.ca_pem)).unwrap(),

@@ -94,6 +94,9 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
             .split_once(':')
             .ok_or("credential is AKID:SECRET")?;
         let target = UpstreamTarget {
+            addresses: std::sync::Arc::new(keyspaces_proxy::upstream::addresses::AddressBook::new(
+                &cli.target.to_string(),
+            )),
             address: cli.target.to_string(),
             server_name: server_name(&cli.tls_server_name).map_err(|e| e.to_string())?,
             tls: client_config(ca).map_err(|e| e.to_string())?,
