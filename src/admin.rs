@@ -38,6 +38,16 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 /// Brings the gauges that are read rather than counted up to date.
 fn refresh_gauges(state: &AdminState) {
     let m = metrics();
+    let (known, usable) = state
+        .ctx
+        .upstream
+        .addresses
+        .counts(std::time::Instant::now());
+    for (label, n) in [("known", known), ("usable", usable)] {
+        m.upstream_addresses
+            .get_or_create(&vec![("state", label)])
+            .set(n as i64);
+    }
     if let Some(pool) = &state.ctx.pool {
         let s = pool.stats();
         for (label, n) in [
@@ -70,16 +80,21 @@ pub fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
         return (true, json!({"ready": true, "mode": "dedicated"}));
     };
     let s = pool.stats();
+    let (known, usable) = ctx.upstream.addresses.counts(std::time::Instant::now());
+    let addresses = json!({"known": known, "usable": usable});
     if s.ready > 0 {
         return (
             true,
-            json!({"ready": true, "upstream_connections": s.ready}),
+            json!({"ready": true, "upstream_connections": s.ready, "addresses": addresses}),
         );
     }
     pool.warm_in_background();
     // A reason code: the SDK's text (ARNs, account ids) is for the log.
     let reason = s.last_error.unwrap_or("connecting");
-    (false, json!({"ready": false, "reason": reason}))
+    (
+        false,
+        json!({"ready": false, "reason": reason, "addresses": addresses}),
+    )
 }
 
 async fn handle(

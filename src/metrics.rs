@@ -33,6 +33,10 @@ pub struct Metrics {
     pub client_closed: Family<Labels, Counter>,
     pub client_handshakes: Family<Labels, Counter>,
     pub upstream_connections: Family<Labels, Gauge>,
+    /// Addresses of the endpoint, known and usable now (set on each scrape).
+    pub upstream_addresses: Family<Labels, Gauge>,
+    /// Failed connection attempts (TCP or TLS) by upstream address: a dozen at most.
+    pub upstream_address_failures: Family<Vec<(&'static str, String)>, Counter>,
     pub upstream_handshakes: Family<Labels, Counter>,
     pub tls_handshake_duration: Histogram,
     requests: Vec<Counter>,
@@ -111,6 +115,18 @@ impl Metrics {
             "upstream_connections",
             "Upstream connections by state",
             upstream_connections.clone(),
+        );
+        let upstream_addresses = Family::<Labels, Gauge>::default();
+        registry.register(
+            "upstream_addresses",
+            "Addresses of the upstream endpoint (DNS and system.peers) by state: known, usable",
+            upstream_addresses.clone(),
+        );
+        let upstream_address_failures = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "upstream_address_failures",
+            "Failed connection attempts (TCP or TLS) by upstream address",
+            upstream_address_failures.clone(),
         );
         let upstream_handshakes = Family::<Labels, Counter>::default();
         registry.register(
@@ -242,6 +258,8 @@ impl Metrics {
             client_closed,
             client_handshakes,
             upstream_connections,
+            upstream_addresses,
+            upstream_address_failures,
             upstream_handshakes,
             tls_handshake_duration,
             requests,

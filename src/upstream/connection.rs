@@ -312,6 +312,10 @@ impl UpstreamTarget {
                 Ok(io) => return Ok((io, addr)),
                 Err(e) => {
                     self.addresses.failed(addr, std::time::Instant::now());
+                    metrics()
+                        .upstream_address_failures
+                        .get_or_create(&vec![("address", addr.to_string())])
+                        .inc();
                     tracing::debug!(%addr, error = %e, "upstream address failed; trying the next");
                     last = Some((addr, e));
                 }

@@ -103,6 +103,9 @@ def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
         assert json.loads(body)["reason"] == "connecting", body
         time.sleep(0.1)
     assert status == 200 and json.loads(body)["ready"] is True
+    # The endpoint's addresses: the emulator's own and the peers it lists.
+    addresses = json.loads(body)["addresses"]
+    assert addresses["known"] >= 1 and 1 <= addresses["usable"] <= addresses["known"], addresses
 
     emu.proc.terminate()
     emu.proc.wait(timeout=10)
