@@ -26,6 +26,19 @@ fn check(args: &[&str], secret: &str, aws: &std::path::Path) -> (bool, String) {
     )
 }
 
+/// `check` with `args`, off the async runtime (it runs a process and waits for it).
+async fn check_off_runtime(args: Vec<String>, aws: std::path::PathBuf) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        check(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            SECRET,
+            &aws,
+        )
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_and_explains_failures() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,16 +100,7 @@ async fn check_passes_and_explains_failures() {
         .chain(["--ca-file", &wrong_ca])
         .map(String::from)
         .collect();
-    let aws2 = aws.clone();
-    let (ok, out) = tokio::task::spawn_blocking(move || {
-        check(
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            SECRET,
-            &aws2,
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out) = check_off_runtime(args, aws.clone()).await;
     assert!(!ok);
     assert!(out.contains("✘ TLS:") && out.contains("--ca-file"), "{out}");
 
@@ -154,15 +158,7 @@ async fn check_names_the_root_each_chain_verified_against() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (ok, out) = tokio::task::spawn_blocking(move || {
-            check(
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-                SECRET,
-                &aws,
-            )
-        })
-        .await
-        .unwrap();
+        let (ok, out) = check_off_runtime(args, aws).await;
         assert!(ok, "{}: {out}", kind.slug());
         assert!(out.contains(&format!("verified against {name}")), "{out}");
     }
