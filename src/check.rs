@@ -325,11 +325,11 @@ async fn network_steps(cli: &Cli, parts: &UpstreamParts, report: &mut Report) ->
             Vec::new()
         }
     };
-    let Some(addr) = addrs.first().copied() else {
+    if addrs.is_empty() {
         report.skip("TCP", "needs DNS");
         report.skip("TLS", "needs TCP");
         return Reached::Nothing;
-    };
+    }
     report.pass(
         "DNS",
         format!(
@@ -341,30 +341,41 @@ async fn network_steps(cli: &Cli, parts: &UpstreamParts, report: &mut Report) ->
                 .join(", ")
         ),
     );
+    // Every address at once: the pool spreads its connections over all of them, so one that
+    // does not answer is worth knowing about even when another does.
     let started = Instant::now();
     let timeout = Duration::from_secs(cli.connect_timeout.max(1));
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            report.fail("TCP", &e, "nothing accepts connections there: check the port (9142), security groups, firewalls and the VPC endpoint");
-            report.skip("TLS", "needs TCP");
-            return Reached::Nothing;
+    let attempts = addrs
+        .iter()
+        .map(|a| tokio::time::timeout(timeout, TcpStream::connect(*a)));
+    let results = futures_util::future::join_all(attempts).await;
+    let usable = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    let mut first_error = None;
+    let mut connected = None;
+    for (addr, result) in addrs.iter().zip(results) {
+        match result {
+            Ok(Ok(t)) if connected.is_none() => connected = Some((*addr, t)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert((e.to_string(), "nothing accepts connections there: check the port (9142), security groups, firewalls and the VPC endpoint"));
+            }
+            Err(_) => {
+                first_error.get_or_insert(("connect timed out".to_owned(), "packets are dropped: allow outbound TCP 9142 (security groups, NACLs, proxies)"));
+            }
         }
-        Err(_) => {
-            report.fail(
-                "TCP",
-                "connect timed out",
-                "packets are dropped: allow outbound TCP 9142 (security groups, NACLs, proxies)",
-            );
-            report.skip("TLS", "needs TCP");
-            return Reached::Nothing;
-        }
+    }
+    let Some((addr, tcp)) = connected else {
+        let (e, hint) = first_error.unwrap_or_else(|| ("no address".to_owned(), ""));
+        report.fail("TCP", &e, hint);
+        report.skip("TLS", "needs TCP");
+        return Reached::Nothing;
     };
     report.pass(
         "TCP",
         format!(
-            "connected to {addr} in {} ms",
-            started.elapsed().as_millis()
+            "connected to {addr} in {} ms; {usable} of {} addresses accept connections",
+            started.elapsed().as_millis(),
+            addrs.len()
         ),
     );
     if cli.insecure_plaintext_upstream_for_benchmarks {

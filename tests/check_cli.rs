@@ -73,6 +73,7 @@ async fn check_passes_and_explains_failures() {
     .await
     .unwrap();
     assert!(ok, "{out}");
+    assert!(out.contains("1 of 1 addresses accept connections"), "{out}");
     for step in [
         "configuration",
         "DNS",
