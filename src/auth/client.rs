@@ -243,15 +243,13 @@ impl Logins {
         }
     }
 
-    /// Checks PLAIN credentials: a live sliding session first, then the users or KMS. Returns
-    /// the identity, or the reason (empty when Cassandra's usual message says it all).
+    /// Checks PLAIN credentials against the users or KMS, and remembers a session for them.
+    /// Returns the identity, or the reason (empty when Cassandra's usual message says it all).
+    /// A live session is looked up by the caller first (`session::login`), before the budgets.
     pub async fn verify(&self, user: &str, secret: &[u8]) -> Result<String, String> {
         use crate::auth::sessions::session_key;
         let key = session_key(user, secret);
         let now = std::time::Instant::now();
-        if let Some(identity) = self.sessions.touch(&key, now) {
-            return Ok(identity);
-        }
         match &self.auth {
             ClientAuth::None => Ok(user.to_owned()),
             // The identity is the certificate's; credentials are never asked for.

@@ -12,13 +12,14 @@
 //! of validated tokens until they expire.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 use sha2::{Digest, Sha256};
 
 use crate::auth::attempts::{Buckets, Budget};
+use crate::single_flight::SingleFlight;
 
 /// Tokens remembered at most (as kmsauth's LRU default).
 const TOKEN_CACHE: usize = 4096;
@@ -112,9 +113,6 @@ pub struct KmsAuthSettings {
 }
 
 type Window = (SystemTime, SystemTime);
-
-/// The one KMS call under way for a token, shared by every login that carries it.
-type Decryption = Arc<tokio::sync::OnceCell<Result<Window, KmsAuthError>>>;
 
 /// Splits a kmsauth username: `name` (v1 service), or `2/service/name`, `2/user/name`.
 pub fn parse_username(username: &str) -> Result<KmsUser, KmsAuthError> {
@@ -233,7 +231,7 @@ pub struct KmsAuthValidator {
     /// Validated tokens → their window, until they expire.
     tokens: Mutex<HashMap<[u8; 32], (SystemTime, SystemTime)>>,
     /// Tokens being decrypted now: every login with one of them waits for that one KMS call.
-    inflight: Mutex<HashMap<[u8; 32], Decryption>>,
+    inflight: SingleFlight<[u8; 32], Result<Window, KmsAuthError>>,
     /// KMS calls for all clients together (burst = one second's worth).
     kms_calls: Buckets<()>,
 }
@@ -270,7 +268,7 @@ impl KmsAuthValidator {
             kms,
             arns: tokio::sync::Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: SingleFlight::default(),
         }
     }
 
@@ -370,34 +368,18 @@ impl KmsAuthValidator {
         user: &KmsUser,
         token: &[u8],
     ) -> Result<Window, KmsAuthError> {
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .clone();
-        let outcome = cell
-            .get_or_init(|| async {
-                if self
-                    .kms_calls
-                    .reserve(&(), std::time::Instant::now())
-                    .is_err()
-                {
-                    tracing::warn!(
-                        "kmsauth: KMS call budget spent; refusing logins until it refills"
-                    );
-                    return Err(KmsAuthError::Busy);
-                }
-                self.decrypt(user, token).await
-            })
-            .await
-            .clone();
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(&key);
-        }
-        outcome
+        let decrypt = || async {
+            if self
+                .kms_calls
+                .reserve(&(), std::time::Instant::now())
+                .is_err()
+            {
+                tracing::warn!("kmsauth: KMS call budget spent; refusing logins until it refills");
+                return Err(KmsAuthError::Busy);
+            }
+            self.decrypt(user, token).await
+        };
+        self.inflight.run(key, decrypt).await
     }
 
     async fn decrypt(

@@ -92,7 +92,9 @@ impl UpstreamError {
                      (reference {reference} in the proxy's log)"
                 )
             }
-            UpstreamError::UseFailed(_) | UpstreamError::Refused(_) if self.names_an_account() => {
+            UpstreamError::UseFailed(info) | UpstreamError::Refused(info)
+                if names_an_account(&info.message) =>
+            {
                 let reference = withheld("upstream refused a request the proxy made");
                 format!(
                     "keyspaces-proxy: Keyspaces refused the request (reference {reference} in \
@@ -100,15 +102,6 @@ impl UpstreamError {
                 )
             }
             other => format!("keyspaces-proxy cannot reach Keyspaces: {other}"),
-        }
-    }
-
-    fn names_an_account(&self) -> bool {
-        match self {
-            UpstreamError::AuthRejected(info)
-            | UpstreamError::Refused(info)
-            | UpstreamError::UseFailed(info) => names_an_account(&info.message),
-            _ => false,
         }
     }
 
