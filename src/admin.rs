@@ -48,6 +48,13 @@ fn refresh_gauges(state: &AdminState) {
             .get_or_create(&vec![("state", label)])
             .set(n as i64);
     }
+    // Rebuilt, so that addresses gone from the endpoint leave the output.
+    m.upstream_address_connections.clear();
+    for (address, n) in state.ctx.upstream.addresses.connections() {
+        m.upstream_address_connections
+            .get_or_create(&vec![("address", address.to_string())])
+            .set(n as i64);
+    }
     if let Some(pool) = &state.ctx.pool {
         let s = pool.stats();
         for (label, n) in [

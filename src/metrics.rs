@@ -37,6 +37,8 @@ pub struct Metrics {
     pub upstream_addresses: Family<Labels, Gauge>,
     /// Failed connection attempts (TCP or TLS) by upstream address: a dozen at most.
     pub upstream_address_failures: Family<Vec<(&'static str, String)>, Counter>,
+    /// Open upstream connections by endpoint address (rebuilt on each scrape).
+    pub upstream_address_connections: Family<Vec<(&'static str, String)>, Gauge>,
     pub upstream_handshakes: Family<Labels, Counter>,
     pub tls_handshake_duration: Histogram,
     requests: Vec<Counter>,
@@ -127,6 +129,12 @@ impl Metrics {
             "upstream_address_failures",
             "Failed connection attempts (TCP or TLS) by upstream address",
             upstream_address_failures.clone(),
+        );
+        let upstream_address_connections = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "upstream_address_connections",
+            "Open upstream connections by endpoint address",
+            upstream_address_connections.clone(),
         );
         let upstream_handshakes = Family::<Labels, Counter>::default();
         registry.register(
@@ -260,6 +268,7 @@ impl Metrics {
             upstream_connections,
             upstream_addresses,
             upstream_address_failures,
+            upstream_address_connections,
             upstream_handshakes,
             tls_handshake_duration,
             requests,

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
@@ -319,4 +320,260 @@ async fn throttling_errors_pass_through_unchanged() {
         ErrorInfo::parse(&bodies[1]).unwrap().code,
         error_code::READ_TIMEOUT
     );
+}
+
+/// What one request of the mixed load was.
+#[derive(Clone, Copy)]
+enum Op {
+    Write(u32),
+    Read(u32),
+}
+
+fn insert(stream: i16, k: u32) -> Frame {
+    let cql = format!("INSERT INTO lb.t (k, v) VALUES ({k}, 'v{k}')");
+    messages::query(4, stream, &cql, consistency::LOCAL_QUORUM)
+}
+
+fn select(stream: i16, k: u32) -> Frame {
+    let cql = format!("SELECT v FROM lb.t WHERE k = {k}");
+    messages::query(4, stream, &cql, consistency::LOCAL_QUORUM)
+}
+
+/// The one text cell of a single-row answer.
+fn single_value(f: &Frame) -> Option<String> {
+    let rows = keyspaces_proxy::frame::result::Rows::parse(&f.body).ok()?;
+    let cells = rows.cells().ok()?;
+    let cell = cells.first()?.first().copied().flatten()?;
+    String::from_utf8(cell.to_vec()).ok()
+}
+
+/// Writes fresh keys and reads back acknowledged ones, `window` in flight, until `stop`.
+/// Returns the keys whose writes were acknowledged; panics on a read that is not answered
+/// with its own row (a lost read) and on any write error but "may or may not have been
+/// applied" (what a write cut with its connection gets).
+async fn mixed_load(
+    mut c: Client,
+    first_key: u32,
+    window: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<u32>, usize) {
+    let mut acked: Vec<u32> = Vec::new();
+    let mut ops: Vec<Option<Op>> = vec![None; window];
+    let (mut next_key, mut answered, mut in_flight) = (first_key, 0usize, 0usize);
+    // Every other request reads back an acknowledged key, the others write a fresh one.
+    let mut sent = 0usize;
+    let mut request = |stream: usize, acked: &[u32], next_key: &mut u32| -> (Op, Frame) {
+        sent += 1;
+        let s = stream as i16;
+        match acked.get(sent.wrapping_mul(7919) % acked.len().max(1)) {
+            Some(&k) if sent.is_multiple_of(2) => (Op::Read(k), select(s, k)),
+            _ => {
+                *next_key += 1;
+                (Op::Write(*next_key), insert(s, *next_key))
+            }
+        }
+    };
+    for (stream, op) in ops.iter_mut().enumerate() {
+        let (o, f) = request(stream, &acked, &mut next_key);
+        *op = Some(o);
+        c.framed_mut().feed(f).await.unwrap();
+        in_flight += 1;
+    }
+    c.framed_mut().flush().await.unwrap();
+    while in_flight > 0 {
+        let f = tokio::time::timeout(Duration::from_secs(30), c.framed_mut().next())
+            .await
+            .expect("every request is answered")
+            .expect("the client connection stays open")
+            .unwrap();
+        in_flight -= 1;
+        answered += 1;
+        let stream = f.stream() as usize;
+        match ops[stream]
+            .take()
+            .expect("an answer to a request in flight")
+        {
+            Op::Write(k) if f.opcode() == opcode::RESULT => acked.push(k),
+            Op::Write(k) => {
+                let e = error_of(&f);
+                assert!(
+                    e.code == error_code::SERVER_ERROR && e.message.contains("may or may not"),
+                    "write {k}: {e:?}"
+                );
+            }
+            Op::Read(k) => assert_eq!(
+                single_value(&f),
+                Some(format!("v{k}")),
+                "read of {k} lost or answered with another row: {:?}",
+                ErrorInfo::parse(&f.body)
+            ),
+        }
+        if !*stop.borrow() {
+            let (o, f) = request(stream, &acked, &mut next_key);
+            ops[stream] = Some(o);
+            c.send(f).await;
+            in_flight += 1;
+        }
+    }
+    (acked, answered)
+}
+
+/// One of the endpoint's addresses goes away mid-load (listener closed, its connections cut):
+/// no read is lost and every acknowledged write is stored; the others carry the load, and the
+/// address is used again once it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_lost_mid_load_loses_nothing_and_is_used_again_when_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| {
+        c.listen_on_peers = true;
+        c.peers = 3;
+    })
+    .await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 8,
+        max_rate_per_connection: 0,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    c.run_ok("CREATE KEYSPACE lb WITH replication = {'class': 'SingleRegionStrategy'}")
+        .await;
+    c.run_ok("CREATE TABLE lb.t (k int PRIMARY KEY, v text)")
+        .await;
+    let lost = emu.peer_addrs[1];
+    let on_lost = |events: &[serde_json::Value]| -> HashSet<u64> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "connect" && e["local"] == lost.to_string().as_str())
+            .filter_map(|e| e["conn"].as_u64())
+            .collect()
+    };
+    let requests_on = |events: &[serde_json::Value], conns: &HashSet<u64>| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "request")
+            .filter(|e| e["conn"].as_u64().is_some_and(|id| conns.contains(&id)))
+            .count()
+    };
+    // Upstream connections authenticated and not closed since.
+    let live = |events: &[serde_json::Value]| -> HashSet<u64> {
+        let mut open = HashSet::new();
+        for e in events {
+            let id = e["conn"].as_u64().unwrap_or(0);
+            if e["event"] == "auth" && e["ok"] == true {
+                open.insert(id);
+            } else if e["event"] == "disconnect" {
+                open.remove(&id);
+            }
+        }
+        open
+    };
+    wait_until("the pool warm, two connections on the address", || {
+        let events = emu.events.snapshot();
+        live(&events).len() >= 8 && live(&events).intersection(&on_lost(&events)).count() >= 2
+    })
+    .await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut loads = Vec::new();
+    for i in 0..4u32 {
+        let client = ready(addr).await;
+        loads.push(tokio::spawn(mixed_load(
+            client,
+            i * 1_000_000,
+            32,
+            stopped.clone(),
+        )));
+    }
+    // Mid-load: wait until the address carries requests, then take it away.
+    let before = on_lost(&emu.events.snapshot());
+    wait_until("requests on the address", || {
+        requests_on(&emu.events.snapshot(), &before) > 200
+    })
+    .await;
+    emu.close_address(lost).await;
+    let cut_at = emu.events.snapshot().len();
+    wait_until("load carried on after the cut", || {
+        let events = emu.events.snapshot();
+        events[cut_at..]
+            .iter()
+            .filter(|e| e["event"] == "request")
+            .count()
+            > 2_000
+    })
+    .await;
+    stop.send(true).unwrap();
+    let mut acked = Vec::new();
+    for load in loads {
+        let (keys, answered) = load.await.unwrap();
+        assert!(answered > 0);
+        acked.extend(keys);
+    }
+    let events = emu.events.snapshot();
+    assert!(
+        events.iter().any(|e| e["event"] == "fault_disconnect"),
+        "connections on the address were cut mid-load"
+    );
+    for k in &acked {
+        let r = c.call(select(1, *k)).await;
+        assert_eq!(
+            single_value(&r),
+            Some(format!("v{k}")),
+            "acknowledged write {k}"
+        );
+    }
+
+    wait_until("the pool whole again, on the other addresses", || {
+        live(&emu.events.snapshot()).len() >= 8
+    })
+    .await;
+    let events = emu.events.snapshot();
+    assert!(live(&events).is_disjoint(&on_lost(&events)));
+
+    // Back: the pool moves connections there again, and clients' requests follow.
+    let earlier = on_lost(&emu.events.snapshot());
+    emu.reopen_address(lost).await.unwrap();
+    let fresh = |events: &[serde_json::Value]| -> HashSet<u64> {
+        let new: HashSet<u64> = on_lost(events).difference(&earlier).copied().collect();
+        events
+            .iter()
+            .filter(|e| e["event"] == "auth" && e["ok"] == true)
+            .filter_map(|e| e["conn"].as_u64())
+            .filter(|id| new.contains(id))
+            .collect()
+    };
+    wait_until("a new connection to the returned address", || {
+        !fresh(&emu.events.snapshot()).is_empty()
+    })
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut loads = Vec::new();
+    for i in 0..8u32 {
+        let client = ready(addr).await;
+        loads.push(tokio::spawn(mixed_load(
+            client,
+            (10 + i) * 1_000_000,
+            4,
+            stopped.clone(),
+        )));
+    }
+    wait_until("requests on the returned address", || {
+        let events = emu.events.snapshot();
+        requests_on(&events, &fresh(&events)) > 100
+    })
+    .await;
+    stop.send(true).unwrap();
+    for load in loads {
+        load.await.unwrap();
+    }
+}
+
+/// Polls `done` (state, not a clock) for up to a minute.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -7,7 +7,7 @@
 //! The choices are pure (the caller passes the time); resolving is the only I/O.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long DNS answers are used before the name is resolved again.
@@ -24,6 +24,8 @@ struct Entry {
     in_peers: bool,
     failures: u32,
     retry_at: Option<Instant>,
+    /// Connections open to it now (see `AddressLease`).
+    open: usize,
 }
 
 #[derive(Debug, Default)]
@@ -117,16 +119,18 @@ impl AddressBook {
         s.entries.retain(|e| e.in_dns || e.in_peers);
     }
 
-    /// The next usable address in turn; when none is usable, the one back soonest.
+    /// The usable address with the fewest connections, in turn among equals (so an address
+    /// that comes back takes the next connections); when none is usable, the one back soonest.
     fn choose(&self, now: Instant) -> Option<SocketAddr> {
         let mut s = self.lock();
         let n = s.entries.len();
-        for i in 0..n {
-            let at = (s.next + i) % n;
-            if s.entries[at].retry_at.is_none_or(|t| t <= now) {
-                s.next = (at + 1) % n;
-                return Some(s.entries[at].addr);
-            }
+        let best = (0..n)
+            .map(|i| (s.next + i) % n)
+            .filter(|&at| s.entries[at].retry_at.is_none_or(|t| t <= now))
+            .min_by_key(|&at| s.entries[at].open);
+        if let Some(at) = best {
+            s.next = (at + 1) % n;
+            return Some(s.entries[at].addr);
         }
         s.entries.iter().min_by_key(|e| e.retry_at).map(|e| e.addr)
     }
@@ -143,12 +147,38 @@ impl AddressBook {
         }
     }
 
-    pub fn succeeded(&self, addr: SocketAddr) {
+    /// A connection to `addr` succeeded: the address is good again, and counts the connection
+    /// until the lease is dropped.
+    pub fn lease(self: &Arc<Self>, addr: SocketAddr) -> AddressLease {
         let mut s = self.lock();
         if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
             e.failures = 0;
             e.retry_at = None;
+            e.open += 1;
         }
+        AddressLease {
+            book: self.clone(),
+            addr,
+        }
+    }
+
+    /// Open connections by address, for every address known.
+    pub fn connections(&self) -> Vec<(SocketAddr, usize)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|e| (e.addr, e.open))
+            .collect()
+    }
+
+    /// The addresses usable now.
+    pub fn usable(&self, now: Instant) -> Vec<SocketAddr> {
+        let s = self.lock();
+        s.entries
+            .iter()
+            .filter(|e| e.retry_at.is_none_or(|t| t <= now))
+            .map(|e| e.addr)
+            .collect()
     }
 
     /// Addresses known, and those usable now (for `/readyz` and `check`).
@@ -163,6 +193,32 @@ impl AddressBook {
     }
 }
 
+/// The address one of a group's connections should move away from, when the group's
+/// connections (`on`, one address each) are spread over the `usable` addresses unevenly by two
+/// or more — an address that came back, or one the others filled in for, gets its share again.
+pub fn crowded(on: &[SocketAddr], usable: &[SocketAddr]) -> Option<SocketAddr> {
+    let count = |a: &SocketAddr| on.iter().filter(|c| *c == a).count();
+    let fewest = usable.iter().map(count).min()?;
+    let most = on.iter().max_by_key(|a| count(a))?;
+    (count(most) >= fewest + 2).then_some(*most)
+}
+
+/// One open connection to one of the endpoint's addresses: counted while it lives.
+#[derive(Debug)]
+pub struct AddressLease {
+    book: Arc<AddressBook>,
+    pub addr: SocketAddr,
+}
+
+impl Drop for AddressLease {
+    fn drop(&mut self) {
+        let mut s = self.book.lock();
+        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == self.addr) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
+}
+
 /// Adds the addresses of `found` not yet in `entries`, marked by `mark`.
 fn add(entries: &mut Vec<Entry>, found: &[SocketAddr], mark: impl Fn(&mut Entry)) {
     for addr in found {
@@ -173,6 +229,7 @@ fn add(entries: &mut Vec<Entry>, found: &[SocketAddr], mark: impl Fn(&mut Entry)
                 in_peers: false,
                 failures: 0,
                 retry_at: None,
+                open: 0,
             };
             mark(&mut entry);
             entries.push(entry);
@@ -212,7 +269,8 @@ mod tests {
             2,
             "longer each time"
         );
-        book.succeeded(addr(2));
+        let book = Arc::new(book);
+        let _lease = book.lease(addr(2));
         assert_eq!(book.counts(later).1, 3);
     }
 
@@ -243,5 +301,49 @@ mod tests {
         book.failed(addr(1), t0);
         book.failed(addr(2), t0);
         assert_eq!(book.choose(t0), Some(addr(2)));
+    }
+
+    #[test]
+    fn new_connections_go_to_the_address_with_fewest() {
+        let book = Arc::new(AddressBook::new("cassandra.example:9142"));
+        let t0 = Instant::now();
+        book.resolved(vec![addr(1), addr(2), addr(3)], t0);
+        let mut leases: Vec<_> = (0..6)
+            .map(|_| book.lease(book.choose(t0).unwrap()))
+            .collect();
+        assert!(book.connections().iter().all(|(_, n)| *n == 2));
+        // addr 2 goes away and its connections with it; while it is out the others take all.
+        book.failed(addr(2), t0);
+        leases.retain(|l| l.addr != addr(2));
+        for _ in 0..2 {
+            leases.push(book.lease(book.choose(t0).unwrap()));
+        }
+        assert_eq!(book.connections()[1], (addr(2), 0));
+        // Back: it is chosen first until it has as many as the others.
+        let later = t0 + FIRST_BACKOFF;
+        assert_eq!(book.choose(later), Some(addr(2)));
+        assert_eq!(book.usable(later).len(), 3);
+        drop(leases);
+        assert!(book.connections().iter().all(|(_, n)| *n == 0));
+    }
+
+    #[test]
+    fn a_group_spread_unevenly_by_two_moves_one_connection() {
+        let usable = [addr(1), addr(2), addr(3)];
+        assert_eq!(
+            crowded(&[addr(1), addr(2), addr(3), addr(1)], &usable),
+            None
+        );
+        assert_eq!(
+            crowded(&[addr(1), addr(1), addr(2), addr(2)], &usable),
+            Some(addr(1))
+        );
+        // Connections on an address out of rotation count against nothing usable.
+        assert_eq!(
+            crowded(&[addr(4), addr(4), addr(4)], &usable),
+            Some(addr(4))
+        );
+        assert_eq!(crowded(&[], &usable), None);
+        assert_eq!(crowded(&[addr(1), addr(1)], &[]), None);
     }
 }

@@ -139,6 +139,8 @@ impl AsyncWrite for UpstreamIo {
 /// An authenticated upstream connection, ready for requests.
 pub struct UpstreamConnection {
     pub framed: UpstreamFramed,
+    /// Which of the endpoint's addresses it reached, counted while the connection lives.
+    pub address: super::addresses::AddressLease,
     pub version: u8,
     pub compression: Compression,
 }
@@ -273,7 +275,7 @@ impl UpstreamTarget {
             opcode::AUTHENTICATE => self.authenticate(&mut framed, version).await?,
             _ => return Err(unexpected(&reply, "STARTUP")),
         }
-        self.addresses.succeeded(addr);
+        let address = self.addresses.lease(addr);
         // Keyspaces' other load balancers, for the next connections to spread over (SigV4
         // only: behind other servers' proxies — Astra's SNI — peers are not for dialling).
         let now = std::time::Instant::now();
@@ -285,6 +287,7 @@ impl UpstreamTarget {
         }
         Ok(UpstreamConnection {
             framed,
+            address,
             version,
             compression,
         })

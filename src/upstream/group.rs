@@ -98,11 +98,21 @@ impl Group {
 
     /// The least busy ready connection with a free stream id and rate budget.
     pub(super) fn pick(&self) -> Option<Arc<MuxConn>> {
+        self.pick_where(|_| true)
+    }
+
+    /// As `pick`, on another address than `addr`: a connection just lost there may have
+    /// siblings about to be lost with it, and they look the least busy.
+    pub(super) fn pick_elsewhere(&self, addr: std::net::SocketAddr) -> Option<Arc<MuxConn>> {
+        self.pick_where(|c| c.address.addr != addr)
+    }
+
+    fn pick_where(&self, allowed: impl Fn(&MuxConn) -> bool) -> Option<Arc<MuxConn>> {
         let conns = self.conns.load();
         // Fast path, without allocating: the least busy usable connection, if it has budget.
         let best = conns
             .iter()
-            .filter(|c| c.is_ready() && c.has_free_stream())
+            .filter(|c| c.is_ready() && c.has_free_stream() && allowed(c))
             .min_by_key(|c| c.in_flight());
         match best {
             Some(c) if c.try_acquire() => return Some(c.clone()),
@@ -114,7 +124,7 @@ impl Group {
         // would not be a total order.
         let mut candidates: Vec<(usize, &Arc<MuxConn>)> = conns
             .iter()
-            .filter(|c| c.is_ready())
+            .filter(|c| c.is_ready() && allowed(c))
             .map(|c| (c.in_flight(), c))
             .collect();
         candidates.sort_unstable_by_key(|(n, _)| *n);

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::addresses::crowded;
 use super::group::Group;
 use super::mux::MuxConn;
 use super::pool::Pool;
@@ -15,23 +16,32 @@ use tokio::sync::oneshot;
 
 const SHRINK_WINDOW: Duration = Duration::from_secs(30);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
+/// At most one connection moved between addresses per group this often.
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// When a group's periodic work last ran, and the request count it last saw.
+struct Rhythm {
+    last_heartbeat: Instant,
+    window_start: Instant,
+    window_sent: u64,
+    last_rebalance: Instant,
+}
 
 impl Pool {
     pub(super) fn spawn_maintenance(&self, group: Arc<Group>) {
         let pool = self.me.clone();
         tokio::spawn(async move {
-            let mut last_heartbeat = Instant::now();
-            let mut window_start = Instant::now();
-            let mut window_sent: u64 = 0;
+            let now = Instant::now();
+            let mut rhythm = Rhythm {
+                last_heartbeat: now,
+                window_start: now,
+                window_sent: 0,
+                last_rebalance: now,
+            };
             loop {
                 tokio::time::sleep(MAINTENANCE_TICK).await;
                 let Some(pool) = pool.upgrade() else { return };
-                if !pool.maintain(
-                    &group,
-                    &mut last_heartbeat,
-                    &mut window_start,
-                    &mut window_sent,
-                ) {
+                if !pool.maintain(&group, &mut rhythm) {
                     return;
                 }
             }
@@ -39,13 +49,7 @@ impl Pool {
     }
 
     /// One maintenance pass; false when the group has been retired.
-    fn maintain(
-        &self,
-        group: &Arc<Group>,
-        last_heartbeat: &mut Instant,
-        window_start: &mut Instant,
-        window_sent: &mut u64,
-    ) -> bool {
+    fn maintain(&self, group: &Arc<Group>, rhythm: &mut Rhythm) -> bool {
         group.remove_dead_and_drained();
         let conns = group.connections();
         for c in conns.iter() {
@@ -76,18 +80,19 @@ impl Pool {
                 self.grow(group);
             }
         }
-        if last_heartbeat.elapsed() >= self.settings.heartbeat_interval {
-            *last_heartbeat = Instant::now();
+        if rhythm.last_heartbeat.elapsed() >= self.settings.heartbeat_interval {
+            rhythm.last_heartbeat = Instant::now();
             for c in conns.iter().filter(|c| c.is_ready()) {
                 self.heartbeat(c.clone());
             }
         }
         // Shrink when the load would fit in one connection fewer, at half the budget.
         let sent: u64 = conns.iter().map(|c| c.sent()).sum();
+        let window_start = rhythm.window_start;
         if window_start.elapsed() >= SHRINK_WINDOW {
             let ready: Vec<_> = conns.iter().filter(|c| c.is_ready()).collect();
-            let rate =
-                sent.saturating_sub(*window_sent) as f64 / window_start.elapsed().as_secs_f64();
+            let rate = sent.saturating_sub(rhythm.window_sent) as f64
+                / window_start.elapsed().as_secs_f64();
             let budget = f64::from(self.settings.max_rate_per_connection);
             let fewer = ready.len().saturating_sub(1);
             let fits_rate = if budget > 0.0 {
@@ -105,8 +110,12 @@ impl Pool {
                     c.drain();
                 }
             }
-            *window_start = Instant::now();
-            *window_sent = sent;
+            rhythm.window_start = Instant::now();
+            rhythm.window_sent = sent;
+        }
+        if rhythm.last_rebalance.elapsed() >= REBALANCE_EVERY {
+            rhythm.last_rebalance = Instant::now();
+            self.rebalance(group);
         }
         let live = group.ready_count() + group.connecting.load(Ordering::Acquire);
         if live < self.min_for(group) {
@@ -132,6 +141,30 @@ impl Pool {
             }
         }
         true
+    }
+
+    /// Moves one connection off an address crowded relative to the others (see
+    /// `addresses::crowded`): drained, so that nothing in flight on it is lost.
+    fn rebalance(&self, group: &Arc<Group>) {
+        if group.connecting.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let ready: Vec<_> = group
+            .connections()
+            .iter()
+            .filter(|c| c.is_ready())
+            .cloned()
+            .collect();
+        let on: Vec<_> = ready.iter().map(|c| c.address.addr).collect();
+        let usable = self.target.addresses.usable(Instant::now());
+        let Some(crowded) = crowded(&on, &usable) else {
+            return;
+        };
+        if let Some(c) = ready.iter().find(|c| c.address.addr == crowded) {
+            tracing::debug!(conn = c.id, address = %crowded, "moving a connection to a less used address");
+            self.grow(group);
+            c.drain();
+        }
     }
 
     fn heartbeat(&self, conn: Arc<MuxConn>) {

@@ -41,6 +41,8 @@ pub struct MuxConn {
     pub version: u8,
     pub keyspace: Option<Arc<str>>,
     pub created: Instant,
+    /// The endpoint address it is connected to.
+    pub address: super::addresses::AddressLease,
     /// When the credentials that signed this connection expire (STS), if they do.
     pub credentials_expiry: Option<SystemTime>,
     /// Unbounded: at most one queued frame per stream id in the table.
@@ -107,6 +109,7 @@ impl MuxConn {
             version: params.version,
             keyspace: params.keyspace,
             created: now,
+            address: up.address,
             credentials_expiry,
             writer: queue.clone(),
             table: Mutex::new(StreamTable::new(params.max_streams)),

@@ -67,6 +67,9 @@ impl Default for PoolSettings {
 }
 
 const MAX_CONCURRENT_CONNECTS: usize = 4;
+/// How often a read is sent again when connections die under it: a load balancer going away
+/// takes all its connections, not one.
+const MAX_READ_RETRIES: u8 = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -90,7 +93,7 @@ fn unavailable_frame(p: &Pending, why: &str) -> Frame {
 }
 
 pub struct Pool {
-    target: UpstreamTarget,
+    pub(super) target: UpstreamTarget,
     pub(super) settings: PoolSettings,
     pub(super) groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     pub prepared: Arc<PreparedCache>,
@@ -585,9 +588,16 @@ impl ConnOwner for Pool {
                 continue;
             }
             match &group {
-                Some(g) if p.attempt == 0 && self.is_retry_safe(&p.request) => {
-                    p.attempt = 1;
+                Some(g) if p.attempt < MAX_READ_RETRIES && self.is_retry_safe(&p.request) => {
+                    p.attempt += 1;
                     p.sent_at = Instant::now();
+                    let p = match g.pick_elsewhere(conn.address.addr) {
+                        Some(other) => match other.send(p) {
+                            Ok(()) => continue,
+                            Err(p) => p,
+                        },
+                        None => p,
+                    };
                     let (pool, g) = (self.arc(), g.clone());
                     tokio::spawn(async move { pool.dispatch(&g, p).await });
                 }

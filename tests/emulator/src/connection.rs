@@ -78,6 +78,10 @@ struct Conn {
 
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let id = shared.next_conn_id();
+    // Subscribed before anything else, so that no cut after this point is missed; one before
+    // it that closed this address is seen below.
+    let mut disconnects = shared.faults.disconnects();
+    disconnects.mark_unchanged();
     shared.events.record(json!({"event": "connect", "conn": id, "peer": peer.to_string(), "local": local.to_string()}));
     if shared.faults.refuse_connections() {
         shared
@@ -121,15 +125,19 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         tx,
         shared,
     };
-    let mut disconnects = conn.shared.faults.disconnects();
-    disconnects.mark_unchanged();
     let mut cut = false;
-    loop {
+    if conn.shared.faults.is_closed(local) {
+        conn.shared
+            .events
+            .record(json!({"event": "fault_disconnect", "conn": id}));
+        cut = true;
+    }
+    while !cut {
         let next = tokio::select! {
             n = frames.next() => n,
             Ok(()) = disconnects.changed() => {
                 let (_, target) = *disconnects.borrow_and_update();
-                if target.is_some_and(|t| t != id) {
+                if !target.hits(id, local) {
                     continue;
                 }
                 conn.shared.events.record(json!({"event": "fault_disconnect", "conn": id}));

@@ -1,17 +1,38 @@
 //! Fault injection, adjustable while the emulator runs (tests hold the `Arc<Faults>`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+/// Which connections a disconnect fault cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    All,
+    Conn(u64),
+    Local(SocketAddr),
+}
+
+impl Cut {
+    pub fn hits(self, conn: u64, local: SocketAddr) -> bool {
+        match self {
+            Cut::All => true,
+            Cut::Conn(id) => id == conn,
+            Cut::Local(addr) => addr == local,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Faults {
-    /// Bumped per fault; the target is one connection's id, or every connection.
-    disconnect: watch::Sender<(u64, Option<u64>)>,
+    /// Bumped per fault, with the connections it cuts.
+    disconnect: watch::Sender<(u64, Cut)>,
     latency_ms: AtomicU64,
     close_after: AtomicU64,
     refuse_connections: AtomicBool,
+    /// Addresses taken out of service: a connection accepted there just before is cut too.
+    closed: std::sync::Mutex<Vec<SocketAddr>>,
     fail_auth: AtomicBool,
     handshake_delay_ms: AtomicU64,
     cut_response_at: AtomicU64,
@@ -20,10 +41,11 @@ pub struct Faults {
 impl Default for Faults {
     fn default() -> Self {
         Faults {
-            disconnect: watch::Sender::new((0, None)),
+            disconnect: watch::Sender::new((0, Cut::All)),
             latency_ms: AtomicU64::new(0),
             close_after: AtomicU64::new(0),
             refuse_connections: AtomicBool::new(false),
+            closed: std::sync::Mutex::new(Vec::new()),
             fail_auth: AtomicBool::new(false),
             handshake_delay_ms: AtomicU64::new(0),
             cut_response_at: AtomicU64::new(0),
@@ -34,16 +56,33 @@ impl Default for Faults {
 impl Faults {
     /// Drops every open connection at once, mid-request if need be.
     pub fn disconnect_all(&self) {
-        self.disconnect
-            .send_modify(|(n, target)| (*n, *target) = (*n + 1, None));
+        self.cut(Cut::All);
     }
     /// Drops one connection (its id in the event log), mid-request if need be: nothing queued
     /// on it is written any more.
     pub fn disconnect(&self, conn: u64) {
-        self.disconnect
-            .send_modify(|(n, target)| (*n, *target) = (*n + 1, Some(conn)));
+        self.cut(Cut::Conn(conn));
     }
-    pub fn disconnects(&self) -> watch::Receiver<(u64, Option<u64>)> {
+    /// Drops every connection accepted on `local` (one of the emulator's addresses), and
+    /// any accepted there later, until `reopen_local`.
+    pub fn disconnect_local(&self, local: SocketAddr) {
+        self.closed_addresses().push(local);
+        self.cut(Cut::Local(local));
+    }
+    pub fn reopen_local(&self, local: SocketAddr) {
+        self.closed_addresses().retain(|a| *a != local);
+    }
+    pub fn is_closed(&self, local: SocketAddr) -> bool {
+        self.closed_addresses().contains(&local)
+    }
+    fn closed_addresses(&self) -> std::sync::MutexGuard<'_, Vec<SocketAddr>> {
+        self.closed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn cut(&self, which: Cut) {
+        self.disconnect
+            .send_modify(|(n, target)| (*n, *target) = (*n + 1, which));
+    }
+    pub fn disconnects(&self) -> watch::Receiver<(u64, Cut)> {
         self.disconnect.subscribe()
     }
     /// Added before every request's answer.

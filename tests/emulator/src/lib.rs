@@ -142,12 +142,18 @@ pub struct Emulator {
     pub faults: Arc<Faults>,
     pub events: Arc<EventLog>,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    /// One accept loop per address listened on.
+    listeners: std::sync::Mutex<Vec<(SocketAddr, JoinHandle<()>)>>,
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for (_, t) in self
+            .listeners
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -168,6 +174,35 @@ impl Emulator {
     /// Replaces the accepted SigV4 credentials (a key rotation); open connections stay.
     pub fn set_credentials(&self, keys: Vec<SigV4Key>) {
         *self.shared.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    /// Stops listening on `addr` (one of the emulator's addresses) and drops the connections
+    /// accepted there, as a load balancer taken out of service would: new connections to it
+    /// are refused until `reopen_address`.
+    pub async fn close_address(&self, addr: SocketAddr) {
+        let task = {
+            let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            let at = listeners.iter().position(|(a, _)| *a == addr);
+            at.map(|i| listeners.swap_remove(i).1)
+        };
+        if let Some(task) = task {
+            task.abort();
+            // Awaited, so that the listening socket is closed when this returns.
+            let _ = task.await;
+        }
+        self.faults.disconnect_local(addr);
+    }
+
+    /// Listens on `addr` again after `close_address`.
+    pub async fn reopen_address(&self, addr: SocketAddr) -> std::io::Result<()> {
+        let listener = TcpListener::bind(addr).await?;
+        self.faults.reopen_local(addr);
+        let task = tokio::spawn(accept_loop(listener, self.shared.clone()));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((addr, task));
+        Ok(())
     }
 
     /// Makes every prepared statement unknown (the next EXECUTE gets UNPREPARED).
@@ -222,7 +257,7 @@ impl Emulator {
             events: events.clone(),
             next_id: AtomicU64::new(0),
         });
-        let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
+        let mut listeners = vec![(addr, tokio::spawn(accept_loop(listener, shared.clone())))];
         let mut peer_addrs = Vec::new();
         if listen_on_peers {
             for ip in peers {
@@ -230,7 +265,7 @@ impl Emulator {
                 match TcpListener::bind(peer_addr).await {
                     Ok(l) => {
                         peer_addrs.push(peer_addr);
-                        tasks.push(tokio::spawn(accept_loop(l, shared.clone())));
+                        listeners.push((peer_addr, tokio::spawn(accept_loop(l, shared.clone()))));
                     }
                     Err(e) => {
                         tracing::warn!(%peer_addr, error = %e, "cannot listen on peer address")
@@ -245,7 +280,7 @@ impl Emulator {
             faults,
             events,
             shared,
-            tasks,
+            listeners: std::sync::Mutex::new(listeners),
         })
     }
 }
