@@ -334,9 +334,10 @@ mod tests {
             crowded(&[addr(1), addr(2), addr(3), addr(1)], &usable),
             None
         );
-        assert_eq!(
-            crowded(&[addr(1), addr(1), addr(2), addr(2)], &usable),
-            Some(addr(1))
+        let moved = crowded(&[addr(1), addr(1), addr(2), addr(2)], &usable);
+        assert!(
+            moved == Some(addr(1)) || moved == Some(addr(2)),
+            "{moved:?}"
         );
         // Connections on an address out of rotation count against nothing usable.
         assert_eq!(
