@@ -218,3 +218,94 @@ async fn tls_material_is_reused_across_starts() {
         opcode::SUPPORTED
     );
 }
+
+/// Counts the TLS records the server sends, by content type, on their way to the client.
+async fn record_counting_relay(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let types = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = types.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = TcpStream::connect(upstream).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+        // Server to client, a record at a time: a 5-byte header (type, version, length).
+        loop {
+            let mut header = [0u8; 5];
+            if sr.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+            let mut body = vec![0u8; len];
+            if sr.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            seen.lock().unwrap().push(header[0]);
+            if cw.write_all(&header).await.is_err() || cw.write_all(&body).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, types)
+}
+
+/// The options that make the emulator unlike itself: answers split into two TLS records
+/// (header, then body), a chosen TLS version, latency in microseconds.
+#[tokio::test]
+async fn split_answers_tls_versions_and_microsecond_latency() {
+    const APPLICATION_DATA: u8 = 23;
+    for (versions, expected) in [
+        (
+            keyspaces_emulator::tls::TlsVersions::Tls12,
+            rustls::ProtocolVersion::TLSv1_2,
+        ),
+        (
+            keyspaces_emulator::tls::TlsVersions::Tls13,
+            rustls::ProtocolVersion::TLSv1_3,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = emulator(dir.path(), |c| {
+            c.split_answers = true;
+            c.tls_versions = versions;
+        })
+        .await;
+        emu.faults
+            .set_latency(std::time::Duration::from_micros(700));
+        let (relay, records) = record_counting_relay(emu.addr).await;
+        let tcp = TcpStream::connect(relay).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_config(Some(&emu.ca_pem)).unwrap());
+        let tls = connector
+            .connect(
+                server_name("cassandra.us-east-1.amazonaws.com").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
+        let mut c = Framed::new(tls, FrameCodec::default());
+        assert_eq!(
+            sigv4_login(&mut c, SECRET).await.opcode(),
+            opcode::AUTH_SUCCESS
+        );
+        let before = records.lock().unwrap().len();
+        let started = std::time::Instant::now();
+        let n = 10;
+        for _ in 0..n {
+            let q = messages::query(4, 3, "SELECT key FROM system.local", consistency::ONE);
+            assert_eq!(call(&mut c, q).await.opcode(), opcode::RESULT);
+        }
+        // Latency is added, never taken away: a lower bound holds on any machine.
+        assert!(started.elapsed() >= std::time::Duration::from_micros(700 * n));
+        let after: Vec<u8> = records.lock().unwrap()[before..].to_vec();
+        let data = after.iter().filter(|t| **t == APPLICATION_DATA).count();
+        assert!(data >= 2 * n as usize, "{expected:?}: {after:?}");
+    }
+}

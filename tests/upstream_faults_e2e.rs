@@ -577,3 +577,47 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A server unlike the emulator's default: every answer in two TLS records (header, then
+/// body), TLS 1.2 only, 300 µs per request. Pipelined reads and writes through the pool come
+/// back whole, each to its own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_split_across_records_by_a_slow_tls12_server_arrive_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| {
+        c.split_answers = true;
+        c.tls_versions = keyspaces_emulator::tls::TlsVersions::Tls12;
+    })
+    .await;
+    emu.faults.set_latency(Duration::from_micros(300));
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let mut c = ready(addr).await;
+    c.run_ok("CREATE KEYSPACE lb WITH replication = {'class': 'SingleRegionStrategy'}")
+        .await;
+    c.run_ok("CREATE TABLE lb.t (k int PRIMARY KEY, v text)")
+        .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut loads = Vec::new();
+    for i in 0..3u32 {
+        loads.push(tokio::spawn(mixed_load(
+            ready(addr).await,
+            i * 1_000_000,
+            16,
+            stopped.clone(),
+        )));
+    }
+    wait_until("a few thousand answers", || {
+        emu.events
+            .snapshot()
+            .iter()
+            .filter(|e| e["event"] == "request")
+            .count()
+            > 3_000
+    })
+    .await;
+    stop.send(true).unwrap();
+    for load in loads {
+        let (acked, answered) = load.await.unwrap();
+        assert!(answered > 0 && !acked.is_empty());
+    }
+}

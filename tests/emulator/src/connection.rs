@@ -109,7 +109,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
     };
     let mut frames = FramedRead::new(read, decoder);
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let writer = tokio::spawn(write_out(rx, write));
+    let writer = tokio::spawn(write_out(rx, write, shared.config.split_answers));
     let mut conn = Conn {
         id,
         state: State::AwaitStartup,
@@ -513,11 +513,11 @@ impl Conn {
         if latency.is_zero() {
             return self.tx.send(Out::Frame(answer)).await.is_ok();
         }
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(latency).await;
-            let _ = tx.send(Out::Frame(answer)).await;
-        });
+        self.shared.delayer().hold(
+            Instant::now() + latency,
+            self.tx.clone(),
+            Out::Frame(answer),
+        );
         true
     }
 

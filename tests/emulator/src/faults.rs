@@ -28,7 +28,7 @@ impl Cut {
 pub struct Faults {
     /// Bumped per fault, with the connections it cuts.
     disconnect: watch::Sender<(u64, Cut)>,
-    latency_ms: AtomicU64,
+    latency_us: AtomicU64,
     close_after: AtomicU64,
     refuse_connections: AtomicBool,
     /// Addresses taken out of service: a connection accepted there just before is cut too.
@@ -42,7 +42,7 @@ impl Default for Faults {
     fn default() -> Self {
         Faults {
             disconnect: watch::Sender::new((0, Cut::All)),
-            latency_ms: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
             close_after: AtomicU64::new(0),
             refuse_connections: AtomicBool::new(false),
             closed: std::sync::Mutex::new(Vec::new()),
@@ -87,11 +87,13 @@ impl Faults {
     }
     /// Added before every request's answer.
     pub fn set_latency(&self, d: Duration) {
-        self.latency_ms
-            .store(d.as_millis() as u64, Ordering::Relaxed);
+        self.latency_us.store(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
     pub fn latency(&self) -> Duration {
-        Duration::from_millis(self.latency_ms.load(Ordering::Relaxed))
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
     }
     /// Each connection is closed, unanswered, at its Nth request after authentication (0 = never).
     pub fn set_close_after(&self, n: u64) {

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod connection;
+mod delay;
 pub mod engine;
 pub mod events;
 pub mod faults;
@@ -74,6 +75,11 @@ pub struct EmulatorConfig {
     /// Close the connection after answering a request body the emulator cannot decode, as
     /// Cassandra does: everything else in flight on it fails.
     pub close_on_protocol_error: bool,
+    /// Write each answer on its own, header and body in separate writes (separate TLS
+    /// records), as other servers do.
+    pub split_answers: bool,
+    /// The TLS versions offered (both by default).
+    pub tls_versions: tls::TlsVersions,
 }
 
 /// Cassandra's default `native_transport_max_frame_size_in_mb` (256).
@@ -101,6 +107,8 @@ impl Default for EmulatorConfig {
             root: None,
             accept_unknown_keys: false,
             close_on_protocol_error: false,
+            split_answers: false,
+            tls_versions: tls::TlsVersions::Both,
         }
     }
 }
@@ -121,12 +129,18 @@ pub struct Shared {
     pub events: Arc<EventLog>,
     keys: std::sync::RwLock<Vec<SigV4Key>>,
     next_id: AtomicU64,
+    delayer: std::sync::OnceLock<delay::Delayer>,
 }
 
 impl Shared {
     /// The SigV4 credentials accepted right now (they can be rotated at run time).
     pub fn sigv4_keys(&self) -> Vec<SigV4Key> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The thread releasing answers held back by injected latency (started on first use).
+    pub fn delayer(&self) -> &delay::Delayer {
+        self.delayer.get_or_init(delay::Delayer::start)
     }
 
     fn next_conn_id(&self) -> u64 {
@@ -229,8 +243,13 @@ impl Emulator {
         tls_ips.extend(peers.iter().copied());
         let names = tls::subject_alt_names(&config.region, &tls_ips);
         let material = match config.root {
-            Some(kind) => tls::under_root(&config.state_dir, &names, kind)?,
-            None => tls::load_or_create(&config.state_dir, &names, config.expired_certificate)?,
+            Some(kind) => tls::under_root(&config.state_dir, &names, kind, config.tls_versions)?,
+            None => tls::load_or_create(
+                &config.state_dir,
+                &names,
+                config.expired_certificate,
+                config.tls_versions,
+            )?,
         };
         let topology = engine::Topology {
             region: config.region.clone(),
@@ -256,6 +275,7 @@ impl Emulator {
             faults: faults.clone(),
             events: events.clone(),
             next_id: AtomicU64::new(0),
+            delayer: std::sync::OnceLock::new(),
         });
         let mut listeners = vec![(addr, tokio::spawn(accept_loop(listener, shared.clone())))];
         let mut peer_addrs = Vec::new();

@@ -54,6 +54,17 @@ struct Cli {
     /// Fault: milliseconds added to every request.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Microseconds added to every request (with --latency-ms, the two add up): a server that
+    /// answers in 400 µs, not the emulator's few.
+    #[arg(long, default_value_t = 0)]
+    latency_us: u64,
+    /// Write each answer on its own, header and body in separate writes (separate TLS
+    /// records), instead of batching queued answers into one write.
+    #[arg(long)]
+    split_answers: bool,
+    /// TLS versions offered: 1.2, 1.3 or both.
+    #[arg(long, default_value = "both")]
+    tls_versions: keyspaces_emulator::tls::TlsVersions,
     /// Fault: close each connection at its Nth request.
     #[arg(long, default_value_t = 0)]
     close_after: u64,
@@ -137,6 +148,8 @@ fn main() -> ExitCode {
         root: cli.root,
         accept_unknown_keys: cli.accept_unknown_keys,
         close_on_protocol_error: cli.close_on_protocol_error,
+        split_answers: cli.split_answers,
+        tls_versions: cli.tls_versions,
         ..EmulatorConfig::default()
     };
     // One thread: a current-thread runtime, without the work-stealing a single worker would
@@ -167,7 +180,10 @@ fn main() -> ExitCode {
             }
         };
         let f = &emulator.faults;
-        f.set_latency(std::time::Duration::from_millis(cli.latency_ms));
+        f.set_latency(
+            std::time::Duration::from_millis(cli.latency_ms)
+                + std::time::Duration::from_micros(cli.latency_us),
+        );
         f.set_close_after(cli.close_after);
         f.set_cut_response_at(cli.cut_response_at);
         f.set_refuse_connections(cli.refuse_connections);

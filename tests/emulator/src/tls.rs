@@ -124,6 +124,7 @@ pub fn under_root(
     dir: &Path,
     names: &[String],
     kind: RootKind,
+    versions: TlsVersions,
 ) -> Result<TlsMaterial, EmulatorError> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     let (root_params, algorithm) = kind.params()?;
@@ -153,17 +154,44 @@ pub fn under_root(
     let key = PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).map_err(err)?;
     Ok(TlsMaterial {
         ca_pem: root_pem_path,
-        server_config: server_config(chain, key)?,
+        server_config: server_config(chain, key, versions)?,
     })
+}
+
+/// The TLS versions the emulator offers: Keyspaces accepts 1.2 and 1.3; offering one alone
+/// shows how a client fares with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersions {
+    Both,
+    Tls12,
+    Tls13,
+}
+
+impl std::str::FromStr for TlsVersions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "both" => Ok(TlsVersions::Both),
+            "1.2" => Ok(TlsVersions::Tls12),
+            "1.3" => Ok(TlsVersions::Tls13),
+            other => Err(format!("{other:?}: expected 1.2, 1.3 or both")),
+        }
+    }
 }
 
 fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    versions: TlsVersions,
 ) -> Result<Arc<ServerConfig>, EmulatorError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let offered: &[&'static rustls::SupportedProtocolVersion] = match versions {
+        TlsVersions::Both => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersions::Tls12 => &[&rustls::version::TLS12],
+        TlsVersions::Tls13 => &[&rustls::version::TLS13],
+    };
     let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(offered)
         .map_err(err)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
@@ -179,6 +207,7 @@ pub fn load_or_create(
     dir: &Path,
     names: &[String],
     expired: bool,
+    versions: TlsVersions,
 ) -> Result<TlsMaterial, EmulatorError> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     let (ca_pem_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
@@ -234,6 +263,6 @@ pub fn load_or_create(
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(err)?;
     Ok(TlsMaterial {
         ca_pem: ca_pem_path,
-        server_config: server_config(chain, key)?,
+        server_config: server_config(chain, key, versions)?,
     })
 }

@@ -19,8 +19,36 @@ pub enum Out {
     Close,
 }
 
-pub async fn write_out<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, mut w: W) {
+/// With `split`, each answer goes out on its own, header and body in separate writes (over
+/// TLS, separate records), as servers unlike this one do; otherwise queued answers are
+/// batched into one write.
+pub async fn write_out<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, mut w: W, split: bool) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    if split {
+        while let Some(o) = rx.recv().await {
+            let (bytes, close) = match o {
+                Out::Frame(f) => {
+                    f.encode(&mut buf);
+                    (buf.split().freeze(), false)
+                }
+                Out::Cut(bytes) => (bytes, true),
+                Out::Close => (Bytes::new(), true),
+            };
+            let at = bytes.len().min(super::HEADER_LEN);
+            for part in [&bytes[..at], &bytes[at..]] {
+                if !part.is_empty()
+                    && (w.write_all(part).await.is_err() || w.flush().await.is_err())
+                {
+                    return;
+                }
+            }
+            if close {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+        return;
+    }
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut batched = 0;
