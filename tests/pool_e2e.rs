@@ -755,3 +755,43 @@ async fn connections_spread_over_every_address_the_endpoint_offers() {
         "the endpoint's name signed every handshake"
     );
 }
+
+/// A connection that died no longer counts against its address, even while a client that
+/// used it (and still holds its handle) stays connected: new connections and the metrics go
+/// by what is open.
+#[tokio::test]
+async fn a_dead_connection_stops_counting_against_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 1,
+        ..PoolSettings::default()
+    });
+    let ctx = context(&emu, opts);
+    let book = ctx.upstream.addresses.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(keyspaces_proxy::server::serve(
+        listener,
+        Arc::new(ctx),
+        100,
+        Duration::from_secs(5),
+    ));
+    let mut c = ready(addr).await;
+    assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+    let open = || book.connections().iter().map(|(_, n)| n).sum::<usize>();
+    assert!(open() >= 1);
+    emu.faults.set_refuse_connections(true);
+    emu.faults.disconnect_all();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still counted: {:?}",
+            book.connections()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(c);
+}

@@ -621,3 +621,56 @@ async fn answers_split_across_records_by_a_slow_tls12_server_arrive_whole() {
         assert!(answered > 0 && !acked.is_empty());
     }
 }
+
+/// One of the endpoint's addresses accepts TCP and never says a word: it costs each
+/// connection a quarter of the connect timeout at most, then sits out, and the pool fills on
+/// the address that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_address_sits_out_instead_of_stalling_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |c| {
+        c.listen_on_peers = false;
+        c.peers = 1;
+    })
+    .await;
+    // The listed peer: accepts, holds the connection, answers nothing.
+    let silent = TcpListener::bind(std::net::SocketAddr::new(
+        keyspaces_emulator::peer_addresses(1)[0],
+        emu.addr.port(),
+    ))
+    .await
+    .unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 4,
+        ..PoolSettings::default()
+    });
+    let addr = proxy(&emu, opts).await;
+    let mut c = ready(addr).await;
+    wait_until("four connections on the address that answers", || {
+        emu.events
+            .snapshot()
+            .iter()
+            .filter(|e| e["event"] == "auth" && e["ok"] == true)
+            .count()
+            >= 4
+    })
+    .await;
+    let tried = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&tried),
+        "the silent address was tried {tried} times"
+    );
+    for i in 0..20 {
+        assert_eq!(c.call(local(i)).await.opcode(), opcode::RESULT);
+    }
+}

@@ -77,7 +77,7 @@ fn executes_are_classified_by_the_pools_statements() {
     };
     assert_eq!(f.stream(), 8);
     assert_eq!(
-        crate::upstream::pool::unprepared_id(&f.body).as_deref(),
+        crate::upstream::retry::unprepared_id(&f.body).as_deref(),
         Some(&b"unseen"[..])
     );
     // Dedicated mode (no pool) forwards it: its connection is the client's own.

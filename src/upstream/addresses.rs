@@ -5,10 +5,21 @@
 //! the SigV4 host stay the endpoint's name: only where to dial changes.
 //!
 //! The choices are pure (the caller passes the time); resolving is the only I/O.
+//!
+//! What the upstream lists is not trusted: peers must be addresses of the kind the endpoint
+//! itself resolved to (loopback, private or public, same family; never unspecified,
+//! broadcast, multicast or link-local such as the instance metadata service), and at most
+//! `MAX_ADDRESSES` are kept, which also bounds the per-address metric series.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::metrics::metrics;
+
+/// Keyspaces lists 9 load balancers (3 for FIPS); a VPC endpoint one per subnet.
+const MAX_ADDRESSES: usize = 32;
 
 /// How long DNS answers are used before the name is resolved again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
@@ -26,6 +37,9 @@ struct Entry {
     retry_at: Option<Instant>,
     /// Connections open to it now (see `AddressLease`).
     open: usize,
+    /// It accepted a connection (or a probe) since it last failed: worth moving connections
+    /// to. An address listed but never reached is tried by new connections, not rebalancing.
+    reachable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -88,14 +102,15 @@ impl AddressBook {
 
     /// DNS answered `found`: addresses that disappeared are dropped, those that stay keep their
     /// back-off.
-    fn resolved(&self, found: Vec<SocketAddr>, now: Instant) {
+    fn resolved(&self, mut found: Vec<SocketAddr>, now: Instant) {
+        found.truncate(MAX_ADDRESSES);
         let mut s = self.lock();
         s.resolved_at = Some(now);
         for e in s.entries.iter_mut() {
             e.in_dns = found.contains(&e.addr);
         }
         add(&mut s.entries, &found, |e| e.in_dns = true);
-        s.entries.retain(|e| e.in_dns || e.in_peers);
+        forget_unnamed(&mut s.entries);
     }
 
     /// Whether the upstream's `system.peers` should be read (again) now.
@@ -105,18 +120,33 @@ impl AddressBook {
             .is_none_or(|at| now.duration_since(at) >= RESOLVE_EVERY)
     }
 
-    /// The upstream's `system.peers` named `peers` (at the endpoint's port): they replace the
-    /// peers learned before.
-    pub fn learned_peers(&self, peers: &[IpAddr], now: Instant) {
+    /// The upstream reached at `reached` listed `peers` in `system.peers` (at the endpoint's
+    /// port): those of the same kind as `reached` replace the peers learned before.
+    pub fn learned_peers(&self, peers: &[IpAddr], reached: IpAddr, now: Instant) {
         let port = self.port;
+        let mut wanted: Vec<SocketAddr> = Vec::new();
+        for ip in peers.iter().filter(|ip| same_kind(**ip, reached)) {
+            let addr = SocketAddr::new(*ip, port);
+            if !wanted.contains(&addr) {
+                wanted.push(addr);
+            }
+            if wanted.len() == MAX_ADDRESSES {
+                break;
+            }
+        }
         let mut s = self.lock();
         s.peers_at = Some(now);
-        let wanted: Vec<SocketAddr> = peers.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
         for e in s.entries.iter_mut() {
             e.in_peers = wanted.contains(&e.addr);
         }
-        add(&mut s.entries, &wanted, |e| e.in_peers = true);
-        s.entries.retain(|e| e.in_dns || e.in_peers);
+        let room = MAX_ADDRESSES.saturating_sub(s.entries.iter().filter(|e| e.in_dns).count());
+        let new: Vec<SocketAddr> = wanted
+            .into_iter()
+            .filter(|a| !s.entries.iter().any(|e| e.addr == *a))
+            .take(room)
+            .collect();
+        add(&mut s.entries, &new, |e| e.in_peers = true);
+        forget_unnamed(&mut s.entries);
     }
 
     /// The usable address with the fewest connections, in turn among equals (so an address
@@ -139,6 +169,7 @@ impl AddressBook {
     pub fn failed(&self, addr: SocketAddr, now: Instant) {
         let mut s = self.lock();
         if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
+            e.reachable = false;
             e.failures = e.failures.saturating_add(1);
             let backoff = FIRST_BACKOFF
                 .saturating_mul(1 << e.failures.saturating_sub(1).min(6))
@@ -155,10 +186,39 @@ impl AddressBook {
             e.failures = 0;
             e.retry_at = None;
             e.open += 1;
+            e.reachable = true;
         }
         AddressLease {
             book: self.clone(),
             addr,
+            released: AtomicBool::new(false),
+        }
+    }
+
+    /// Addresses not known to be reachable whose back-off is over: the caller checks each with
+    /// a TCP connect (`probed`), so that one that came back is used again without a handshake
+    /// spent on one that has not. They sit out while the probe runs.
+    pub fn probes_due(&self, now: Instant, timeout: Duration) -> Vec<SocketAddr> {
+        let mut s = self.lock();
+        let mut due = Vec::new();
+        for e in s.entries.iter_mut() {
+            if !e.reachable && e.retry_at.is_none_or(|t| t <= now) {
+                e.retry_at = Some(now + timeout);
+                due.push(e.addr);
+            }
+        }
+        due
+    }
+
+    /// A probe of `addr` connected (`ok`) or not.
+    pub fn probed(&self, addr: SocketAddr, ok: bool, now: Instant) {
+        if !ok {
+            return self.failed(addr, now);
+        }
+        let mut s = self.lock();
+        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
+            e.reachable = true;
+            e.retry_at = None;
         }
     }
 
@@ -171,12 +231,12 @@ impl AddressBook {
             .collect()
     }
 
-    /// The addresses usable now.
-    pub fn usable(&self, now: Instant) -> Vec<SocketAddr> {
+    /// The addresses connections may be moved to: reachable and not sitting out.
+    pub fn settled(&self, now: Instant) -> Vec<SocketAddr> {
         let s = self.lock();
         s.entries
             .iter()
-            .filter(|e| e.retry_at.is_none_or(|t| t <= now))
+            .filter(|e| e.reachable && e.retry_at.is_none_or(|t| t <= now))
             .map(|e| e.addr)
             .collect()
     }
@@ -203,20 +263,99 @@ pub fn crowded(on: &[SocketAddr], usable: &[SocketAddr]) -> Option<SocketAddr> {
     (count(most) >= fewest + 2).then_some(*most)
 }
 
-/// One open connection to one of the endpoint's addresses: counted while it lives.
+/// One open connection to one of the endpoint's addresses: counted until it closes.
 #[derive(Debug)]
 pub struct AddressLease {
     book: Arc<AddressBook>,
     pub addr: SocketAddr,
+    released: AtomicBool,
 }
 
-impl Drop for AddressLease {
-    fn drop(&mut self) {
+impl AddressLease {
+    /// The connection closed (its handle may live on in clients pinned to it).
+    pub fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let mut s = self.book.lock();
         if let Some(e) = s.entries.iter_mut().find(|e| e.addr == self.addr) {
             e.open = e.open.saturating_sub(1);
         }
     }
+}
+
+impl Drop for AddressLease {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Whether `peer`, listed by the upstream reached at `reached`, may be dialled: the same
+/// family and kind (loopback, private, public), and never an address that is not one host's.
+fn same_kind(peer: IpAddr, reached: IpAddr) -> bool {
+    kind(peer).is_some() && kind(peer) == kind(reached)
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Kind {
+    Loopback4,
+    Private4,
+    Public4,
+    Loopback6,
+    Private6,
+    Public6,
+}
+
+fn kind(ip: IpAddr) -> Option<Kind> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            let shared = a == 100 && (b & 0xc0) == 64; // 100.64.0.0/10
+            if v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_link_local()
+                || v4.is_documentation()
+                || a == 0
+            {
+                None
+            } else if v4.is_loopback() {
+                Some(Kind::Loopback4)
+            } else if v4.is_private() || shared {
+                Some(Kind::Private4)
+            } else {
+                Some(Kind::Public4)
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return kind(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            if v6.is_unspecified() || v6.is_multicast() || (first & 0xffc0) == 0xfe80 {
+                None
+            } else if v6.is_loopback() {
+                Some(Kind::Loopback6)
+            } else if (first & 0xfe00) == 0xfc00 {
+                Some(Kind::Private6)
+            } else {
+                Some(Kind::Public6)
+            }
+        }
+    }
+}
+
+/// Drops the addresses neither DNS nor the peers name any more, with their failure series.
+fn forget_unnamed(entries: &mut Vec<Entry>) {
+    entries.retain(|e| {
+        let named = e.in_dns || e.in_peers;
+        if !named {
+            metrics()
+                .upstream_address_failures
+                .remove(&vec![("address", e.addr.to_string())]);
+        }
+        named
+    });
 }
 
 /// Adds the addresses of `found` not yet in `entries`, marked by `mark`.
@@ -230,6 +369,7 @@ fn add(entries: &mut Vec<Entry>, found: &[SocketAddr], mark: impl Fn(&mut Entry)
                 failures: 0,
                 retry_at: None,
                 open: 0,
+                reachable: false,
             };
             mark(&mut entry);
             entries.push(entry);
@@ -279,7 +419,7 @@ mod tests {
         let book = AddressBook::new("cassandra.example:9142");
         let t0 = Instant::now();
         book.resolved(vec![addr(1), addr(2)], t0);
-        book.learned_peers(&[addr(2).ip(), addr(3).ip()], t0);
+        book.learned_peers(&[addr(2).ip(), addr(3).ip()], addr(1).ip(), t0);
         assert_eq!(book.counts(t0).0, 3, "addr 2 once");
         book.failed(addr(1), t0);
         book.resolved(vec![addr(1)], t0);
@@ -288,7 +428,7 @@ mod tests {
             (3, 2),
             "1 kept its back-off; 2 stays as a peer"
         );
-        book.learned_peers(&[], t0);
+        book.learned_peers(&[], addr(1).ip(), t0);
         assert_eq!(book.counts(t0).0, 1);
     }
 
@@ -322,7 +462,18 @@ mod tests {
         // Back: it is chosen first until it has as many as the others.
         let later = t0 + FIRST_BACKOFF;
         assert_eq!(book.choose(later), Some(addr(2)));
-        assert_eq!(book.usable(later).len(), 3);
+        assert_eq!(
+            book.settled(later).len(),
+            2,
+            "not moved to before it is reached again"
+        );
+        assert_eq!(book.probes_due(later, FIRST_BACKOFF), vec![addr(2)]);
+        assert!(
+            book.probes_due(later, FIRST_BACKOFF).is_empty(),
+            "one probe at a time"
+        );
+        book.probed(addr(2), true, later);
+        assert_eq!(book.settled(later).len(), 3);
         drop(leases);
         assert!(book.connections().iter().all(|(_, n)| *n == 0));
     }
@@ -346,5 +497,82 @@ mod tests {
         );
         assert_eq!(crowded(&[], &usable), None);
         assert_eq!(crowded(&[addr(1), addr(1)], &[]), None);
+    }
+
+    #[test]
+    fn peers_must_be_of_the_endpoints_kind_and_few() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let book = AddressBook::new("cassandra.example:9142");
+        let t0 = Instant::now();
+        let listed: Vec<IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "169.254.169.254",
+            "::",
+            "fe80::1",
+            "10.1.2.3",
+            "192.0.2.1",
+            "127.0.1.1",
+            "127.0.1.1",
+            "::1",
+            "::ffff:127.0.1.2",
+        ]
+        .iter()
+        .map(|s| ip(s))
+        .collect();
+        book.learned_peers(&listed, ip("127.0.0.1"), t0);
+        let known: Vec<IpAddr> = book.connections().iter().map(|(a, _)| a.ip()).collect();
+        assert_eq!(known, [ip("127.0.1.1"), ip("::ffff:127.0.1.2")]);
+        // A VPC endpoint's private addresses list private peers.
+        book.learned_peers(&listed, ip("10.0.0.5"), t0);
+        let known: Vec<IpAddr> = book.connections().iter().map(|(a, _)| a.ip()).collect();
+        assert_eq!(known, [ip("10.1.2.3")]);
+        let many: Vec<IpAddr> = (0..=255u8)
+            .flat_map(|b| (1..=255u8).map(move |c| IpAddr::from([127, 1, b, c])))
+            .collect();
+        book.learned_peers(&many, ip("127.0.0.1"), t0);
+        assert_eq!(book.connections().len(), MAX_ADDRESSES);
+    }
+
+    #[test]
+    fn a_lease_counts_until_released_once() {
+        let book = Arc::new(AddressBook::new("cassandra.example:9142"));
+        let t0 = Instant::now();
+        book.resolved(vec![addr(1)], t0);
+        let lease = book.lease(addr(1));
+        assert_eq!(book.connections(), [(addr(1), 1)]);
+        lease.release();
+        lease.release();
+        assert_eq!(book.connections(), [(addr(1), 0)]);
+        drop(lease);
+        assert_eq!(book.connections(), [(addr(1), 0)]);
+    }
+
+    #[test]
+    fn peers_never_reached_draw_no_connections_by_rebalancing() {
+        let book = Arc::new(AddressBook::new("cassandra.example:9142"));
+        let t0 = Instant::now();
+        book.resolved(vec![addr(1)], t0);
+        let peers: Vec<IpAddr> = (2..=9).map(|i| addr(i).ip()).collect();
+        book.learned_peers(&peers, addr(1).ip(), t0);
+        let _leases = [book.lease(addr(1)), book.lease(addr(1))];
+        assert_eq!(book.settled(t0), [addr(1)]);
+        assert_eq!(crowded(&[addr(1), addr(1)], &book.settled(t0)), None);
+        // Probed and refused, they sit out; one that answers becomes a place to move to.
+        let due = book.probes_due(t0, FIRST_BACKOFF);
+        assert_eq!(due.len(), 8);
+        for a in &due {
+            book.probed(*a, *a == addr(5), t0);
+        }
+        assert_eq!(book.settled(t0), [addr(1), addr(5)]);
+        assert_eq!(
+            crowded(&[addr(1), addr(1)], &book.settled(t0)),
+            Some(addr(1))
+        );
+        assert!(
+            book.probes_due(t0, FIRST_BACKOFF).is_empty(),
+            "the others back off"
+        );
     }
 }

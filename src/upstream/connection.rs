@@ -147,6 +147,26 @@ pub struct UpstreamConnection {
 
 pub use super::error::UpstreamError;
 
+/// A connection attempt on one address after TCP and TLS: unless it ends in a verdict that
+/// is not the address's fault, the address sits out (also when the attempt is dropped).
+struct AddressAttempt<'a> {
+    book: &'a super::addresses::AddressBook,
+    addr: SocketAddr,
+    blamed: bool,
+}
+
+impl Drop for AddressAttempt<'_> {
+    fn drop(&mut self) {
+        if self.blamed {
+            self.book.failed(self.addr, std::time::Instant::now());
+            metrics()
+                .upstream_address_failures
+                .get_or_create(&vec![("address", self.addr.to_string())])
+                .inc();
+        }
+    }
+}
+
 const HANDSHAKE_STREAM: i16 = 0;
 
 /// Addresses tried for one connection before its failure is the caller's.
@@ -241,6 +261,42 @@ impl UpstreamTarget {
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let (io, addr) = self.dial().await?;
+        // Stalling or breaking the CQL handshake is the address's fault as much as refusing
+        // TCP: so is being cut off by the connect timeout (this future dropped).
+        let mut attempt = AddressAttempt {
+            book: &self.addresses,
+            addr,
+            blamed: true,
+        };
+        let result = self.handshake(io, version, compression).await;
+        attempt.blamed = result.as_ref().is_err_and(UpstreamError::blames_address);
+        drop(attempt);
+        let (mut framed, compression) = result?;
+        let address = self.addresses.lease(addr);
+        // Keyspaces' other load balancers, for the next connections to spread over (SigV4
+        // only: behind other servers' proxies — Astra's SNI — peers are not for dialling).
+        let now = std::time::Instant::now();
+        if matches!(self.auth, UpstreamAuth::SigV4 { .. }) && self.addresses.wants_peers(now) {
+            match super::peers::read(&mut framed, version, compression).await {
+                Ok(peers) => self.addresses.learned_peers(&peers, addr.ip(), now),
+                Err(e) => tracing::debug!(error = %e, "cannot read system.peers"),
+            }
+        }
+        Ok(UpstreamConnection {
+            framed,
+            address,
+            version,
+            compression,
+        })
+    }
+
+    /// OPTIONS, STARTUP and authentication on a fresh connection; the compression agreed.
+    async fn handshake(
+        &self,
+        io: UpstreamIo,
+        version: u8,
+        compression: Compression,
+    ) -> Result<(UpstreamFramed, Compression), UpstreamError> {
         let mut framed = Framed::new(io, FrameCodec::new(self.max_frame_len));
 
         let supported =
@@ -275,22 +331,7 @@ impl UpstreamTarget {
             opcode::AUTHENTICATE => self.authenticate(&mut framed, version).await?,
             _ => return Err(unexpected(&reply, "STARTUP")),
         }
-        let address = self.addresses.lease(addr);
-        // Keyspaces' other load balancers, for the next connections to spread over (SigV4
-        // only: behind other servers' proxies — Astra's SNI — peers are not for dialling).
-        let now = std::time::Instant::now();
-        if matches!(self.auth, UpstreamAuth::SigV4 { .. }) && self.addresses.wants_peers(now) {
-            match super::peers::read(&mut framed, version, compression).await {
-                Ok(peers) => self.addresses.learned_peers(&peers, now),
-                Err(e) => tracing::debug!(error = %e, "cannot read system.peers"),
-            }
-        }
-        Ok(UpstreamConnection {
-            framed,
-            address,
-            version,
-            compression,
-        })
+        Ok((framed, compression))
     }
 
     /// TCP, then TLS unless benchmarking, to the endpoint's addresses in turn: an address
@@ -333,21 +374,31 @@ impl UpstreamTarget {
         ))
     }
 
+    /// TCP and TLS to one address, within a quarter of the connect timeout: a silent address
+    /// (one that accepts TCP and never answers TLS, too) must not use up the whole of it
+    /// while the others wait.
     async fn dial_one(&self, addr: SocketAddr) -> Result<UpstreamIo, UpstreamError> {
-        let named = || format!("{} ({addr})", self.address);
-        // A silent address must not use up the whole connect timeout: the others wait.
         let limit = (self.connect_timeout / 4).max(Duration::from_secs(1));
-        let tcp = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-            Ok(connected) => connected,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no TCP answer within {limit:?}"),
-            )),
+        match tokio::time::timeout(limit, self.dial_within(addr)).await {
+            Ok(dialled) => dialled,
+            Err(_) => Err(UpstreamError::Connect {
+                address: format!("{} ({addr})", self.address),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no TCP or TLS answer within {limit:?}"),
+                ),
+            }),
         }
-        .map_err(|source| UpstreamError::Connect {
-            address: named(),
-            source,
-        })?;
+    }
+
+    async fn dial_within(&self, addr: SocketAddr) -> Result<UpstreamIo, UpstreamError> {
+        let named = || format!("{} ({addr})", self.address);
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                address: named(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         if self.insecure_plaintext {
             return Ok(UpstreamIo::Plain(tcp));

@@ -106,6 +106,19 @@ impl UpstreamError {
     }
 
     /// A bounded label for metrics.
+    /// Whether the address that answered is at fault (it broke or stalled the exchange), as
+    /// opposed to a verdict on our credentials or request.
+    pub fn blames_address(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::Tls { .. }
+                | UpstreamError::Timeout(_)
+                | UpstreamError::Protocol(_)
+                | UpstreamError::Closed
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. } => "connect_error",

@@ -18,6 +18,8 @@ const SHRINK_WINDOW: Duration = Duration::from_secs(30);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
 /// At most one connection moved between addresses per group this often.
 const REBALANCE_EVERY: Duration = Duration::from_secs(5);
+/// How long a TCP connect may take to show that an address is back.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// When a group's periodic work last ran, and the request count it last saw.
 struct Rhythm {
@@ -156,14 +158,26 @@ impl Pool {
             .cloned()
             .collect();
         let on: Vec<_> = ready.iter().map(|c| c.address.addr).collect();
-        let usable = self.target.addresses.usable(Instant::now());
-        let Some(crowded) = crowded(&on, &usable) else {
+        let book = &self.target.addresses;
+        let now = Instant::now();
+        for addr in book.probes_due(now, PROBE_TIMEOUT) {
+            let book = book.clone();
+            tokio::spawn(async move {
+                let connect = tokio::net::TcpStream::connect(addr);
+                let ok = matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+                    Ok(Ok(_))
+                );
+                book.probed(addr, ok, Instant::now());
+            });
+        }
+        let Some(crowded) = crowded(&on, &book.settled(now)) else {
             return;
         };
-        if let Some(c) = ready.iter().find(|c| c.address.addr == crowded) {
+        if let Some(c) = ready.iter().find(|c| c.address.addr == crowded).cloned() {
             tracing::debug!(conn = c.id, address = %crowded, "moving a connection to a less used address");
-            self.grow(group);
-            c.drain();
+            // Drained only once its replacement is ready: a move never costs capacity.
+            self.grow_then(group, move || c.drain());
         }
     }
 

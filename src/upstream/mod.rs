@@ -12,6 +12,7 @@ pub mod mux;
 mod peers;
 pub mod pool;
 pub mod prepared;
+pub mod retry;
 pub mod streams;
 pub mod tls;
 

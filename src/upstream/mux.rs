@@ -153,6 +153,7 @@ impl MuxConn {
                 }
             }
             me.state.store(ConnState::Dead as u8, Ordering::Release);
+            me.address.release();
             writer.abort();
             let in_flight = {
                 let mut t = me.lock_table();

@@ -13,23 +13,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::oneshot;
-
 use super::affinity::Affinity;
 use super::connection::{UpstreamError, UpstreamTarget};
 use super::group::BACKOFF_BASE;
 pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::prepared::{PreparedCache, PreparedStatement};
+use super::retry::is_unprepared;
 use super::streams::{Pending, ReplyTo};
 use crate::frame::messages::{self, error_code, message_body, ErrorInfo};
-use crate::frame::request::{parse_execute, parse_prepare, parse_query};
+use crate::frame::request::parse_prepare;
 use crate::frame::result::{kind, result_kind, Prepared};
-use crate::frame::types::Reader;
 use crate::frame::{opcode, Frame};
 use crate::metrics::{error_code_name, metrics, Metrics};
-use crate::statement::is_select;
 use crate::topology::classify;
 
 #[derive(Debug, Clone)]
@@ -272,6 +268,12 @@ impl Pool {
 
     /// Starts another connection in the background, within the group's limits.
     pub(super) fn grow(&self, group: &Arc<Group>) {
+        self.grow_then(group, || {});
+    }
+
+    /// As `grow`, running `then` once the new connection is ready (not if none was started or
+    /// it failed).
+    pub(super) fn grow_then(&self, group: &Arc<Group>, then: impl FnOnce() + Send + 'static) {
         if let Some((at, _, _)) = group.last_failure() {
             if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
                 return;
@@ -293,7 +295,9 @@ impl Pool {
         }
         let (pool, group) = (self.arc(), group.clone());
         tokio::spawn(async move {
-            let _ = pool.open_counted(&group).await;
+            if pool.open_counted(&group).await.is_ok() {
+                then();
+            }
         });
     }
 
@@ -402,112 +406,6 @@ impl Pool {
             let _ = tokio::time::timeout(wait, changed).await;
         }
     }
-
-    /// The group a statement prepared in `keyspace` should be re-prepared on.
-    async fn reprepare_target(
-        &self,
-        conn: &Arc<MuxConn>,
-        statement: &PreparedStatement,
-    ) -> Option<Arc<MuxConn>> {
-        if conn.is_ready() && conn.keyspace == statement.keyspace {
-            return Some(conn.clone());
-        }
-        let group = self
-            .group(conn.version, statement.keyspace.as_deref())
-            .await
-            .ok()?;
-        group.pick()
-    }
-
-    /// Re-prepares the statement behind an UNPREPARED answer and retries the request once.
-    async fn reprepare_and_retry(
-        &self,
-        conn: Arc<MuxConn>,
-        mut pending: Pending,
-        unprepared: Frame,
-    ) {
-        let id = message_body(&unprepared.header, &unprepared.body)
-            .ok()
-            .and_then(unprepared_id);
-        let statement = id.as_deref().and_then(|id| self.prepared.get(id));
-        let (Some(id), Some(statement)) = (id, statement) else {
-            pending.reply.deliver(unprepared);
-            return;
-        };
-        let Some(target) = self.reprepare_target(&conn, &statement).await else {
-            pending.reply.deliver(unprepared);
-            return;
-        };
-        let (tx, rx) = oneshot::channel();
-        let prepare = prepare_frame(conn.version, &statement.query);
-        if target
-            .send(Pending::new(prepare, ReplyTo::Internal(tx)))
-            .is_err()
-        {
-            pending.reply.deliver(unprepared);
-            return;
-        }
-        let reply = tokio::time::timeout(self.settings.request_timeout, rx).await;
-        let same_id = matches!(&reply, Ok(Ok(f)) if f.opcode() == opcode::RESULT
-            && Prepared::parse(&f.body, conn.version).is_ok_and(|p| p.id == id));
-        if !same_id {
-            pending.reply.deliver(unprepared);
-            return;
-        }
-        tracing::debug!(
-            conn = target.id,
-            "re-prepared a statement after UNPREPARED; retrying"
-        );
-        metrics().reprepares.inc();
-        pending.attempt += 1;
-        pending.sent_at = Instant::now();
-        if let Err(p) = target.send(pending) {
-            p.reply.deliver(unprepared);
-        }
-    }
-
-    /// Whether a request may be sent again after its connection died: reads only.
-    fn is_retry_safe(&self, request: &Frame) -> bool {
-        let Ok(body) = message_body(&request.header, &request.body) else {
-            return false;
-        };
-        match request.opcode() {
-            opcode::OPTIONS | opcode::PREPARE => true,
-            opcode::QUERY => parse_query(body).is_ok_and(|q| is_select(q.text)),
-            opcode::EXECUTE => parse_execute(body)
-                .ok()
-                .and_then(|e| self.prepared.get(e.id))
-                .is_some_and(|s| is_select(&s.query)),
-            _ => false,
-        }
-    }
-}
-
-fn prepare_frame(version: u8, query: &str) -> Frame {
-    use crate::frame::types::WriteExt;
-    let mut b = bytes::BytesMut::new();
-    b.put_long_string(query);
-    Frame::new(
-        crate::frame::Header::request(version, 0, opcode::PREPARE),
-        b.freeze(),
-    )
-}
-
-/// The statement id in an UNPREPARED error body.
-pub fn unprepared_id(body: &[u8]) -> Option<Bytes> {
-    let mut r = Reader::new(body);
-    if r.i32().ok()? != error_code::UNPREPARED {
-        return None;
-    }
-    r.string().ok()?;
-    Some(Bytes::copy_from_slice(r.short_bytes().ok()?))
-}
-
-fn is_unprepared(frame: &Frame) -> bool {
-    frame.opcode() == opcode::ERROR
-        && message_body(&frame.header, &frame.body)
-            .and_then(ErrorInfo::parse)
-            .is_ok_and(|e| e.code == error_code::UNPREPARED)
 }
 
 impl ConnOwner for Pool {
@@ -612,21 +510,5 @@ impl ConnOwner for Pool {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unprepared_id_is_read_from_the_error() {
-        use crate::frame::types::WriteExt;
-        let mut extra = Vec::new();
-        extra.put_short_bytes(b"\x01\x02");
-        let f = messages::error_with(4, 0, error_code::UNPREPARED, "gone", &extra);
-        assert_eq!(unprepared_id(&f.body).unwrap().as_ref(), b"\x01\x02");
-        assert!(is_unprepared(&f));
-        assert!(unprepared_id(&messages::error(4, 0, error_code::INVALID, "x").body).is_none());
     }
 }
