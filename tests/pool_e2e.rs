@@ -795,3 +795,28 @@ async fn a_dead_connection_stops_counting_against_its_address() {
     }
     drop(c);
 }
+
+/// Four busy clients (64 in flight each) on a pool that starts with two connections: sharing
+/// a connection, their bursts queue behind each other, so the pool grows until each has its
+/// own — well before the per-connection depth limit (256) that a single client must reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_clients_sharing_connections_get_one_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy_without_rate_limit(&emu, PoolSettings::default()).await;
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        let mut c = ready(addr).await;
+        loads.push(tokio::spawn(async move {
+            error_codes(&pipeline(&mut c, &local_query(), 16_000, 64).await)
+        }));
+    }
+    for load in loads {
+        assert_eq!(load.await.unwrap(), Vec::<i32>::new());
+    }
+    let authenticated = events_of(&emu.events.snapshot(), "auth").count();
+    assert!(
+        (4..=6).contains(&authenticated),
+        "{authenticated} upstream connections for four busy clients"
+    );
+}

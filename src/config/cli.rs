@@ -381,10 +381,10 @@ pub struct Cli {
     pub max_streams_per_connection: usize,
 
     /// Open another upstream connection when the least busy one has more requests than this in
-    /// flight. The rate budget already spreads Keyspaces' 3,000 req/s per connection, so this
-    /// only catches a connection whose answers lag; set low, it splits clients over many
-    /// half-empty connections, with smaller batches on every hop (on loopback, 256 gave 9–20%
-    /// more throughput than 64 at 4×128 in flight).
+    /// flight, or when clients outnumber connections and one shared by two or more has a
+    /// quarter of this (busy clients then get a connection each, as going direct). The rate
+    /// budget already spreads Keyspaces' 3,000 req/s per connection; set low, this splits one
+    /// client over many half-empty connections, with smaller batches on every hop.
     #[arg(
         help_heading = "Pool and requests",
         long,

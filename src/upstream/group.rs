@@ -67,6 +67,15 @@ impl Group {
         self.conns.load().iter().filter(|c| c.is_ready()).count()
     }
 
+    /// Whether more clients are pinned to the group's ready connections than there are of them
+    /// (some must share).
+    pub(super) fn clients_outnumber_connections(&self) -> bool {
+        let conns = self.conns.load();
+        let ready = conns.iter().filter(|c| c.is_ready());
+        let (n, clients) = ready.fold((0, 0), |(n, k), c| (n + 1, k + c.affine()));
+        clients > n
+    }
+
     /// Requests in flight on the least busy ready connection, if there is one.
     pub(super) fn least_in_flight(&self) -> Option<usize> {
         self.conns

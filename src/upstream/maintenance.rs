@@ -105,7 +105,8 @@ impl Pool {
             // Growth also follows queue depth, so shrinking must leave room for it: otherwise
             // a slow but deep workload would open and close a connection every window.
             let in_flight: usize = ready.iter().map(|c| c.in_flight()).sum();
-            let fits = fits_rate && in_flight <= fewer * self.settings.grow_at_in_flight / 2;
+            let shared = super::pool::shared_grow_at(self.settings.grow_at_in_flight);
+            let fits = fits_rate && in_flight <= fewer * shared / 2;
             if ready.len() > self.min_for(group) && fits {
                 if let Some(c) = ready.iter().min_by_key(|c| c.in_flight()) {
                     tracing::debug!(conn = c.id, "shrinking idle upstream group");

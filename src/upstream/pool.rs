@@ -78,6 +78,12 @@ pub struct PoolStats {
     pub last_error: Option<&'static str>,
 }
 
+/// In-flight depth at which a connection pinned by two or more clients is worth splitting:
+/// below it, sharing costs nothing; above it, the clients' bursts queue behind each other.
+pub(super) fn shared_grow_at(grow_at: usize) -> usize {
+    (grow_at / 4).max(1)
+}
+
 /// Why a request could not be sent: the client sees this as a retryable error.
 fn unavailable_frame(p: &Pending, why: &str) -> Frame {
     messages::error(
@@ -346,8 +352,18 @@ impl Pool {
             return Err(pending);
         };
         // Only a deep pinned connection makes the group worth scanning.
-        if conn.in_flight() > grow_at {
+        let in_flight = conn.in_flight();
+        if in_flight > grow_at {
             self.grow_if_deep(group, group.least_in_flight());
+        } else if in_flight > shared_grow_at(grow_at)
+            && conn.affine() >= 2
+            && group.connecting.load(Ordering::Acquire) == 0
+            && group.clients_outnumber_connections()
+        {
+            // Busy clients sharing a connection while they outnumber the connections: one more
+            // lets them spread out (they are re-pinned when the group changes), as each would
+            // have its own going direct.
+            self.grow(group);
         }
         conn.send(pending)
     }

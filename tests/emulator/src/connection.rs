@@ -109,7 +109,14 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
     };
     let mut frames = FramedRead::new(read, decoder);
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let writer = tokio::spawn(write_out(rx, write, shared.config.split_answers));
+    let writer = tokio::spawn(write_out(
+        rx,
+        write,
+        shared
+            .config
+            .split_answers
+            .then_some(shared.config.split_gap),
+    ));
     let mut conn = Conn {
         id,
         state: State::AwaitStartup,

@@ -78,6 +78,9 @@ pub struct EmulatorConfig {
     /// Write each answer on its own, header and body in separate writes (separate TLS
     /// records), as other servers do.
     pub split_answers: bool,
+    /// With `split_answers`, how long the connection's thread works between an answer's header
+    /// and its body (blocking it, as a single-threaded server's interpreter does).
+    pub split_gap: std::time::Duration,
     /// The TLS versions offered (both by default).
     pub tls_versions: tls::TlsVersions,
 }
@@ -108,6 +111,7 @@ impl Default for EmulatorConfig {
             accept_unknown_keys: false,
             close_on_protocol_error: false,
             split_answers: false,
+            split_gap: std::time::Duration::ZERO,
             tls_versions: tls::TlsVersions::Both,
         }
     }

@@ -62,6 +62,10 @@ struct Cli {
     /// records), instead of batching queued answers into one write.
     #[arg(long)]
     split_answers: bool,
+    /// With --split-answers: microseconds the connection's thread works between an answer's
+    /// header and its body (a single-threaded server between two writes).
+    #[arg(long, default_value_t = 0)]
+    split_gap_us: u64,
     /// TLS versions offered: 1.2, 1.3 or both.
     #[arg(long, default_value = "both")]
     tls_versions: keyspaces_emulator::tls::TlsVersions,
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
         accept_unknown_keys: cli.accept_unknown_keys,
         close_on_protocol_error: cli.close_on_protocol_error,
         split_answers: cli.split_answers,
+        split_gap: std::time::Duration::from_micros(cli.split_gap_us),
         tls_versions: cli.tls_versions,
         ..EmulatorConfig::default()
     };

@@ -20,11 +20,15 @@ pub enum Out {
 }
 
 /// With `split`, each answer goes out on its own, header and body in separate writes (over
-/// TLS, separate records), as servers unlike this one do; otherwise queued answers are
-/// batched into one write.
-pub async fn write_out<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, mut w: W, split: bool) {
+/// TLS, separate records) with the given gap between them, as servers unlike this one do;
+/// otherwise queued answers are batched into one write.
+pub async fn write_out<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Out>,
+    mut w: W,
+    split: Option<std::time::Duration>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    if split {
+    if let Some(gap) = split {
         while let Some(o) = rx.recv().await {
             let (bytes, close) = match o {
                 Out::Frame(f) => {
@@ -35,7 +39,12 @@ pub async fn write_out<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, mut w
                 Out::Close => (Bytes::new(), true),
             };
             let at = bytes.len().min(super::HEADER_LEN);
-            for part in [&bytes[..at], &bytes[at..]] {
+            for (i, part) in [&bytes[..at], &bytes[at..]].into_iter().enumerate() {
+                if i == 1 && !gap.is_zero() {
+                    // Blocking on purpose: the gap is work, not waiting (tokio's timer would
+                    // also round it up to a millisecond).
+                    std::thread::sleep(gap);
+                }
                 if !part.is_empty()
                     && (w.write_all(part).await.is_err() || w.flush().await.is_err())
                 {
