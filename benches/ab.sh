@@ -19,12 +19,6 @@ trap 'git worktree remove --force "$work/base" 2>/dev/null || true; cleanup' EXI
 (cd "$work/base" && cargo build --release --locked -q -p keyspaces-proxy --target-dir "$base_target")
 declare -A proxy_bin=([base]="$base_target/release/keyspaces-proxy" [head]="$bin/keyspaces-proxy")
 
-wait_port() { # $1 port, $2 pid that must stay alive
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
-    kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
-    sleep 0.1
-  done
-}
 $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners --rate-limit 0 \
   --worker-threads 1 --credential AKIDBENCH:bench-secret > "$work/emu.json" 2>/dev/null &
 pids+=($!)

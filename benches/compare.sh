@@ -13,12 +13,6 @@ mkdir -p "$out"
 
 command -v haproxy >/dev/null || { echo "haproxy is needed: apt-get install haproxy" >&2; exit 1; }
 
-wait_port() { # $1 port, $2 pid that must stay alive
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
-    kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
-    sleep 0.1
-  done
-}
 name=cassandra.us-east-1.amazonaws.com
 
 declare -A emu_pid
@@ -66,20 +60,7 @@ start_haproxy() { # $1 = tls|plain; sets port_of[haproxy_$1] and pid_of[haproxy_
   else
     server="server e $emu_plain"
   fi
-  cat > "$work/haproxy-$1.cfg" <<CFG
-global
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  $server
-CFG
+  haproxy_tcp_config "$port" "$server" > "$work/haproxy-$1.cfg"
   haproxy -db -f "$work/haproxy-$1.cfg" >"$work/haproxy-$1.log" 2>&1 &
   pid_of[haproxy_$1]=$!
   pids+=($!)

@@ -17,12 +17,6 @@ mkdir -p "$out"
 command -v haproxy >/dev/null || { echo "haproxy is needed: apt-get install haproxy" >&2; exit 1; }
 name=cassandra.us-east-1.amazonaws.com
 
-wait_port() { # $1 port, $2 pid that must stay alive
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
-    kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
-    sleep 0.1
-  done
-}
 
 declare -A emu_of proxy_of haproxy_of pid_of
 for behaviour in fast slow; do
@@ -44,20 +38,7 @@ for behaviour in fast slow; do
   proxy_of[$behaviour]=$port
 
   port=$(free_port)
-  cat > "$work/haproxy-$behaviour.cfg" <<CFG
-global
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  server e ${emu_of[$behaviour]} ssl verify required ca-file $work/emu/ca.pem sni str($name) verifyhost $name
-CFG
+  haproxy_tcp_config "$port" "server e ${emu_of[$behaviour]} ssl verify required ca-file $work/emu/ca.pem sni str($name) verifyhost $name" > "$work/haproxy-$behaviour.cfg"
   haproxy -db -f "$work/haproxy-$behaviour.cfg" >"$work/haproxy-$behaviour.log" 2>&1 &
   pids+=($!); pid_of[haproxy_$behaviour]=$!
   wait_port "$port" "$!"

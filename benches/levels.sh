@@ -15,12 +15,6 @@ out=${OUT:-benches/results}
 mkdir -p "$out"
 command -v haproxy >/dev/null || { echo "haproxy is needed: apt-get install haproxy" >&2; exit 1; }
 name=cassandra.us-east-1.amazonaws.com
-wait_port() { # $1 port, $2 pid that must stay alive
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; do
-    kill -0 "$2" 2>/dev/null || { echo "process $2 died; see $work" >&2; exit 1; }
-    sleep 0.1
-  done
-}
 emu_extra=()
 [ "$upstream" = plain ] && emu_extra=(--insecure-plaintext-for-benchmarks)
 $bin/keyspaces-emulator --listen 127.0.0.1:0 --state-dir "$work/emu" --no-peer-listeners --peers 0 --rate-limit 0 \
@@ -45,20 +39,7 @@ pids+=($!); proxy_pid=$!
 wait_port "$port" "$proxy_pid"
 proxy_port=$port
 port=$(free_port)
-cat > "$work/haproxy.cfg" <<CFG
-global
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  $server
-CFG
+haproxy_tcp_config "$port" "$server" > "$work/haproxy.cfg"
 haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 pids+=($!); haproxy_pid=$!
 wait_port "$port" "$haproxy_pid"

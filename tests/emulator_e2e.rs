@@ -17,7 +17,12 @@ use tokio_util::codec::Framed;
 type Tls = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
-    let tcp = TcpStream::connect(emu.addr).await.unwrap();
+    tls_client_via(emu, emu.addr).await
+}
+
+/// A TLS client of `emu` that dials `addr` (the emulator, or something in front of it).
+async fn tls_client_via(emu: &keyspaces_emulator::Emulator, addr: std::net::SocketAddr) -> Tls {
+    let tcp = TcpStream::connect(addr).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(client_config(Some(&emu.ca_pem)).unwrap());
     let tls = connector
         .connect(
@@ -280,17 +285,8 @@ async fn split_answers_tls_versions_and_microsecond_latency() {
         emu.faults
             .set_latency(std::time::Duration::from_micros(700));
         let (relay, records) = record_counting_relay(emu.addr).await;
-        let tcp = TcpStream::connect(relay).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(client_config(Some(&emu.ca_pem)).unwrap());
-        let tls = connector
-            .connect(
-                server_name("cassandra.us-east-1.amazonaws.com").unwrap(),
-                tcp,
-            )
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
-        let mut c = Framed::new(tls, FrameCodec::default());
+        let mut c = tls_client_via(&emu, relay).await;
+        assert_eq!(c.get_ref().get_ref().1.protocol_version(), Some(expected));
         assert_eq!(
             sigv4_login(&mut c, SECRET).await.opcode(),
             opcode::AUTH_SUCCESS
