@@ -820,3 +820,35 @@ async fn busy_clients_sharing_connections_get_one_each() {
         "{authenticated} upstream connections for four busy clients"
     );
 }
+
+/// One busy client among many light ones (one request at a time each): nobody waits behind
+/// anybody, so the pool stays as it is — light clients re-pinning beside the busy one must
+/// not grow it a connection at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_clients_beside_a_busy_one_do_not_grow_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy_without_rate_limit(&emu, PoolSettings::default()).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut light = Vec::new();
+    for _ in 0..20 {
+        let mut c = ready(addr).await;
+        let stopped = stopped.clone();
+        light.push(tokio::spawn(async move {
+            while !*stopped.borrow() {
+                assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
+            }
+        }));
+    }
+    let mut busy = ready(addr).await;
+    assert_eq!(
+        error_codes(&pipeline(&mut busy, &local_query(), 30_000, 100).await),
+        Vec::<i32>::new()
+    );
+    stop.send(true).unwrap();
+    for l in light {
+        l.await.unwrap();
+    }
+    let authenticated = events_of(&emu.events.snapshot(), "auth").count();
+    assert!(authenticated <= 3, "{authenticated} upstream connections");
+}

@@ -94,6 +94,7 @@ pub(super) async fn forward(
                 let local = match router.on_client_frame(frame) {
                     Route::Upstream(f) => {
                         in_flight += 1;
+                        affinity.client_in_flight = in_flight;
                         // Most requests go out here, without building the waiting future.
                         if let Err(p) = pool.try_dispatch_pinned(&group, pending(f), &mut affinity) {
                             pool.dispatch_waiting(&group, p).await;

@@ -22,6 +22,9 @@ pub struct Affinity {
     group: Weak<Group>,
     generation: u64,
     conn: Option<Arc<MuxConn>>,
+    /// Requests the client has in flight (its session keeps this current): whether it is busy
+    /// enough for sharing a connection to cost it.
+    pub client_in_flight: usize,
 }
 
 impl Drop for Affinity {
