@@ -382,7 +382,8 @@ pub struct Cli {
 
     /// Open another upstream connection when the least busy one has more requests than this in
     /// flight, or when clients outnumber connections and one shared by two or more has a
-    /// quarter of this (busy clients then get a connection each, as going direct). The rate
+    /// quarter of this, an eighth from the sending client and an eighth from the others (busy
+    /// clients then get a connection each, as going direct). The rate
     /// budget already spreads Keyspaces' 3,000 req/s per connection; set low, this splits one
     /// client over many half-empty connections, with smaller batches on every hop.
     #[arg(
