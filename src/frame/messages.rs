@@ -150,6 +150,13 @@ pub fn query(version: u8, stream: i16, cql: &str, consistency: u16) -> Frame {
     request(version, stream, opcode::QUERY, b.freeze())
 }
 
+/// A PREPARE of `cql` (re-preparing after UNPREPARED; the load tool).
+pub fn prepare(version: u8, stream: i16, cql: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_long_string(cql);
+    request(version, stream, opcode::PREPARE, b.freeze())
+}
+
 /// The message part of a body: what follows the tracing id, warnings and custom payload that
 /// the header's flags announce. Compressed bodies must be decompressed first.
 #[inline]

@@ -1,7 +1,8 @@
 //! Every address the upstream endpoint offers: Keyspaces' regional endpoint resolves to several
 //! load balancers (its `system.peers` lists them), and connections should spread over them.
-//! New connections go round the usable addresses in turn; an address that refuses or fails a
-//! handshake sits out with back-off while the others carry the load. The TLS server name and
+//! Each new connection goes to the usable address with the fewest connections (in turn among
+//! equals); an address that refuses or fails a handshake sits out with back-off while the
+//! others carry the load. The TLS server name and
 //! the SigV4 host stay the endpoint's name: only where to dial changes.
 //!
 //! The choices are pure (the caller passes the time); resolving is the only I/O.
@@ -42,12 +43,25 @@ struct Entry {
     reachable: bool,
 }
 
+impl Entry {
+    /// Not sitting out a back-off.
+    fn usable(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|t| t <= now)
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
     next: usize,
     resolved_at: Option<Instant>,
     peers_at: Option<Instant>,
+}
+
+impl State {
+    fn entry(&mut self, addr: SocketAddr) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.addr == addr)
+    }
 }
 
 #[derive(Debug)]
@@ -156,7 +170,7 @@ impl AddressBook {
         let n = s.entries.len();
         let best = (0..n)
             .map(|i| (s.next + i) % n)
-            .filter(|&at| s.entries[at].retry_at.is_none_or(|t| t <= now))
+            .filter(|&at| s.entries[at].usable(now))
             .min_by_key(|&at| s.entries[at].open);
         if let Some(at) = best {
             s.next = (at + 1) % n;
@@ -165,10 +179,19 @@ impl AddressBook {
         s.entries.iter().min_by_key(|e| e.retry_at).map(|e| e.addr)
     }
 
+    /// A connection to `addr` failed (TCP, TLS or the CQL handshake): counted per address,
+    /// and the address sits out.
+    pub fn dial_failed(&self, addr: SocketAddr, now: Instant) {
+        metrics()
+            .upstream_address_failures
+            .get_or_create(&vec![("address", addr.to_string())])
+            .inc();
+        self.failed(addr, now);
+    }
+
     /// `addr` refused a connection or failed its handshake: it sits out, longer each time.
     pub fn failed(&self, addr: SocketAddr, now: Instant) {
-        let mut s = self.lock();
-        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
+        if let Some(e) = self.lock().entry(addr) {
             e.reachable = false;
             e.failures = e.failures.saturating_add(1);
             let backoff = FIRST_BACKOFF
@@ -181,8 +204,7 @@ impl AddressBook {
     /// A connection to `addr` succeeded: the address is good again, and counts the connection
     /// until the lease is dropped.
     pub fn lease(self: &Arc<Self>, addr: SocketAddr) -> AddressLease {
-        let mut s = self.lock();
-        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
+        if let Some(e) = self.lock().entry(addr) {
             e.failures = 0;
             e.retry_at = None;
             e.open += 1;
@@ -202,7 +224,7 @@ impl AddressBook {
         let mut s = self.lock();
         let mut due = Vec::new();
         for e in s.entries.iter_mut() {
-            if !e.reachable && e.retry_at.is_none_or(|t| t <= now) {
+            if !e.reachable && e.usable(now) {
                 e.retry_at = Some(now + timeout);
                 due.push(e.addr);
             }
@@ -215,8 +237,7 @@ impl AddressBook {
         if !ok {
             return self.failed(addr, now);
         }
-        let mut s = self.lock();
-        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == addr) {
+        if let Some(e) = self.lock().entry(addr) {
             e.reachable = true;
             e.retry_at = None;
         }
@@ -236,7 +257,7 @@ impl AddressBook {
         let s = self.lock();
         s.entries
             .iter()
-            .filter(|e| e.reachable && e.retry_at.is_none_or(|t| t <= now))
+            .filter(|e| e.reachable && e.usable(now))
             .map(|e| e.addr)
             .collect()
     }
@@ -244,11 +265,7 @@ impl AddressBook {
     /// Addresses known, and those usable now (for `/readyz` and `check`).
     pub fn counts(&self, now: Instant) -> (usize, usize) {
         let s = self.lock();
-        let usable = s
-            .entries
-            .iter()
-            .filter(|e| e.retry_at.is_none_or(|t| t <= now))
-            .count();
+        let usable = s.entries.iter().filter(|e| e.usable(now)).count();
         (s.entries.len(), usable)
     }
 }
@@ -277,8 +294,7 @@ impl AddressLease {
         if self.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        let mut s = self.book.lock();
-        if let Some(e) = s.entries.iter_mut().find(|e| e.addr == self.addr) {
+        if let Some(e) = self.book.lock().entry(self.addr) {
             e.open = e.open.saturating_sub(1);
         }
     }

@@ -158,11 +158,7 @@ struct AddressAttempt<'a> {
 impl Drop for AddressAttempt<'_> {
     fn drop(&mut self) {
         if self.blamed {
-            self.book.failed(self.addr, std::time::Instant::now());
-            metrics()
-                .upstream_address_failures
-                .get_or_create(&vec![("address", self.addr.to_string())])
-                .inc();
+            self.book.dial_failed(self.addr, std::time::Instant::now());
         }
     }
 }
@@ -355,11 +351,7 @@ impl UpstreamTarget {
             match self.dial_one(addr).await {
                 Ok(io) => return Ok((io, addr)),
                 Err(e) => {
-                    self.addresses.failed(addr, std::time::Instant::now());
-                    metrics()
-                        .upstream_address_failures
-                        .get_or_create(&vec![("address", addr.to_string())])
-                        .inc();
+                    self.addresses.dial_failed(addr, std::time::Instant::now());
                     tracing::debug!(%addr, error = %e, "upstream address failed; trying the next");
                     last = Some((addr, e));
                 }

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use super::connection::{roundtrip, UpstreamError, UpstreamFramed};
 use crate::frame::compression::decompressed;
 use crate::frame::messages::{self, consistency};
+use crate::frame::result::Rows;
 use crate::frame::{opcode, Compression};
 
 /// A peers answer larger than this is not one.
 const MAX_ANSWER: usize = 1 << 20;
-use crate::frame::result::Rows;
 
 /// The `peer` addresses the upstream lists; an answer that is not rows of addresses is an error.
 pub(super) async fn read(

@@ -12,7 +12,7 @@ use super::mux::MuxConn;
 use super::pool::Pool;
 use super::prepared::PreparedStatement;
 use super::streams::{Pending, ReplyTo};
-use crate::frame::messages::{error_code, message_body, ErrorInfo};
+use crate::frame::messages::{self, error_code, message_body, ErrorInfo};
 use crate::frame::request::{parse_execute, parse_query};
 use crate::frame::result::Prepared;
 use crate::frame::types::Reader;
@@ -57,7 +57,7 @@ impl Pool {
             return;
         };
         let (tx, rx) = oneshot::channel();
-        let prepare = prepare_frame(conn.version, &statement.query);
+        let prepare = messages::prepare(conn.version, 0, &statement.query);
         if target
             .send(Pending::new(prepare, ReplyTo::Internal(tx)))
             .is_err()
@@ -101,16 +101,6 @@ impl Pool {
     }
 }
 
-fn prepare_frame(version: u8, query: &str) -> Frame {
-    use crate::frame::types::WriteExt;
-    let mut b = bytes::BytesMut::new();
-    b.put_long_string(query);
-    Frame::new(
-        crate::frame::Header::request(version, 0, opcode::PREPARE),
-        b.freeze(),
-    )
-}
-
 /// The statement id in an UNPREPARED error body.
 pub fn unprepared_id(body: &[u8]) -> Option<Bytes> {
     let mut r = Reader::new(body);
@@ -131,7 +121,6 @@ pub(super) fn is_unprepared(frame: &Frame) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::messages;
 
     #[test]
     fn unprepared_id_is_read_from_the_error() {

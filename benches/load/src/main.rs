@@ -147,12 +147,6 @@ async fn call(c: &mut Conn, f: Frame) -> Result<Frame, String> {
     }
 }
 
-fn prepare_frame(cql: &str) -> Frame {
-    let mut b = BytesMut::new();
-    b.put_long_string(cql);
-    Frame::new(Header::request(4, 0, opcode::PREPARE), b.freeze())
-}
-
 fn prepared_id(f: &Frame) -> Result<Bytes, String> {
     let mut r = Reader::new(&f.body);
     if result_kind(&f.body).ok() != Some(kind::PREPARED) {
@@ -194,7 +188,7 @@ async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
     let insert = prepared_id(
         &call(
             &mut c,
-            prepare_frame("INSERT INTO load.kv (k, v) VALUES (?, ?)"),
+            messages::prepare(4, 0, "INSERT INTO load.kv (k, v) VALUES (?, ?)"),
         )
         .await?,
     )?;
@@ -210,7 +204,11 @@ async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
         Workload::Write => Ok((opcode::EXECUTE, write)),
         _ => {
             let select = prepared_id(
-                &call(&mut c, prepare_frame("SELECT v FROM load.kv WHERE k = ?")).await?,
+                &call(
+                    &mut c,
+                    messages::prepare(4, 0, "SELECT v FROM load.kv WHERE k = ?"),
+                )
+                .await?,
             )?;
             Ok((
                 opcode::EXECUTE,
