@@ -320,11 +320,57 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
+    /// Answers only once the test opens its gate, so callers pile up behind the first load.
+    #[derive(Debug)]
+    struct Gated {
+        calls: Arc<AtomicUsize>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl ProvideCredentials for Gated {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let gate = self.gate.clone();
+            future::ProvideCredentials::new(async move {
+                let _open = gate.acquire().await;
+                Ok(Credentials::new(
+                    format!("AKID{n}"),
+                    "secret",
+                    None,
+                    None,
+                    "test",
+                ))
+            })
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_loads_are_single_flight() {
-        let (c, calls) = cache(None);
-        let (a, b) = tokio::join!(c.get(), c.get());
-        assert_eq!(a.unwrap().access_key_id(), b.unwrap().access_key_id());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let c = CredentialCache::new(SharedCredentialsProvider::new(Gated {
+            calls: calls.clone(),
+            gate: gate.clone(),
+        }));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.get().await.map(|k| k.access_key_id().to_owned()) })
+            })
+            .collect();
+        // One thread, no I/O: after these turns every caller has run until it blocks, either in
+        // the provider (without single flight, all eight) or waiting for the first load.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one load while eight wait");
+        gate.add_permits(100);
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap(), "AKID0");
+        }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         c.refresh(true).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
