@@ -569,15 +569,6 @@ async fn an_address_lost_mid_load_loses_nothing_and_is_used_again_when_back() {
     }
 }
 
-/// Polls `done` (state, not a clock) for up to a minute.
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A server unlike the emulator's default: every answer in two TLS records (header, then
 /// body), TLS 1.2 only, 300 µs per request. Pipelined reads and writes through the pool come
 /// back whole, each to its own request.

@@ -273,3 +273,12 @@ impl Client {
         self.recv().await.expect("a reply")
     }
 }
+
+/// Polls `done` (state, not a clock) for up to a minute: a limit for a hang, not a speed.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

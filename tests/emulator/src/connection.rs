@@ -516,15 +516,20 @@ impl Conn {
             return false;
         }
         let latency = self.shared.faults.latency();
-        let answer = framing.frame(stream, rop, rbody);
+        let answer = match self
+            .shared
+            .faults
+            .park(&self.tx, Out::Frame(framing.frame(stream, rop, rbody)))
+        {
+            Ok(()) => return true,
+            Err(answer) => answer,
+        };
         if latency.is_zero() {
-            return self.tx.send(Out::Frame(answer)).await.is_ok();
+            return self.tx.send(answer).await.is_ok();
         }
-        self.shared.delayer().hold(
-            Instant::now() + latency,
-            self.tx.clone(),
-            Out::Frame(answer),
-        );
+        self.shared
+            .delayer()
+            .hold(Instant::now() + latency, self.tx.clone(), answer);
         true
     }
 

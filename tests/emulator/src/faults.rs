@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::wire::writer::Out;
 
 /// Which connections a disconnect fault cuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,26 @@ pub struct Faults {
     fail_auth: AtomicBool,
     handshake_delay_ms: AtomicU64,
     cut_response_at: AtomicU64,
+    parked: std::sync::Mutex<Parked>,
+}
+
+/// Answers withheld by `hold_answers`: a test can count what a client of the emulator has
+/// outstanding at once (a proxy's back-pressure) without racing a timer.
+#[derive(Default)]
+struct Parked {
+    on: bool,
+    answers: Vec<(mpsc::Sender<Out>, Out)>,
+    most: usize,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("on", &self.on)
+            .field("answers", &self.answers.len())
+            .field("most", &self.most)
+            .finish()
+    }
 }
 
 impl Default for Faults {
@@ -49,6 +71,7 @@ impl Default for Faults {
             fail_auth: AtomicBool::new(false),
             handshake_delay_ms: AtomicU64::new(0),
             cut_response_at: AtomicU64::new(0),
+            parked: std::sync::Mutex::new(Parked::default()),
         }
     }
 }
@@ -131,5 +154,42 @@ impl Faults {
     }
     pub fn cut_response_at(&self) -> u64 {
         self.cut_response_at.load(Ordering::Relaxed)
+    }
+    fn parked(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// From now on every answer is withheld until `release_answers`.
+    pub fn hold_answers(&self) {
+        self.parked().on = true;
+    }
+    /// Sends every withheld answer, in the order they were withheld, and stops withholding.
+    pub async fn release_answers(&self) {
+        let answers = {
+            let mut p = self.parked();
+            p.on = false;
+            std::mem::take(&mut p.answers)
+        };
+        for (to, out) in answers {
+            // A writer that is gone (its connection was cut) drops the answer.
+            let _ = to.send(out).await;
+        }
+    }
+    /// Answers withheld right now.
+    pub fn held_answers(&self) -> usize {
+        self.parked().answers.len()
+    }
+    /// The most answers withheld at once since the emulator started.
+    pub fn most_held_answers(&self) -> usize {
+        self.parked().most
+    }
+    /// Withholds `out` if answers are being held; gives it back otherwise.
+    pub fn park(&self, to: &mpsc::Sender<Out>, out: Out) -> Result<(), Out> {
+        let mut p = self.parked();
+        if !p.on {
+            return Err(out);
+        }
+        p.answers.push((to.clone(), out));
+        p.most = p.most.max(p.answers.len());
+        Ok(())
     }
 }
