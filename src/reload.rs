@@ -87,8 +87,11 @@ pub fn spawn(
             }
             reload(&argv, &ctx, cause).await;
             if let (Cause::Signal, Some(c)) = (cause, &credentials) {
-                match c.refresh(true).await {
-                    Ok(_) => tracing::info!("SIGHUP: AWS credentials reloaded"),
+                match c.reload().await {
+                    Ok(k) => tracing::info!(
+                        access_key_id = k.access_key_id(),
+                        "SIGHUP: AWS credentials reloaded"
+                    ),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: credential reload failed"),
                 }
             }

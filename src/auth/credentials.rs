@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
 
@@ -27,8 +27,24 @@ pub const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 #[error("could not load AWS credentials: {0}")]
 pub struct CredentialsError(pub String);
 
+/// Where a chain provider came from, so it can be built again. The chain's file providers
+/// parse the shared config and credentials files once: asking the same provider again after
+/// the file was rotated returns the keys it replaced (aws-config 1.x).
+#[derive(Debug, Clone, Default)]
+pub struct ChainSource {
+    pub profile: Option<String>,
+    pub role_arn: Option<String>,
+    pub region: Option<String>,
+}
+
 pub struct CredentialCache {
-    provider: SharedCredentialsProvider,
+    provider: ArcSwap<SharedCredentialsProvider>,
+    /// The chain's credentials before `--role-arn` is assumed on top (the same provider when
+    /// no role is): what assumes an identity's role.
+    base: ArcSwap<SharedCredentialsProvider>,
+    /// Rebuilt from on SIGHUP and on the periodic re-read; `None` for a provider that does not
+    /// read files (fixed keys, an identity's role).
+    source: Option<ChainSource>,
     timeout: Duration,
     current: ArcSwapOption<Credentials>,
     refreshing: tokio::sync::Mutex<()>,
@@ -64,12 +80,50 @@ impl CredentialCache {
     /// As `new`, giving up on the provider after `timeout`.
     pub fn with_timeout(provider: SharedCredentialsProvider, timeout: Duration) -> Arc<Self> {
         Arc::new(CredentialCache {
-            provider,
+            base: ArcSwap::from_pointee(provider.clone()),
+            provider: ArcSwap::from_pointee(provider),
+            source: None,
             timeout,
             current: ArcSwapOption::empty(),
             refreshing: tokio::sync::Mutex::new(()),
             failed_at: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The standard chain's provider for `source`, rebuilt from it on every reload.
+    pub async fn from_chain(
+        source: ChainSource,
+    ) -> Result<(Arc<CredentialCache>, Option<String>), CredentialsError> {
+        let (base, provider, region) = provider_from_chain(&source).await?;
+        let mut cache = CredentialCache {
+            base: ArcSwap::from_pointee(base),
+            provider: ArcSwap::from_pointee(provider),
+            source: None,
+            timeout: PROVIDER_TIMEOUT,
+            current: ArcSwapOption::empty(),
+            refreshing: tokio::sync::Mutex::new(()),
+            failed_at: std::sync::Mutex::new(None),
+        };
+        cache.source = Some(source);
+        Ok((Arc::new(cache), region))
+    }
+
+    /// Reads the credentials afresh: the chain is built again from its files (a provider keeps
+    /// what it parsed), then asked. A chain that no longer builds keeps the current provider.
+    pub async fn reload(&self) -> Result<Arc<Credentials>, CredentialsError> {
+        if let Some(source) = &self.source {
+            let (base, provider, _) = provider_from_chain(source).await?;
+            self.base.store(Arc::new(base));
+            self.provider.store(Arc::new(provider));
+        }
+        self.refresh(true).await
+    }
+
+    /// The chain's own credentials (before `--role-arn`), as a provider that follows this
+    /// cache's reloads: an identity's AssumeRole is signed with them, so a rotated key file
+    /// reaches STS calls too, not only Keyspaces handshakes.
+    pub fn base_provider(self: &Arc<Self>) -> SharedCredentialsProvider {
+        SharedCredentialsProvider::new(FromBase(self.clone()))
     }
 
     /// Fixed credentials, for tests and tools.
@@ -131,7 +185,8 @@ impl CredentialCache {
                 return Ok(c);
             }
         }
-        let loaded = tokio::time::timeout(self.timeout, self.provider.provide_credentials()).await;
+        let provider = self.provider.load_full();
+        let loaded = tokio::time::timeout(self.timeout, provider.provide_credentials()).await;
         let loaded = match loaded {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(CredentialsError(error_chain(&e))),
@@ -189,7 +244,7 @@ impl CredentialCache {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(cache.next_refresh()).await;
-                if let Err(e) = cache.refresh(true).await {
+                if let Err(e) = cache.reload().await {
                     tracing::warn!(error = %e, "credential refresh failed; retrying");
                     tokio::time::sleep(RETRY_AFTER_FAILURE).await;
                 }
@@ -236,28 +291,52 @@ pub async fn sdk_config(
 
 /// Builds the provider: the default chain, optionally for a named profile, optionally assuming a
 /// role on top.
-pub async fn provider_from_chain(
-    profile: Option<&str>,
-    role_arn: Option<&str>,
-    region: Option<&str>,
-) -> Result<(SharedCredentialsProvider, Option<String>), CredentialsError> {
-    let sdk = sdk_config(profile, region, None).await;
+/// The chain's provider (`base`), the one the cache asks (`base` or a role assumed with it) and
+/// the chain's region.
+async fn provider_from_chain(
+    source: &ChainSource,
+) -> Result<
+    (
+        SharedCredentialsProvider,
+        SharedCredentialsProvider,
+        Option<String>,
+    ),
+    CredentialsError,
+> {
+    let sdk = sdk_config(source.profile.as_deref(), source.region.as_deref(), None).await;
     let region = sdk.region().map(|r| r.as_ref().to_owned());
     let base = sdk
         .credentials_provider()
         .ok_or_else(|| CredentialsError("no credentials provider in the AWS chain".into()))?;
-    let provider = match role_arn {
-        None => base,
+    let provider = match source.role_arn.as_deref() {
+        None => base.clone(),
         Some(arn) => {
             let role = aws_config::sts::AssumeRoleProvider::builder(arn)
                 .session_name("keyspaces-proxy")
                 .configure(&sdk)
-                .build_from_provider(base)
+                .build_from_provider(base.clone())
                 .await;
             SharedCredentialsProvider::new(role)
         }
     };
-    Ok((provider, region))
+    Ok((base, provider, region))
+}
+
+#[derive(Debug)]
+struct FromBase(Arc<CredentialCache>);
+
+impl ProvideCredentials for FromBase {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let base = self.0.base.load_full();
+            base.provide_credentials().await
+        })
+    }
 }
 
 #[cfg(test)]

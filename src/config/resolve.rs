@@ -14,7 +14,7 @@ use super::{
     UpstreamMode, KEYSPACES_PORT,
 };
 use crate::auth::client::{ClientAuth, Logins};
-use crate::auth::credentials::{provider_from_chain, sdk_config, CredentialCache};
+use crate::auth::credentials::{sdk_config, ChainSource, CredentialCache};
 use crate::auth::identity_roles::IdentityRoles;
 use crate::session::ProxyContext;
 use crate::upstream::addresses::AddressBook;
@@ -113,16 +113,15 @@ impl Cli {
         let mut chain_credentials = None;
         let auth = match self.upstream_auth {
             UpstreamAuthMode::Sigv4 => {
-                match provider_from_chain(
-                    self.profile.as_deref(),
-                    self.role_arn.as_deref(),
-                    region.as_deref(),
-                )
+                match CredentialCache::from_chain(ChainSource {
+                    profile: self.profile.clone(),
+                    role_arn: self.role_arn.clone(),
+                    region: region.clone(),
+                })
                 .await
                 {
-                    Ok((provider, chain_region)) => {
+                    Ok((cache, chain_region)) => {
                         region = region.or(chain_region.map(|r| r.to_ascii_lowercase()));
-                        let cache = CredentialCache::new(provider);
                         match region.clone() {
                             Some(region) => Ok((
                                 UpstreamAuth::SigV4 {
@@ -303,6 +302,15 @@ impl Cli {
                     self.sts_endpoint.as_deref(),
                 )
                 .await;
+                // The roles are assumed with the proxy's own credentials as they are after a
+                // reload, not as the SDK's profile provider parsed them at startup.
+                let sdk = match &upstream.auth {
+                    UpstreamAuth::SigV4 { credentials, .. } => sdk
+                        .into_builder()
+                        .credentials_provider(credentials.base_provider())
+                        .build(),
+                    UpstreamAuth::Plain { .. } => sdk,
+                };
                 Some(Arc::new(IdentityPools::new(
                     upstream.clone(),
                     region.clone().ok_or(ConfigError::NoRegion)?,
