@@ -16,6 +16,8 @@ export AWS_CONFIG_FILE="$aws_tmp/config"
 export AWS_SHARED_CREDENTIALS_FILE="$aws_tmp/credentials"
 export AWS_REGION=us-east-1
 unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ROLE_ARN AWS_WEB_IDENTITY_TOKEN_FILE AWS_CONTAINER_CREDENTIALS_RELATIVE_URI AWS_CONTAINER_CREDENTIALS_FULL_URI
+# The proxy reads KEYSPACES_PROXY_* as settings: the caller's would reach every test's proxy.
+while read -r name; do unset "$name"; done < <(compgen -e | grep '^KEYSPACES_PROXY_' || true)
 
 venv=${KSP_VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then

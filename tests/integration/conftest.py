@@ -5,6 +5,7 @@ nothing can ever reach the instance metadata service or STS.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -18,6 +19,14 @@ AKID = "AKIDPYTEST"
 SECRET = "py-test-secret"
 REGION = "us-east-1"
 SERVER_NAME = f"cassandra.{REGION}.amazonaws.com"
+
+# The proxy reads every KEYSPACES_PROXY_* variable as a setting: one left in the caller's shell
+# (a --listen, a --client-auth) would change every proxy, cqlsh and `--print-config` run here,
+# those started without aws_env included. Tests that want one set it in their own env.
+for _name in [n for n in os.environ if n.startswith("KEYSPACES_PROXY_")]:
+    del os.environ[_name]
+# The suite's own switches; no other KSP_* reaches the processes it starts.
+KSP_KEPT = {"KSP_BIN_DIR", "KSP_REQUIRE_ALL_TOOLS", "KSP_VENV"}
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +45,32 @@ def aws_env(tmp_path_factory):
     )
     env.pop("AWS_SESSION_TOKEN", None)
     env.pop("AWS_PROFILE", None)
+    # RUST_LOG=warn would hide the `listening on` line start_proxy learns the ports from.
+    env.pop("RUST_LOG", None)
+    for name in list(env):
+        if name.startswith("KEYSPACES_PROXY_") or (name.startswith("KSP_") and name not in KSP_KEPT):
+            del env[name]
     return env
 
 
+def wait_for_log(path, pattern, proc, what, timeout=30):
+    """The first match of `pattern` in the log a process writes; its log if it exits first."""
+    deadline = time.time() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        m = re.search(pattern, text)
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening:\n{text}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} did not say where it listens within {timeout}s:\n{text}")
+        time.sleep(0.05)
+
+
 def free_port():
+    """A port free now, not when it is bound: another process may take it in between. Only for
+    tests that need a port before starting a process that cannot report one it chose."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -136,38 +167,65 @@ class Proxy:
         self.port, self.metrics_port, self.proc, self.log_path = port, metrics_port, proc, log_path
 
 
+# The proxy's startup line (src/app.rs, `run`), text or JSON log: both addresses, each followed by
+# a space or a quote so a line still being written cannot yield a cut-off port.
+PROXY_LISTENING = re.compile(
+    r"listening on (\S+):(\d+) for CQL clients .*?; /metrics, /livez, /readyz on ([^\s\"]+):(\d+)[\s\"]")
+
+
 @pytest.fixture
 def start_proxy(processes, aws_env, tmp_path):
     def start(emulator, *extra, ca_file=None, server_name=SERVER_NAME, env=None):
-        port = free_port()
-        metrics_port = free_port()
-        log_path = tmp_path / f"proxy-{port}.log"
-        log = open(log_path, "w")
+        # Port 0 and the proxy's own report of what it bound: a port picked here and bound
+        # later could be taken by another process in between.
+        log_path = tmp_path / f"proxy-{len(processes.procs)}.log"
         args = [
             str(BIN_DIR / "keyspaces-proxy"),
-            "--listen", f"127.0.0.1:{port}",
-            "--metrics-listen", f"127.0.0.1:{metrics_port}",
+            "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
             "--region", REGION,
             "--endpoint", f"{emulator.host}:{emulator.port}",
             "--tls-server-name", server_name,
             "--ca-file", ca_file or emulator.ca,
             *extra,
         ]
-        proc = processes.start(args, env or aws_env, stderr=log)
-        wait_for_port(port, proc)
-        wait_for_port(metrics_port, proc)
-        return Proxy(port, metrics_port, proc, log_path)
+        with open(log_path, "w") as log:
+            proc = processes.start(args, env or aws_env, stderr=log)
+        m = wait_for_log(log_path, PROXY_LISTENING, proc, "keyspaces-proxy")
+        return Proxy(int(m.group(2)), int(m.group(4)), proc, log_path)
 
     return start
 
 
 @pytest.fixture
-def moto(processes, aws_env):
+def moto(processes, aws_env, tmp_path):
     """moto's AWS API emulator (KMS, STS) on loopback; its URL. Never AWS itself."""
     import sys
 
-    port = free_port()
     server = Path(sys.executable).parent / "moto_server"
-    proc = processes.start([str(server), "-H", "127.0.0.1", "-p", str(port)], aws_env)
-    wait_for_port(port, proc)
+    # Port 0: werkzeug logs the port it bound ("Running on http://127.0.0.1:N") on stderr, with
+    # a line per request after it, hence a file rather than a pipe nobody drains.
+    log_path = tmp_path / f"moto-{len(processes.procs)}.log"
+    with open(log_path, "w") as log:
+        proc = processes.start([str(server), "-H", "127.0.0.1", "-p", "0"], aws_env, stderr=log)
+    port = int(wait_for_log(log_path, r"Running on http://127\.0\.0\.1:(\d+)\s", proc, "moto_server").group(1))
     return f"http://127.0.0.1:{port}", proc
+
+
+# test_deploy.py's skip reason when a deploy/ checker is not installed.
+MISSING_CHECKER = "deploy checker missing: "
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A missing checker is a skip locally (CI fails instead): say so where nobody misses it."""
+    missing = []
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if MISSING_CHECKER in reason:
+            missing.append(f"{report.nodeid}: {reason.split(MISSING_CHECKER, 1)[1]}")
+    if missing:
+        terminalreporter.write_sep("!", f"{len(missing)} deploy/ check(s) NOT RUN: checker missing",
+                                   red=True, bold=True)
+        for line in missing:
+            terminalreporter.write_line(line, yellow=True)
+        terminalreporter.write_line("CI runs them all (KSP_REQUIRE_ALL_TOOLS=1 turns a missing checker into a failure).")

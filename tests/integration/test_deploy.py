@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN_DIR
+from conftest import BIN_DIR, MISSING_CHECKER
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -19,12 +19,13 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def tool(name):
-    """A checker on PATH or in the venv; CI (KSP_REQUIRE_ALL_TOOLS=1) must have every one."""
+    """A checker on PATH or in the venv; CI (KSP_REQUIRE_ALL_TOOLS=1) must have every one.
+    A local run skips without it, and conftest's terminal summary lists every such skip."""
     path = shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
     if path is None:
         if os.environ.get("KSP_REQUIRE_ALL_TOOLS") == "1":
             pytest.fail(f"{name} is not installed")
-        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+        pytest.skip(f"{MISSING_CHECKER}{name} is not installed (.ci/run installs it)")
     return path
 
 
@@ -222,7 +223,7 @@ def test_helm_chart_renders_both_modes(tmp_path):
     assert "--worker-threads=1" in c["args"] and not any(a.startswith("--listen") for a in c["args"])
 
 
-def test_systemd_unit_verifies():
+def test_systemd_unit_verifies(tmp_path):
     analyze = tool("systemd-analyze")
     unit = (DEPLOY / "systemd" / "keyspaces-proxy.service").read_text()
     for key in ["DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=",
@@ -238,14 +239,12 @@ def test_systemd_unit_verifies():
                           "password", "--metrics-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
                          capture_output=True, timeout=30)
     assert bad.returncode == 2 and b"needs users" in bad.stderr, bad
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-unit-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    local = tmp / "keyspaces-proxy.service"
+    local = tmp_path / "keyspaces-proxy.service"
     local.write_text(unit.replace("/usr/local/bin/keyspaces-proxy", str(BIN_DIR / "keyspaces-proxy")))
     run(analyze, "verify", local)
 
 
-def test_prometheus_rules_and_scrape_config():
+def test_prometheus_rules_and_scrape_config(tmp_path):
     promtool = tool("promtool")
     run(promtool, "check", "rules", DEPLOY / "prometheus" / "alerts.yml")
     # Every alert is unit-tested: a series that fires it, and one that must not.
@@ -270,9 +269,9 @@ def test_prometheus_rules_and_scrape_config():
         keep = job["relabel_configs"][0]
         assert keep["action"] == "keep" and keep["regex"] == "keyspaces-proxy;metrics", keep
     rest = {"scrape_configs": [j for j in config["scrape_configs"] if j not in k8s]}
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"ksp-scrape-{os.getpid()}.yml"
-    tmp.write_text(yaml.safe_dump(rest))
-    run(promtool, "check", "config", "--syntax-only", tmp)
+    scrape = tmp_path / "scrape.yml"
+    scrape.write_text(yaml.safe_dump(rest))
+    run(promtool, "check", "config", "--syntax-only", scrape)
 
 
 def test_ecs_task_definition_matches_the_ecs_api():
