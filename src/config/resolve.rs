@@ -103,6 +103,7 @@ impl Cli {
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
             recycle_before_expiry: Duration::from_secs(self.recycle_before_expiry),
             max_prepared: self.max_prepared,
+            ..PoolSettings::default()
         }
     }
 

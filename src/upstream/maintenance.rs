@@ -14,7 +14,6 @@ use super::streams::{Pending, ReplyTo};
 use crate::frame::messages::{self, error_code};
 use tokio::sync::oneshot;
 
-const SHRINK_WINDOW: Duration = Duration::from_secs(30);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
 /// At most one connection moved between addresses per group this often.
 const REBALANCE_EVERY: Duration = Duration::from_secs(5);
@@ -91,7 +90,7 @@ impl Pool {
         // Shrink when the load would fit in one connection fewer, at half the budget.
         let sent: u64 = conns.iter().map(|c| c.sent()).sum();
         let window_start = rhythm.window_start;
-        if window_start.elapsed() >= SHRINK_WINDOW {
+        if window_start.elapsed() >= self.settings.shrink_window {
             let ready: Vec<_> = conns.iter().filter(|c| c.is_ready()).collect();
             let rate = sent.saturating_sub(rhythm.window_sent) as f64
                 / window_start.elapsed().as_secs_f64();
@@ -134,7 +133,7 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .elapsed()
-                > SHRINK_WINDOW;
+                > self.settings.shrink_window;
             if idle {
                 self.groups
                     .lock()

@@ -44,6 +44,9 @@ pub struct PoolSettings {
     /// Replace connections this long before their signing credentials expire.
     pub recycle_before_expiry: Duration,
     pub max_prepared: usize,
+    /// How long the load is watched before an idle connection is let go (one per window), and
+    /// how long an unused keyspace group lives on.
+    pub shrink_window: Duration,
 }
 
 impl Default for PoolSettings {
@@ -58,6 +61,7 @@ impl Default for PoolSettings {
             request_timeout: Duration::from_secs(12),
             recycle_before_expiry: Duration::from_secs(300),
             max_prepared: 10_000,
+            shrink_window: Duration::from_secs(30),
         }
     }
 }

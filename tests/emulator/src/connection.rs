@@ -285,7 +285,19 @@ impl Conn {
                     ("COMPRESSION", &algos),
                     ("PROTOCOL_VERSIONS", &["3/v3", "4/v4"]),
                 ]);
-                self.reply(stream, opcode::SUPPORTED, body).await
+                if !matches!(self.state, State::Ready) {
+                    return self.reply(stream, opcode::SUPPORTED, body).await;
+                }
+                // After login an OPTIONS is a client's (a pool's heartbeat): logged and
+                // withheld like any request, so a test can see heartbeats and silence them.
+                if self.shared.events.enabled() {
+                    self.record_request(opcode::OPTIONS, &Request::Options);
+                }
+                let answer = self.framing(traced).frame(stream, opcode::SUPPORTED, body);
+                match self.shared.faults.park(&self.tx, Out::Frame(answer)) {
+                    Ok(()) => true,
+                    Err(answer) => self.tx.send(answer).await.is_ok(),
+                }
             }
             (State::AwaitStartup, Request::Startup(options)) => {
                 self.on_startup(stream, options).await
