@@ -162,43 +162,151 @@ def test_readyz_never_waits_for_keyspaces(start_emulator, start_proxy):
     silent.close()
 
 
-def test_sigterm_during_load_loses_no_acknowledged_write(start_emulator, start_proxy):
-    emu = start_emulator(listen_on_peers=False)
-    proxy = start_proxy(emu, "--drain-timeout", "20")
+def wait_until(condition, what, timeout=30):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
+def refuses_connections(port):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def metric(proxy, series):
+    status, text = http_get(proxy.metrics_port, "/metrics")
+    assert status == 200
+    return samples(text).get(series, 0)
+
+
+def freeze(proc):
+    """SIGSTOP, and wait until every thread has stopped: a thread already running goes on
+    serving until the kernel gets round to the signal, tens of milliseconds on a busy machine."""
+    proc.send_signal(signal.SIGSTOP)
+
+    def state(task):
+        try:
+            return Path(f"/proc/{proc.pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:  # a thread that has exited
+            return "T"
+
+    wait_until(lambda: all(state(t) == "T" for t in os.listdir(f"/proc/{proc.pid}/task")),
+               "the emulator has stopped")
+
+
+def stalled_writes(emu, proxy, count):
+    """`count` writes the proxy has read and sent upstream, all unanswered: the emulator is
+    stopped (SIGSTOP), an upstream that stalls for as long as the test needs, so what follows
+    happens while they are in flight however slow the machine. (--latency-us would hold them
+    only for a fixed time, and slow the driver's own connect queries by as much.) The caller
+    resumes the emulator (SIGCONT)."""
     c = cluster(proxy.port)
     s = c.connect()
     s.execute("CREATE KEYSPACE drain WITH replication = {'class': 'SingleRegionStrategy'}")
     s.execute("CREATE TABLE drain.t (k int PRIMARY KEY, v text)")
     ins = s.prepare("INSERT INTO drain.t (k, v) VALUES (?, ?)")
-    futures, acked, failed = [], [], []
-    for i in range(3000):
-        futures.append((i, s.execute_async(ins, (i, "v"))))
-    # Signal once a third has been answered, with the rest queued or in flight.
+    executes = lambda: metric(proxy, 'keyspaces_proxy_requests_total{opcode="EXECUTE"}')
+    before = executes()
+    freeze(emu.proc)
+    futures = {k: s.execute_async(ins, (k, "in flight"), timeout=120) for k in range(count)}
+    settled = set()  # answered or failed (a ResponseFuture has no done())
+    for k, f in futures.items():
+        f.add_callbacks(lambda _, k=k: settled.add(k), lambda _, k=k: settled.add(k))
+    # Read by the proxy (counted as it reads a request) and waiting on an upstream stream.
+    wait_until(lambda: executes() - before >= count, "the proxy has read every write")
+    wait_until(lambda: metric(proxy, "keyspaces_proxy_upstream_streams_in_use") >= count,
+               "every write is waiting upstream")
+    assert not settled, "answered by a stopped upstream?"
+    return c, futures, settled
+
+
+def test_sigterm_answers_requests_in_flight_and_takes_no_new_work(start_emulator, start_proxy):
+    """The first SIGTERM drains: /readyz says 503 (the load balancer stops sending), the port is
+    closed (new clients go elsewhere), and every request already read is answered, its write
+    stored, before the process exits 0."""
+    emu = start_emulator(listen_on_peers=False)
+    # Nothing here may expire on its own while the upstream is stopped.
+    proxy = start_proxy(emu, "--drain-timeout", "120", "--request-timeout", "120")
+    c, futures, settled = stalled_writes(emu, proxy, 20)
     try:
-        futures[999][1].result()
-    except Exception:
-        pass
-    proxy.proc.send_signal(signal.SIGTERM)
-    for i, f in futures:
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: http_get(proxy.metrics_port, "/readyz")[0] == 503, "/readyz says 503")
+        assert json.loads(http_get(proxy.metrics_port, "/readyz")[1])["reason"] == "shutting_down"
+        wait_until(lambda: refuses_connections(proxy.port), "the client port is closed")
+        from cassandra.cluster import NoHostAvailable
+
+        latecomer = cluster(proxy.port)
+        with pytest.raises(NoHostAvailable):
+            latecomer.connect()
+        latecomer.shutdown()
+        # All of that during the drain: the proxy waits for the writes the upstream holds.
+        assert proxy.proc.poll() is None, "the proxy exited with writes in flight"
+        assert not settled
+    finally:
+        emu.proc.send_signal(signal.SIGCONT)
+    failed = {}
+    for k, f in futures.items():
         try:
             f.result()
-            acked.append(i)
-        except Exception:
-            failed.append(i)
+        except Exception as e:  # collected to name every failure in the assertion
+            failed[k] = repr(e)
     c.shutdown()
+    assert failed == {}, "requests in flight at SIGTERM failed instead of being answered"
     assert proxy.proc.wait(timeout=30) == 0, "the proxy drains and exits cleanly"
-    assert acked, "writes were acknowledged before and during the drain"
+    assert "all client connections drained" in proxy.log_path.read_text()
 
     # Every acknowledged write is in Keyspaces: read them back through a fresh proxy.
     check = start_proxy(emu)
     c = cluster(check.port)
     try:
-        s = c.connect()
-        stored = {row.k for row in s.execute("SELECT k FROM drain.t")}
+        stored = {row.k for row in c.connect().execute("SELECT k FROM drain.t")}
     finally:
         c.shutdown()
-    missing = [k for k in acked if k not in stored]
-    assert missing == [], f"{len(missing)} acknowledged writes missing"
+    assert stored == set(futures)
+
+
+def test_a_second_sigterm_exits_at_once_with_requests_in_flight(start_emulator, start_proxy):
+    """An operator who will not wait out the drain signals again: the process exits 130 now,
+    and the requests still in flight fail (the client sees its connection close) rather than
+    being answered."""
+    emu = start_emulator(listen_on_peers=False)
+    proxy = start_proxy(emu, "--drain-timeout", "120", "--request-timeout", "120")
+    c, futures, _ = stalled_writes(emu, proxy, 5)
+    try:
+        proxy.proc.send_signal(signal.SIGTERM)
+        # The first signal is handled before the second is sent: two signals sent back to back
+        # can arrive as one.
+        wait_until(lambda: "shutting down" in proxy.log_path.read_text(), "the drain began")
+        proxy.proc.send_signal(signal.SIGTERM)
+        # The upstream is still stopped: only an exit that does not wait for it ends the process.
+        assert proxy.proc.wait(timeout=30) == 130
+    finally:
+        emu.proc.send_signal(signal.SIGCONT)
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.connection import ConnectionShutdown
+
+    # Each one's connection closed under it: not answered, and not failed any other way (an
+    # error answer would mean the proxy was still serving).
+    outcomes = {}
+    for k, f in futures.items():
+        try:
+            outcomes[k] = f"answered: {f.result()!r}"
+        except NoHostAvailable as e:
+            if all(isinstance(why, ConnectionShutdown) for why in e.errors.values()):
+                continue
+            outcomes[k] = repr(e)
+        except Exception as e:  # named in the assertion below
+            outcomes[k] = repr(e)
+    c.shutdown()
+    assert outcomes == {}, "requests in flight were not cut off by the exit"
+    assert "second signal: exiting now" in proxy.log_path.read_text()
 
 
 def test_trace_logs_carry_no_secrets(start_emulator, start_proxy, aws_env):
