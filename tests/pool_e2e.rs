@@ -96,8 +96,10 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |c| c.rate_limit = 500).await;
     let mut opts = ProxyOptions::for_emulator(&emu);
+    // Half the emulator's cap: its windows count arrivals, so requests the proxy paced into
+    // one second can land in the next after a stall. 250 of margin is a 600 ms stall.
     opts.pool = Some(PoolSettings {
-        max_rate_per_connection: 400,
+        max_rate_per_connection: 250,
         ..PoolSettings::default()
     });
     let addr = proxy(&emu, opts).await;
