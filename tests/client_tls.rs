@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::{error_code, opcode, Codec, Frame};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_proxy::auth::certificate::{IdentityField, DEFAULT_ORDER};
 use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
 use keyspaces_proxy::client_tls::{server_config, ClientTlsFiles};
-use keyspaces_proxy::frame::messages::{self, error_code, ErrorInfo};
-use keyspaces_proxy::frame::{opcode, Frame, FrameCodec};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -76,7 +76,7 @@ fn proxy_tls(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Arc<rustls::ServerC
     .unwrap()
 }
 
-type TlsClient = Framed<TlsStream<TcpStream>, FrameCodec>;
+type TlsClient = Framed<TlsStream<TcpStream>, Codec>;
 
 fn client_config(server_ca: &Ca, identity: Option<&(String, String)>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
@@ -116,7 +116,7 @@ async fn connect_with(
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
-    Ok(Framed::new(tls, FrameCodec::default()))
+    Ok(Framed::new(tls, Codec::default()))
 }
 
 /// Sends `f` and waits for the reply; `None` if the connection failed or closed.

@@ -7,9 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::{consistency, error_code, opcode, Frame, Header};
 use common::*;
-use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::{opcode, Frame, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 
 use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
-use bytes::{BufMut, BytesMut};
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::result::Rows;
+use common::cql::{consistency, error_code, flags, opcode, Frame};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_emulator::SigV4Key;
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::result::Rows;
-use keyspaces_proxy::frame::types::WriteExt;
-use keyspaces_proxy::frame::{opcode, Frame, Header};
 use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use serde_json::Value;
@@ -273,7 +271,7 @@ async fn clients_are_re_spread_one_per_connection_when_the_pool_grows() {
     }
 }
 
-type Tls = keyspaces_proxy::upstream::connection::UpstreamFramed;
+type Tls = DirectTls;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
     direct_tls(emu).await
@@ -386,28 +384,15 @@ async fn use_changes_only_that_clients_keyspace() {
 }
 
 fn prepare(cql: &str) -> Frame {
-    let mut b = BytesMut::new();
-    b.put_long_string(cql);
-    Frame::new(Header::request(4, 2, opcode::PREPARE), b.freeze())
+    messages::prepare(4, 2, cql)
 }
 
 fn execute(id: &[u8], values: &[&[u8]]) -> Frame {
-    let mut b = BytesMut::new();
-    b.put_short_bytes(id);
-    b.put_u16(consistency::LOCAL_QUORUM);
-    b.put_u8(0x01);
-    b.put_u16(values.len() as u16);
-    for v in values {
-        b.put_bytes_value(Some(v));
-    }
-    Frame::new(Header::request(4, 3, opcode::EXECUTE), b.freeze())
+    messages::execute(4, 3, id, consistency::LOCAL_QUORUM, values)
 }
 
 fn prepared_id(f: &Frame) -> Vec<u8> {
-    keyspaces_proxy::frame::result::Prepared::parse(&f.body, 4)
-        .unwrap()
-        .id
-        .to_vec()
+    common::cql::result::prepared_id(&f.body).unwrap()
 }
 
 #[tokio::test]
@@ -452,12 +437,10 @@ async fn unprepared_is_re_prepared_without_the_client_noticing() {
     // every answer to a traced request); the proxy still reads it and re-prepares.
     emu.forget_prepared();
     let mut traced = execute(&select, &[&key]);
-    traced.header.flags |= keyspaces_proxy::frame::header::flags::TRACING;
+    traced.header.flags |= flags::TRACING;
     let r = c.call(traced).await;
     assert_eq!(r.opcode(), opcode::RESULT, "{:?}", r.body);
-    assert!(r
-        .header
-        .has_flag(keyspaces_proxy::frame::header::flags::TRACING));
+    assert!(r.header.has_flag(flags::TRACING));
     let rows = Rows::parse(&r.body[16..]).unwrap();
     assert_eq!(rows.cells().unwrap()[0][0], Some(&b"after"[..]));
     let events = emu.events.snapshot();

@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime};
 
 use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::{consistency, opcode, Frame};
 use common::*;
 use keyspaces_emulator::SigV4Key;
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::frame::messages::{self, consistency, ErrorInfo};
-use keyspaces_proxy::frame::{opcode, Frame};
 use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use serde_json::Value;

@@ -2,12 +2,11 @@
 
 mod common;
 
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::result::Rows;
+use common::cql::{consistency, error_code, opcode, Compression, Frame, Header};
 use common::*;
 use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
-use keyspaces_proxy::frame::compression::{compressed, decompressed};
-use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::result::Rows;
-use keyspaces_proxy::frame::{opcode, Compression, Frame, Header};
 use keyspaces_proxy::upstream::UpstreamAuth;
 
 async fn ready_client(addr: std::net::SocketAddr) -> Client {
@@ -211,18 +210,17 @@ async fn client_compression_is_served_by_the_proxy() {
             .call(messages::startup(
                 4,
                 0,
-                &[
-                    ("CQL_VERSION", "3.0.0"),
-                    ("COMPRESSION", algo.name().unwrap()),
-                ],
+                &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", algo.name())],
             ))
             .await;
         assert_eq!(r.opcode(), opcode::READY);
-        let q = compressed(
-            messages::query(4, 1, "SELECT * FROM system.local", consistency::ONE),
-            algo,
-        );
-        let r = decompressed(c.call(q).await, algo, 1 << 20).unwrap();
+        let q = algo.compress(messages::query(
+            4,
+            1,
+            "SELECT * FROM system.local",
+            consistency::ONE,
+        ));
+        let r = algo.decompress(c.call(q).await).unwrap();
         let rows = Rows::parse(&r.body).unwrap();
         assert_eq!(rows.rows_count, 1);
     }

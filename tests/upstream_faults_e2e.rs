@@ -8,11 +8,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::{consistency, error_code, opcode, Frame};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::{opcode, Frame};
 use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -344,7 +344,7 @@ fn select(stream: i16, k: u32) -> Frame {
 
 /// The one text cell of a single-row answer.
 fn single_value(f: &Frame) -> Option<String> {
-    let rows = keyspaces_proxy::frame::result::Rows::parse(&f.body).ok()?;
+    let rows = common::cql::result::Rows::parse(&f.body).ok()?;
     let cells = rows.cells().ok()?;
     let cell = cells.first()?.first().copied().flatten()?;
     String::from_utf8(cell.to_vec()).ok()

@@ -1,6 +1,8 @@
 //! Shared harness for the Rust integration tests: an in-process emulator, an in-process proxy,
-//! and a minimal CQL client that speaks frames.
+//! and a minimal CQL client that speaks frames through its own codec (`cql.rs`), not the proxy's.
 #![allow(dead_code)]
+
+pub mod cql;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_credential_types::Credentials;
+use cql::{Codec, Frame};
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_emulator::{Emulator, EmulatorConfig, PlainUser, SigV4Key};
 use keyspaces_proxy::auth::client::ClientAuth;
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::frame::{Frame, FrameCodec};
 use keyspaces_proxy::session::ProxyContext;
 use keyspaces_proxy::upstream::pool::{Pool, PoolSettings};
 use keyspaces_proxy::upstream::tls::{client_config, server_name};
@@ -174,53 +176,74 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
 }
 
 /// The error in `f`, which must be an ERROR frame.
-pub fn error_of(f: &Frame) -> keyspaces_proxy::frame::messages::ErrorInfo {
-    use keyspaces_proxy::frame::opcode;
+pub fn error_of(f: &Frame) -> cql::messages::ErrorInfo {
+    use cql::opcode;
     assert_eq!(
         f.opcode(),
         opcode::ERROR,
         "expected an ERROR, got {}",
         opcode::name(f.opcode())
     );
-    keyspaces_proxy::frame::messages::ErrorInfo::parse(&f.body).unwrap()
+    cql::messages::ErrorInfo::parse(&f.body).unwrap()
 }
 
-/// A direct TLS + SigV4 connection to the emulator, as a driver with the official plugin makes.
-pub async fn direct_tls(emu: &Emulator) -> keyspaces_proxy::upstream::connection::UpstreamFramed {
-    let target = UpstreamTarget {
-        addresses: Arc::new(keyspaces_proxy::upstream::addresses::AddressBook::new(
-            &emu.addr.to_string(),
-        )),
-        address: emu.addr.to_string(),
-        server_name: server_name(&format!("cassandra.{REGION}.amazonaws.com")).unwrap(),
-        tls: client_config(Some(&emu.ca_pem)).unwrap(),
-        insecure_plaintext: false,
-        auth: sigv4(SECRET),
-        connect_timeout: Duration::from_secs(5),
-        max_frame_len: 1 << 24,
+pub type DirectTls = Framed<tokio_rustls::client::TlsStream<TcpStream>, Codec>;
+
+/// A direct TLS + SigV4 connection to the emulator, as a driver with the official plugin makes
+/// (the proxy's signer stands in for the plugin's; the frames are the test client's own).
+pub async fn direct_tls(emu: &Emulator) -> DirectTls {
+    use cql::{messages, opcode};
+    use keyspaces_proxy::auth::sigv4 as signer;
+    let tcp = TcpStream::connect(emu.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(Some(&emu.ca_pem)).unwrap());
+    let name = server_name(&format!("cassandra.{REGION}.amazonaws.com")).unwrap();
+    let mut c = Framed::new(
+        connector.connect(name, tcp).await.unwrap(),
+        Codec::default(),
+    );
+    let mut call = async |f: Frame| {
+        c.send(f).await.unwrap();
+        c.next().await.unwrap().unwrap()
     };
-    target.connect(4, Default::default()).await.unwrap().framed
+    let a = call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])).await;
+    assert_eq!(a.opcode(), opcode::AUTHENTICATE);
+    let challenge = call(messages::auth_response(4, 0, signer::INITIAL_RESPONSE)).await;
+    let token = messages::parse_auth_token(&challenge.body)
+        .unwrap()
+        .to_vec();
+    let response = signer::signed_response(&signer::SigningParams {
+        access_key_id: AKID,
+        secret_access_key: SECRET,
+        session_token: None,
+        region: REGION,
+        nonce: signer::parse_challenge(&token).unwrap(),
+        time: std::time::SystemTime::now(),
+    });
+    let ok = call(messages::auth_response(4, 0, response.as_bytes())).await;
+    assert_eq!(ok.opcode(), opcode::AUTH_SUCCESS, "{ok:?}");
+    c
 }
 
+/// The test client: frames through `cql::Codec`, never the proxy's codec.
 pub struct Client {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<TcpStream, Codec>,
 }
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect(addr).await.unwrap();
         Client {
-            framed: Framed::new(tcp, FrameCodec::default()),
+            framed: Framed::new(tcp, Codec::default()),
         }
     }
 
     pub fn from_stream(tcp: TcpStream) -> Client {
         Client {
-            framed: Framed::new(tcp, FrameCodec::default()),
+            framed: Framed::new(tcp, Codec::default()),
         }
     }
 
-    pub fn into_framed(self) -> Framed<TcpStream, FrameCodec> {
+    pub fn into_framed(self) -> Framed<TcpStream, Codec> {
         self.framed
     }
 
@@ -236,7 +259,7 @@ impl Client {
         self.framed.get_mut().write_all(bytes).await.unwrap();
     }
 
-    pub fn framed_mut(&mut self) -> &mut Framed<TcpStream, FrameCodec> {
+    pub fn framed_mut(&mut self) -> &mut Framed<TcpStream, Codec> {
         &mut self.framed
     }
 
@@ -255,13 +278,14 @@ impl Client {
 
     /// Runs one CQL statement and asserts it succeeded.
     pub async fn run_ok(&mut self, cql: &str) -> Frame {
-        use keyspaces_proxy::frame::messages::{self, consistency, ErrorInfo};
+        use cql::messages::{self, ErrorInfo};
+        use cql::{consistency, opcode};
         let r = self
             .call(messages::query(4, 1, cql, consistency::LOCAL_QUORUM))
             .await;
         assert_eq!(
             r.opcode(),
-            keyspaces_proxy::frame::opcode::RESULT,
+            opcode::RESULT,
             "{cql}: {:?}",
             ErrorInfo::parse(&r.body)
         );
