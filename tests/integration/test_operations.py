@@ -96,11 +96,10 @@ def probe(proxy, path):
 
 
 def test_readyz_follows_the_upstream(start_emulator, start_proxy, tmp_path):
-    from conftest import free_port
-
-    port = free_port()
     state = tmp_path / "flip-state"
-    emu = start_emulator(listen_on_peers=False, listen=f"127.0.0.1:{port}", state_dir=state)
+    emu = start_emulator(listen_on_peers=False, state_dir=state)
+    # Restarted on the port it was given, as Keyspaces' endpoint would come back.
+    port = emu.port
     proxy = start_proxy(emu, "--pool-min-connections", "1")
     # /readyz never waits for Keyspaces: ready once the warm-up's connection is.
     deadline = time.time() + 30
@@ -511,22 +510,21 @@ def test_a_rotated_secret_is_picked_up_without_a_signal(start_emulator, start_pr
 def test_the_open_file_limit_is_raised_to_the_hard_one(start_emulator, processes, aws_env, tmp_path):
     """A soft limit of 256 (hard 4096): the proxy raises it to 4096 at start and says so."""
     import resource
-    from conftest import BIN_DIR, free_port, wait_for_port
+    from conftest import BIN_DIR, PROXY_LISTENING, wait_for_log
 
     emu = start_emulator(listen_on_peers=False)
-    port, metrics = free_port(), free_port()
     log = tmp_path / "proxy.log"
     hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     proc = subprocess.Popen(
-        [str(BIN_DIR / "keyspaces-proxy"), "--listen", f"127.0.0.1:{port}",
-         "--metrics-listen", f"127.0.0.1:{metrics}", "--region", "us-east-1",
+        [str(BIN_DIR / "keyspaces-proxy"), "--listen", "127.0.0.1:0",
+         "--metrics-listen", "127.0.0.1:0", "--region", "us-east-1",
          "--endpoint", f"{emu.host}:{emu.port}", "--ca-file", emu.ca,
          "--tls-server-name", "cassandra.us-east-1.amazonaws.com"],
         env=aws_env, stderr=log.open("w"),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
     )
     processes.procs.append(proc)
-    wait_for_port(port, proc)
+    wait_for_log(log, PROXY_LISTENING, proc, "keyspaces-proxy")
     limits = Path(f"/proc/{proc.pid}/limits").read_text()
     line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)], line
@@ -538,20 +536,21 @@ def test_out_of_descriptors_a_client_is_refused_at_once(start_emulator, processe
     in the backlog while the accept loop logged EMFILE every 50 ms)."""
     import resource
     import socket
-    from conftest import BIN_DIR, free_port, wait_for_port
+    from conftest import BIN_DIR, PROXY_LISTENING, wait_for_log
 
     emu = start_emulator(listen_on_peers=False)
-    port, metrics = free_port(), free_port()
+    log = tmp_path / "proxy.log"
     proc = subprocess.Popen(
-        [str(BIN_DIR / "keyspaces-proxy"), "--listen", f"127.0.0.1:{port}",
-         "--metrics-listen", f"127.0.0.1:{metrics}", "--region", "us-east-1",
+        [str(BIN_DIR / "keyspaces-proxy"), "--listen", "127.0.0.1:0",
+         "--metrics-listen", "127.0.0.1:0", "--region", "us-east-1",
          "--endpoint", f"{emu.host}:{emu.port}", "--ca-file", emu.ca,
          "--tls-server-name", "cassandra.us-east-1.amazonaws.com"],
-        env=aws_env, stderr=(tmp_path / "proxy.log").open("w"),
+        env=aws_env, stderr=log.open("w"),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
     )
     processes.procs.append(proc)
-    wait_for_port(port, proc)
+    m = wait_for_log(log, PROXY_LISTENING, proc, "keyspaces-proxy")
+    port, metrics = int(m.group(2)), int(m.group(4))
     held = []
     refused = None
     for _ in range(80):
@@ -589,6 +588,8 @@ def test_the_images_health_check_follows_a_moved_metrics_port(start_emulator, pr
                        if l.strip().startswith("CMD ["))
     argv = _json.loads(healthcheck.strip()[len("CMD "):])
     emu = start_emulator(listen_on_peers=False)
+    # Fixed ports on purpose: the probe process learns the metrics port from the config file
+    # alone, so port 0 cannot be used here.
     port, metrics = free_port(), free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(f'listen = "127.0.0.1:{port}"\nmetrics-listen = "127.0.0.1:{metrics}"\n'

@@ -1,5 +1,5 @@
 //! Verifies client authentication the way Keyspaces does: the SigV4 signed response over the
-//! connection's nonce, or PLAIN service-specific credentials.
+//! connection's nonce, or PLAIN service-specific credentials (KEYSPACES.md, "SigV4 exchange").
 
 use std::time::{Duration, SystemTime};
 
@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 
 use crate::sigv4::{expected_signature, parse_amzdate, SignedResponse};
 
-/// Keyspaces' tolerance for the client's clock (the emulator's choice; AWS does not publish it).
+/// Keyspaces' tolerance for the client's clock. ASSUMPTION: KEYSPACES.md, "SigV4 exchange" says
+/// it is unknown and that an emulator may use ±5 min.
 pub const CLOCK_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Clone, PartialEq, Eq)]
@@ -67,6 +68,8 @@ impl std::str::FromStr for PlainUser {
     }
 }
 
+// Only InvalidSignature's text is documented (KEYSPACES.md, "SigV4 exchange"); BadPassword's is
+// Cassandra's PasswordAuthenticator's; the others are the emulator's own (ASSUMPTION).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthFailure {
     #[error("Authentication failure: Invalid signature")]
@@ -100,7 +103,7 @@ impl AuthFailure {
     }
 }
 
-/// 32 lowercase hex characters, fresh for every connection.
+/// 32 lowercase hex characters, fresh for every connection (KEYSPACES.md, "SigV4 exchange").
 pub fn new_nonce() -> String {
     let mut raw = [0u8; 16];
     rand::rng().fill_bytes(&mut raw);
@@ -137,6 +140,8 @@ pub fn verify_sigv4(
         .iter()
         .find(|k| k.access_key_id == resp.access_key)
         .ok_or_else(|| AuthFailure::UnknownKey(resp.access_key.to_owned()))?;
+    // ASSUMPTION: the token must be the one issued with the key (Keyspaces checks it with STS;
+    // the signature does not cover it).
     if key.session_token.as_deref() != resp.session_token {
         return Err(AuthFailure::TokenMismatch);
     }

@@ -22,14 +22,15 @@ use crate::wire::{
 };
 use crate::Shared;
 
-/// The text Keyspaces answers a v5 (or any other unsupported) client with; drivers look for
-/// exactly this to downgrade (KEYSPACES.md).
+/// The text Keyspaces answers a v5 client with; drivers look for exactly this to downgrade
+/// (KEYSPACES.md, "Protocol"). Other versions get it too (Cassandra's format; ASSUMPTION).
 pub fn unsupported_version_message(version: u8) -> String {
     format!(
         "Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4)"
     )
 }
 
+// What AUTHENTICATE names (KEYSPACES.md, "Protocol": seen 2025; older: HelenusAuthenticator).
 const PASSWORD_AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -42,7 +43,9 @@ enum State {
     Ready,
 }
 
-/// Counts requests in one-second windows: Keyspaces' per-connection cap.
+/// Counts requests in one-second windows: Keyspaces' per-connection cap (3,000/s, KEYSPACES.md,
+/// "Throughput limits and errors"). ASSUMPTION: the shape (fixed one-second windows per
+/// connection, the first from its creation); KEYSPACES.md gives only the rate.
 struct RateLimiter {
     cap: u32,
     window: Instant,
@@ -126,6 +129,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
         requests: 0,
         limiter: RateLimiter {
             cap: shared.config.rate_limit,
+            // ASSUMPTION: the first window opens with the connection, not at login.
             window: Instant::now(),
             count: 0,
         },
@@ -178,7 +182,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, local:
 }
 
 /// How an answer is framed: compressed once compression is on; traced requests get a tracing
-/// session id in front of the body, as Cassandra does.
+/// session id in front of the body (native_protocol_v4.spec §2.2; ASSUMPTION that Keyspaces does).
 #[derive(Debug, Clone, Copy)]
 struct Framing {
     version: u8,
@@ -233,6 +237,8 @@ impl Conn {
         let v = frame.protocol_version();
         let stream = frame.stream;
         if !(3..=4).contains(&v) {
+            // Socket kept open (KEYSPACES.md, "Protocol"). v4 header: Cassandra's ProtocolVersion
+            // answers unknown versions in its highest (but v1/v2 in their own; ASSUMPTION here).
             let body = response::error(error_code::PROTOCOL_ERROR, &unsupported_version_message(v));
             let f = Frame::response(4, stream, opcode::ERROR, body);
             return self.tx.send(Out::Frame(f)).await.is_ok();
@@ -240,6 +246,8 @@ impl Conn {
         if matches!(self.state, State::AwaitStartup) {
             self.version = v;
         } else if v != self.version || frame.is_response() {
+            // Cassandra's Frame.Decoder refuses a version change too ("Invalid message version.
+            // Got …"); this text and the close are the emulator's (ASSUMPTION for Keyspaces).
             self.error(
                 stream,
                 error_code::PROTOCOL_ERROR,
@@ -280,6 +288,8 @@ impl Conn {
                     .iter()
                     .filter_map(|c| c.name())
                     .collect();
+                // CQL 3.4.4 and v3/v4: KEYSPACES.md, "Protocol". ASSUMPTION: Keyspaces' SUPPORTED
+                // lists them so (undocumented); COMPRESSION is configurable, its support unknown.
                 let body = response::supported(&[
                     ("CQL_VERSION", &["3.4.4"]),
                     ("COMPRESSION", &algos),
@@ -308,6 +318,8 @@ impl Conn {
             (State::AwaitSignature { .. }, Request::AuthResponse(token)) => {
                 self.on_signature(stream, token.unwrap_or_default()).await
             }
+            // ASSUMPTION: REGISTER accepted, no event ever pushed (KEYSPACES.md, "Protocol":
+            // unknown).
             (State::Ready, Request::Register(_)) => {
                 self.reply(stream, opcode::READY, Bytes::new()).await
             }
@@ -322,10 +334,13 @@ impl Conn {
                     .await
             }
             (State::Ready, _) => {
+                // The emulator's text (Cassandra's ServerConnection adds ", the connection is
+                // already initialized" for STARTUP).
                 let msg = format!("Unexpected message {}", opcode::name(frame.opcode));
                 self.error(stream, error_code::PROTOCOL_ERROR, &msg).await
             }
             (State::AwaitStartup, _) => {
+                // Cassandra's ServerConnection.validateNewMessage text.
                 let msg = format!(
                     "Unexpected message {}, expecting STARTUP or OPTIONS",
                     opcode::name(frame.opcode)
@@ -333,6 +348,8 @@ impl Conn {
                 self.error(stream, error_code::PROTOCOL_ERROR, &msg).await
             }
             (_, _) => {
+                // The emulator's choice: Cassandra answers a ProtocolException "Unexpected message
+                // %s, expecting SASL_RESPONSE"; Keyspaces' answer is undocumented.
                 let msg = format!(
                     "Unexpected message {} before authentication",
                     opcode::name(frame.opcode)
@@ -342,10 +359,11 @@ impl Conn {
         }
     }
 
-    /// A body the emulator's decoder cannot read. Cassandra answers a ProtocolException and,
-    /// for errors in decoding, closes the connection (3.11 does): with
-    /// `close_on_protocol_error` the emulator does the same, failing everything else in flight
-    /// on this connection — the cost a proxy that forwards such a body imposes on bystanders.
+    /// A body the emulator's decoder cannot read. Cassandra answers a ProtocolException and its
+    /// Message.ExceptionHandler closes the connection after one: with `close_on_protocol_error`
+    /// the emulator does the same (ASSUMPTION for Keyspaces, undocumented), failing everything
+    /// else in flight on this connection — the cost a proxy that forwards such a body imposes on
+    /// bystanders.
     async fn undecodable(&mut self, stream: i16, op: u8, why: &str) -> bool {
         let message = format!("Invalid {} message: {why}", opcode::name(op));
         let close = self.shared.config.close_on_protocol_error;
@@ -371,6 +389,8 @@ impl Conn {
         self.shared
             .events
             .record(json!({"event": "startup", "conn": self.id, "options": sorted}));
+        // Cassandra's StartupMessage also refuses an unknown algorithm with a ProtocolException
+        // (its text: "Unknown compression algorithm: …"); this text is the emulator's.
         let requested = options.get("COMPRESSION").copied().unwrap_or("");
         let compression = match requested.parse::<Compression>() {
             Ok(c) if c == Compression::None || self.shared.config.compression.contains(&c) => c,
@@ -391,7 +411,8 @@ impl Conn {
         self.state = State::AwaitCredentials;
         let body = response::authenticate(PASSWORD_AUTHENTICATOR);
         let ok = self.reply(stream, opcode::AUTHENTICATE, body).await;
-        // Compression applies to every frame after the answer to STARTUP.
+        // Compression applies to every frame after the answer to STARTUP: the emulator's choice;
+        // native_protocol_v4.spec §2.2/§4.1.1 say only that STARTUP itself is never compressed.
         self.compression = compression;
         ok
     }
@@ -424,6 +445,8 @@ impl Conn {
                 self.reply(stream, opcode::AUTH_SUCCESS, body).await
             }
             Err(e) => {
+                // 0x0100 (KEYSPACES.md, "SigV4 exchange", step 4). ASSUMPTION: the connection stays
+                // open for another attempt (it does not say).
                 self.state = State::AwaitCredentials;
                 self.error(stream, error_code::BAD_CREDENTIALS, &e.to_string())
                     .await
@@ -432,13 +455,15 @@ impl Conn {
     }
 
     async fn on_credentials(&mut self, stream: i16, token: &[u8]) -> bool {
+        // KEYSPACES.md, "SigV4 exchange", steps 1-2: `SigV4\0\0` gets exactly `nonce=<hex>`.
         if token == sigv4::INITIAL_RESPONSE {
             let nonce = new_nonce();
             let body = response::auth_token(Some(format!("nonce={nonce}").as_bytes()));
             self.state = State::AwaitSignature { nonce };
             return self.reply(stream, opcode::AUTH_CHALLENGE, body).await;
         }
-        // PLAIN: `[authzid]\0user\0password` (RFC 4616).
+        // PLAIN: `[authzid]\0user\0password` (RFC 4616), no challenge round, for service-specific
+        // credentials (KEYSPACES.md, "SigV4 exchange").
         let mut parts = token.splitn(3, |b| *b == 0);
         match (parts.next(), parts.next(), parts.next()) {
             (Some(_), Some(user), Some(password)) => {
@@ -502,6 +527,8 @@ impl Conn {
             self.record_request(op, request);
         }
         let engine = &self.shared.engine;
+        // ASSUMPTION: only QUERY/PREPARE/EXECUTE/BATCH count towards the cap, not handshakes or
+        // OPTIONS heartbeats (KEYSPACES.md says "CQL requests").
         let reply = if self.limiter.allow() {
             engine.handle(op, body, self.keyspace.as_deref())
         } else {

@@ -1,5 +1,7 @@
 //! The query engine: kassandra's in-memory CQL server, with Keyspaces' system tables and its
-//! rules (consistency levels, no peers_v2) on top.
+//! rules (consistency levels, no peers_v2) on top, as KEYSPACES.md, "Protocol" describes them.
+//! Not modelled from that section: batch size limits, 1 MB rows/pages, the 100-IN limit and
+//! asynchronous DDL (kassandra itself refuses to prepare DDL, as Keyspaces does).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,6 +41,7 @@ pub struct Reply {
     pub keyspace: Option<String>,
 }
 
+// The partitioners system.local may name, one per account (KEYSPACES.md, "Protocol").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Partitioner {
     Murmur3,
@@ -126,8 +129,8 @@ fn result_reply(r: QueryResult, kind: StatementKind) -> Reply {
     }
 }
 
-/// Keyspaces' consistency rules: writes only at LOCAL_QUORUM; reads at ONE, LOCAL_ONE or
-/// LOCAL_QUORUM.
+/// Keyspaces' consistency rules (KEYSPACES.md, "Protocol"): writes only at LOCAL_QUORUM; reads
+/// at ONE, LOCAL_ONE or LOCAL_QUORUM. DDL and USE are not checked: ASSUMPTION, it names no rule.
 pub fn consistency_violation(kind: StatementKind, cl: u16) -> Option<String> {
     let (allowed, list): (&[u16], &str) = match kind {
         StatementKind::Write => (&[consistency::LOCAL_QUORUM], "LOCAL_QUORUM"),
@@ -144,6 +147,8 @@ pub fn consistency_violation(kind: StatementKind, cl: u16) -> Option<String> {
     if allowed.contains(&cl) {
         return None;
     }
+    // Invalid (0x2200) with KEYSPACES.md's example text; the read list's wording is ASSUMPTION
+    // (its example shows only the write case).
     Some(format!(
         "Consistency level {} is not supported for this operation. Supported consistency levels are: {list}",
         consistency::name(cl)
@@ -219,6 +224,8 @@ impl Engine {
         };
         if op == opcode::QUERY || op == opcode::PREPARE {
             if let Some(text) = leading_long_string(body) {
+                // No peers_v2 (KEYSPACES.md, "Protocol"). Invalid and this text are Cassandra
+                // 3.11's for an unknown table (ASSUMPTION: Keyspaces' answer is undocumented).
                 if mentions_peers_v2(text) {
                     return error_reply(
                         error_code::INVALID,
@@ -249,8 +256,8 @@ impl Engine {
             }
             Request::Prepare(q) => {
                 let kind = kind_of(&q);
-                // Ids derive from keyspace and text, as Cassandra's do, so a re-prepare after
-                // UNPREPARED yields the id the client already holds.
+                // ASSUMPTION (KEYSPACES.md is silent): ids derive from keyspace and text, as
+                // Cassandra's MD5 ids do, so a re-prepare after UNPREPARED yields the same id.
                 let text = leading_long_string(body).unwrap_or_default();
                 match session.prepare_with_id(q, statement_id(keyspace, text)) {
                     Ok(r) => {
@@ -318,8 +325,9 @@ impl Engine {
             .contains_key(id)
     }
 
-    /// Forgets every prepared statement, as a Keyspaces node that restarted would: the next
-    /// EXECUTE of any of them is answered UNPREPARED.
+    /// Forgets every prepared statement: the next EXECUTE of any of them is answered UNPREPARED.
+    /// ASSUMPTION: Keyspaces can forget ids as a restarted Cassandra node does (KEYSPACES.md is
+    /// silent).
     pub fn forget_prepared(&self) {
         self.prepared_kinds
             .lock()
@@ -347,7 +355,8 @@ fn statement_id(keyspace: Option<&str>, text: &str) -> u128 {
     u128::from_be_bytes(id)
 }
 
-/// Cassandra's text for an unknown prepared id.
+/// UNPREPARED (native_protocol_v4.spec §9) with the start of the text of Cassandra's
+/// PreparedQueryNotFoundException; Keyspaces' text is undocumented (ASSUMPTION).
 fn unprepared(id: &[u8]) -> Reply {
     let message = format!("Prepared query with ID {} not found", hex::encode(id));
     Reply {
@@ -388,8 +397,12 @@ fn is_select(cql: &str) -> bool {
         && !rest[6..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
 }
 
-/// The INSERTs that make `system.local` and `system.peers` look like Keyspaces'.
+/// The INSERTs that make `system.local` and `system.peers` look like Keyspaces' (KEYSPACES.md,
+/// "Protocol": cluster_name, data_center = rack = region, release_version, partitioner, peers).
 fn system_rows(t: &Topology) -> Vec<String> {
+    // ASSUMPTION: tokens, host ids and schema_version are made up (KEYSPACES.md gives none);
+    // every row has the same tokens. cql_version 3.4.4 and protocol 4: KEYSPACES.md, "Protocol".
+    // rpc_port 9142: KEYSPACES.md, "Endpoints" (not the emulator's own port).
     let tokens = "['-9223372036854775808', '-3074457345618258603', '3074457345618258602']";
     let mut stmts = vec![format!(
         "INSERT INTO system.local (key, bootstrapped, broadcast_address, cluster_name, cql_version, \
@@ -402,6 +415,8 @@ fn system_rows(t: &Topology) -> Vec<String> {
         dc = t.region,
         part = t.partitioner.class_name(),
     )];
+    // ASSUMPTION: peers' rpc_address is their address so drivers can follow them; KEYSPACES.md,
+    // "Protocol" says it was null in 2020.
     for (i, peer) in t.peers.iter().enumerate() {
         stmts.push(format!(
             "INSERT INTO system.peers (peer, data_center, host_id, rack, release_version, \
@@ -416,8 +431,10 @@ fn system_rows(t: &Topology) -> Vec<String> {
 }
 
 /// ERROR bodies for throttling: Keyspaces reports exceeding the per-connection rate as
-/// Read/WriteTimeout at LOCAL_QUORUM with 0 of 2 responses (KEYSPACES.md, "Limits").
+/// Read/WriteTimeout (KEYSPACES.md, "Throughput limits and errors"); the fields are ASSUMPTIONs.
 pub fn throttled(kind: StatementKind) -> Reply {
+    // Cassandra's RequestTimeoutException text. ASSUMPTION (KEYSPACES.md names only the error
+    // types): LOCAL_QUORUM whatever the request's level, 0 of 2, SIMPLE even for batches and DDL.
     let message = "Operation timed out - received only 0 responses.";
     let (code, extra) = match kind {
         StatementKind::Write | StatementKind::Schema => (

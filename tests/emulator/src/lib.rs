@@ -1,6 +1,7 @@
 //! keyspaces-emulator: a local stand-in for Amazon Keyspaces that behaves as it does on the
 //! wire (TLS only, SigV4 or PLAIN auth, v3/v4, its system tables, consistency rules and
-//! per-connection rate cap), with fault injection and an event log for tests.
+//! per-connection rate cap), with fault injection and an event log for tests. Its facts about
+//! Keyspaces come from KEYSPACES.md (this directory); what that does not say is marked ASSUMPTION.
 
 pub mod auth;
 pub mod connection;
@@ -49,7 +50,8 @@ pub struct EmulatorConfig {
     pub region: String,
     pub sigv4_keys: Vec<SigV4Key>,
     pub plain_users: Vec<PlainUser>,
-    /// Rows in system.peers (9 like the public endpoints, 3 like FIPS ones).
+    /// Rows in system.peers (9 like the public endpoints, 3 like FIPS ones: KEYSPACES.md,
+    /// "Protocol").
     pub peers: usize,
     /// Also accept connections on the peer addresses, so a driver that follows system.peers is
     /// seen (and logged) instead of silently failing to connect.
@@ -57,23 +59,27 @@ pub struct EmulatorConfig {
     pub partitioner: Partitioner,
     /// Enforce Keyspaces' consistency rules.
     pub keyspaces_rules: bool,
-    /// Requests per second per connection (0 = unlimited).
+    /// Requests per second per connection (0 = unlimited); Keyspaces' is 3,000 (KEYSPACES.md,
+    /// "Throughput limits and errors").
     pub rate_limit: u32,
-    /// Compression algorithms offered in SUPPORTED.
+    /// Compression algorithms offered in SUPPORTED (none by default: Keyspaces' support is
+    /// unknown, KEYSPACES.md, "Protocol").
     pub compression: Vec<Compression>,
     pub record_events: bool,
     pub event_log: Option<PathBuf>,
     pub max_frame_len: usize,
-    /// BENCHMARKS ONLY: accept plaintext instead of TLS (the emulator listens on loopback only).
+    /// BENCHMARKS ONLY: accept plaintext instead of TLS (the emulator listens on loopback only;
+    /// Keyspaces is TLS-only, KEYSPACES.md, "Endpoints").
     pub insecure_plaintext: bool,
     /// Serve a certificate that expired in 2020 (clients must refuse it).
     pub expired_certificate: bool,
-    /// Serve a chain under a stand-in for one of the roots Keyspaces documents.
+    /// Serve a chain under a stand-in for one of the roots Keyspaces documents (KEYSPACES.md,
+    /// "TLS").
     pub root: Option<tls::RootKind>,
     /// Accept SigV4 from access keys it does not know (issued by a test STS), unverified.
     pub accept_unknown_keys: bool,
     /// Close the connection after answering a request body the emulator cannot decode, as
-    /// Cassandra does: everything else in flight on it fails.
+    /// Cassandra's Message.ExceptionHandler does: everything else in flight on it fails.
     pub close_on_protocol_error: bool,
     /// Write each answer on its own, header and body in separate writes (separate TLS
     /// records), as other servers do.
@@ -85,7 +91,8 @@ pub struct EmulatorConfig {
     pub tls_versions: tls::TlsVersions,
 }
 
-/// Cassandra's default `native_transport_max_frame_size_in_mb` (256).
+/// Cassandra's default `native_transport_max_frame_size_in_mb` (256; native_protocol_v4.spec
+/// §2.5). ASSUMPTION: Keyspaces' frame limit is undocumented.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 256 * 1024 * 1024;
 
 impl Default for EmulatorConfig {
@@ -117,7 +124,8 @@ impl Default for EmulatorConfig {
     }
 }
 
-/// The loopback addresses standing in for Keyspaces' load balancers: 127.0.1.1, 127.0.1.2, …
+/// The loopback addresses standing in for Keyspaces' load balancers (KEYSPACES.md, "Protocol"):
+/// 127.0.1.1, 127.0.1.2, …
 pub fn peer_addresses(n: usize) -> Vec<IpAddr> {
     (1..=n.min(254))
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8)))

@@ -28,6 +28,7 @@ struct Cli {
     /// Rows in system.peers.
     #[arg(long, default_value_t = 9)]
     peers: usize,
+    // 9 peers on public endpoints, 3 on FIPS ones: KEYSPACES.md, "Protocol".
     /// Behave like a FIPS endpoint (3 peers).
     #[arg(long)]
     fips: bool,
@@ -36,9 +37,11 @@ struct Cli {
     no_peer_listeners: bool,
     #[arg(long, value_enum, default_value = "murmur3")]
     partitioner: Partitioner,
+    // KEYSPACES.md, "Protocol".
     /// Accept every consistency level (Keyspaces allows only LOCAL_QUORUM writes).
     #[arg(long)]
     no_keyspaces_rules: bool,
+    // 3,000: KEYSPACES.md, "Throughput limits and errors".
     /// Requests per second per connection; 0 = unlimited.
     #[arg(long, default_value_t = 3000)]
     rate_limit: u32,
@@ -48,6 +51,7 @@ struct Cli {
     /// Write JSON-lines events (connections, auth attempts, queries) here.
     #[arg(long)]
     event_log: Option<PathBuf>,
+    // TLS-only: KEYSPACES.md, "Endpoints".
     /// BENCHMARKS ONLY: speak plaintext instead of TLS (Keyspaces itself is TLS-only).
     #[arg(long)]
     insecure_plaintext_for_benchmarks: bool,
@@ -78,6 +82,7 @@ struct Cli {
     /// Fault: serve a server certificate that expired in 2020.
     #[arg(long)]
     expired_certificate: bool,
+    // The roots: KEYSPACES.md, "TLS".
     /// Serve the certificate through an intermediate under a stand-in for a root Keyspaces
     /// documents (amazon-root-ca-1..4, starfield-class-2); the root is written to the state
     /// directory as root-<kind>.pem and reported as the CA.
@@ -87,6 +92,7 @@ struct Cli {
     /// without checking the signature; they are logged by key id.
     #[arg(long)]
     accept_unknown_keys: bool,
+    // As Cassandra's Message.ExceptionHandler does after a ProtocolException.
     /// Close a connection after answering a request body it cannot decode, as Cassandra
     /// does (every other request in flight on it fails).
     #[arg(long)]
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
     let config = EmulatorConfig {
         listen: cli.listen,
         state_dir: cli.state_dir,
+        // The signing region is the plain region name, lowercase (KEYSPACES.md, "Endpoints").
         region: cli.region.to_ascii_lowercase(),
         sigv4_keys: cli.credentials,
         plain_users: cli.plain_users,

@@ -1,5 +1,5 @@
 //! Keyspaces' SigV4 handshake, server side, written from the exchange documented for
-//! Keyspaces (../shared/KEYSPACES.md, the same in all four official plugins) and checked
+//! Keyspaces (KEYSPACES.md, "SigV4 exchange", the same in all four official plugins) and checked
 //! against the plugins' known-answer vectors — not from the proxy's signer.
 
 use std::time::SystemTime;
@@ -7,10 +7,10 @@ use std::time::SystemTime;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
-/// What the client sends first to ask for a nonce: `SigV4\0\0`.
+/// What the client sends first to ask for a nonce: `SigV4\0\0` (KEYSPACES.md, "SigV4 exchange").
 pub const INITIAL_RESPONSE: &[u8] = b"SigV4\0\0";
 
-/// The client's signed response:
+/// The client's signed response (KEYSPACES.md, "SigV4 exchange", step 3):
 /// `signature=<hex>,access_key=<AKID>,amzdate=<TS>[,session_token=<token>]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedResponse<'a> {
@@ -50,7 +50,7 @@ impl<'a> SignedResponse<'a> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, exactly three millisecond digits.
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, exactly three millisecond digits (KEYSPACES.md, "SigV4 exchange").
 pub fn parse_amzdate(ts: &str) -> Result<SystemTime, String> {
     let bad = || format!("amzdate {ts:?} is not YYYY-MM-DDTHH:MM:SS.mmmZ");
     let b = ts.as_bytes();

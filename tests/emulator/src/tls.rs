@@ -22,8 +22,8 @@ fn err(e: impl std::fmt::Display) -> EmulatorError {
     EmulatorError::Tls(e.to_string())
 }
 
-/// The names the server certificate covers: the regional endpoint, localhost and every address
-/// the emulator answers on.
+/// The names the server certificate covers: the regional endpoint (KEYSPACES.md, "Endpoints"),
+/// localhost and every address the emulator answers on.
 pub fn subject_alt_names(region: &str, addresses: &[IpAddr]) -> Vec<String> {
     let mut names = vec![
         format!("cassandra.{region}.amazonaws.com"),
@@ -53,10 +53,10 @@ fn ca_params() -> Result<CertificateParams, EmulatorError> {
     Ok(params)
 }
 
-/// A stand-in for one of the roots Keyspaces documents: the same subject, and the same key
-/// type where the test PKI can make one (rcgen on ring makes no RSA keys: the RSA roots'
-/// stand-ins are ECDSA). The server's chain then runs leaf → intermediate → this root, as a
-/// real endpoint's does.
+/// A stand-in for one of the roots Keyspaces documents (KEYSPACES.md, "TLS"): the same subject,
+/// and the same key type where the test PKI can make one (rcgen on ring makes no RSA keys: the
+/// RSA roots' stand-ins are ECDSA). The server's chain then runs leaf → intermediate → this
+/// root, as a real endpoint's does (ASSUMPTION: KEYSPACES.md names only the roots).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootKind {
     AmazonRootCa1,
@@ -158,8 +158,8 @@ pub fn under_root(
     })
 }
 
-/// The TLS versions the emulator offers: Keyspaces accepts 1.2 and 1.3; offering one alone
-/// shows how a client fares with each.
+/// The TLS versions the emulator offers: Keyspaces accepts 1.2 and 1.3 (KEYSPACES.md, "TLS");
+/// offering one alone shows how a client fares with each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsVersions {
     Both,

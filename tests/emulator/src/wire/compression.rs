@@ -1,4 +1,4 @@
-//! Spec §5: LZ4 bodies carry their decompressed length as a 4-byte big-endian prefix; Snappy
+//! native_protocol_v4.spec §5: LZ4 bodies carry their decompressed length as a 4-byte big-endian prefix; Snappy
 //! bodies are raw Snappy.
 
 use bytes::Bytes;
@@ -26,7 +26,7 @@ pub enum CompressionError {
 impl std::str::FromStr for Compression {
     type Err = CompressionError;
 
-    /// The STARTUP option's value; Cassandra compares it case-insensitively.
+    /// The STARTUP option's value; Cassandra's StartupMessage compares it case-insensitively.
     fn from_str(s: &str) -> Result<Self, CompressionError> {
         match s.to_ascii_lowercase().as_str() {
             "" => Ok(Compression::None),

@@ -13,7 +13,7 @@ use tokio_util::codec::Decoder;
 
 pub use compression::Compression;
 
-/// Spec §2.4: the opcodes.
+/// native_protocol_v4.spec §2.4: the opcodes.
 pub mod opcode {
     pub const ERROR: u8 = 0x00;
     pub const STARTUP: u8 = 0x01;
@@ -56,7 +56,7 @@ pub mod opcode {
     }
 }
 
-/// Spec §9: error codes.
+/// native_protocol_v4.spec §9: error codes.
 pub mod error_code {
     pub const SERVER_ERROR: i32 = 0x0000;
     pub const PROTOCOL_ERROR: i32 = 0x000A;
@@ -68,7 +68,7 @@ pub mod error_code {
     pub const UNPREPARED: i32 = 0x2500;
 }
 
-/// Spec §3 [consistency].
+/// native_protocol_v4.spec §3 [consistency].
 pub mod consistency {
     pub const ONE: u16 = 0x0001;
     pub const QUORUM: u16 = 0x0004;
@@ -102,7 +102,7 @@ pub mod consistency {
     }
 }
 
-/// Spec §2.2: the header flags.
+/// native_protocol_v4.spec §2.2: the header flags.
 pub mod flags {
     pub const COMPRESSION: u8 = 0x01;
     pub const TRACING: u8 = 0x02;
@@ -161,15 +161,18 @@ impl Frame {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FramingError {
+    // Cassandra's Frame.Decoder text; it answers Invalid on the frame's stream and reads on,
+    // where the emulator answers PROTOCOL_ERROR on stream 0 and closes (connection.rs).
     #[error("Request is too big: length {len} exceeds maximum allowed length {max}")]
     TooLong { len: usize, max: usize },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// Splits a byte stream into frames with the 9-byte header of v3 and v4 (spec §2), which v5
-/// also uses until it is negotiated — so a v5 client's STARTUP is read, and the connection
-/// answers it with the error that makes drivers downgrade.
+/// Splits a byte stream into frames with the 9-byte header of v3 and v4 (native_protocol_v4.spec
+/// §2), which v5 also uses until it is negotiated (native_protocol_v5.spec §2.3.1) — so a v5
+/// client's STARTUP is read, and the connection answers it with the error that makes drivers
+/// downgrade.
 pub struct FrameDecoder {
     pub max_frame_len: usize,
 }

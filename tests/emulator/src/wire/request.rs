@@ -1,6 +1,7 @@
 //! Request bodies, decoded strictly. Where the spec leaves room, the emulator takes the
 //! strictest reading a real server could (Cassandra raises ProtocolException for unknown
-//! consistency codes, batch types and entry kinds, an i64::MIN timestamp, a page size of 0;
+//! consistency codes, batch types and entry kinds, an i64::MIN timestamp, a page size of 0 —
+//! in its ConsistencyLevel, BatchMessage and QueryOptions codecs and Query/ExecuteMessage;
 //! the emulator also refuses unknown flag bits, unknown event types, invalid UTF-8 and bytes
 //! past the end of a message), so a client or proxy that sends anything a strict server would
 //! close on is caught here.
@@ -133,8 +134,8 @@ impl<'a> Cursor<'a> {
         self.take(n, "short bytes")
     }
 
-    /// Cassandra's readBoundValue: -1 is null; -2 is "unset" from v4 on; before v4 any
-    /// negative length is null.
+    /// Cassandra's CBUtil.readBoundValue: -1 is null; -2 is "unset" from v4 on; before v4 any
+    /// negative length is null (native_protocol_v4.spec §3 [value]).
     fn value(&mut self, version: u8) -> Result<Value<'a>, DecodeError> {
         match self.int()? {
             n if n >= 0 => self.take(n as usize, "a value").map(Value::Bytes),
@@ -294,6 +295,7 @@ pub fn message_start(version: u8, frame_flags: u8, body: &[u8]) -> Result<usize,
     let mut c = Cursor { rest: body };
     if frame_flags & flags::CUSTOM_PAYLOAD != 0 {
         if version < 4 {
+            // Cassandra's Message.ProtocolDecoder text.
             return fail("Received frame with CUSTOM_PAYLOAD flag for native protocol version < 4");
         }
         c.bytes_map()?;

@@ -1,4 +1,4 @@
-//! Response bodies the emulator writes itself (spec §4.2); RESULT bodies come from kassandra.
+//! Response bodies the emulator writes itself (native_protocol_v4.spec §4.2); RESULT bodies come from kassandra.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -32,7 +32,7 @@ pub fn error(code: i32, message: &str) -> Bytes {
     error_with(code, message, &[])
 }
 
-/// UNPREPARED carries the unknown id as [short bytes].
+/// UNPREPARED carries the unknown id as [short bytes] (native_protocol_v4.spec §9).
 pub fn unprepared(id: &[u8], message: &str) -> Bytes {
     let mut extra = BytesMut::new();
     extra.put_u16(id.len() as u16);
@@ -41,7 +41,7 @@ pub fn unprepared(id: &[u8], message: &str) -> Bytes {
 }
 
 /// Read_timeout / Write_timeout's fields: `<cl><received><blockfor>` then `<data_present>`
-/// (reads) or `<writeType>` (writes).
+/// (reads) or `<writeType>` (writes) (native_protocol_v4.spec §9).
 pub fn timeout_fields(cl: u16, received: i32, block_for: i32, write_type: Option<&str>) -> Bytes {
     let mut b = BytesMut::new();
     b.put_u16(cl);
