@@ -528,7 +528,7 @@ impl Conn {
         }
         let engine = &self.shared.engine;
         // ASSUMPTION: only QUERY/PREPARE/EXECUTE/BATCH count towards the cap, not handshakes or
-        // OPTIONS heartbeats (KEYSPACES.md says "CQL requests").
+        // OPTIONS heartbeats (KEYSPACES.md, "Throughput limits and errors" says "CQL requests").
         let reply = if self.limiter.allow() {
             engine.handle(op, body, self.keyspace.as_deref())
         } else {

@@ -147,8 +147,8 @@ pub fn consistency_violation(kind: StatementKind, cl: u16) -> Option<String> {
     if allowed.contains(&cl) {
         return None;
     }
-    // Invalid (0x2200) with KEYSPACES.md's example text; the read list's wording is ASSUMPTION
-    // (its example shows only the write case).
+    // Invalid (0x2200) and the example text of KEYSPACES.md, "Protocol"; the read list's wording
+    // is ASSUMPTION (the example shows only the write case).
     Some(format!(
         "Consistency level {} is not supported for this operation. Supported consistency levels are: {list}",
         consistency::name(cl)

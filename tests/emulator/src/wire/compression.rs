@@ -1,5 +1,5 @@
-//! native_protocol_v4.spec §5: LZ4 bodies carry their decompressed length as a 4-byte big-endian prefix; Snappy
-//! bodies are raw Snappy.
+//! native_protocol_v4.spec §5: LZ4 bodies carry their decompressed length as a 4-byte
+//! big-endian prefix; Snappy bodies are raw Snappy.
 
 use bytes::Bytes;
 

@@ -1,4 +1,5 @@
-//! Response bodies the emulator writes itself (native_protocol_v4.spec §4.2); RESULT bodies come from kassandra.
+//! Response bodies the emulator writes itself (native_protocol_v4.spec §4.2); RESULT bodies
+//! come from kassandra.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
