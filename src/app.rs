@@ -59,9 +59,18 @@ fn use_colour() -> bool {
 /// page of debug output for what the proxy's own error says in one line. `RUST_LOG` overrides.
 const DEFAULT_LOG_FILTER: &str = "info,aws_config::imds::region=error";
 
+/// Never shown, whatever `RUST_LOG` asks: the SDK's warning about a credentials file that is
+/// not UTF-8 prints the whole file, secret key included, as a byte array. The proxy's own error
+/// ("no credentials found in chain", "credential reload failed") says what went wrong.
+const SILENCED: &str = "aws_runtime::env_config=off";
+
 pub fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = match SILENCED.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // No report of a failed log write: tracing-subscriber would `eprintln!` it, which panics
     // on a closed stderr (a log shipper that went away) and takes down whichever task was
     // logging, the signal handler and client sessions included.

@@ -1,20 +1,22 @@
-//! The emulator on its own, as a direct client (a SigV4 plugin) would see it.
+//! The emulator on its own, as a direct client (a SigV4 plugin) would see it: the test client's
+//! own frames, and the proxy's signer standing in for the plugin's against the emulator's
+//! independent verifier.
 
 mod common;
 
 use std::time::SystemTime;
 
+use common::cql::messages::{self, ErrorInfo};
+use common::cql::{consistency, error_code, opcode, Codec, Frame};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_proxy::auth::sigv4;
-use keyspaces_proxy::frame::messages::{self, consistency, error_code, ErrorInfo};
-use keyspaces_proxy::frame::{opcode, Frame, FrameCodec};
 use keyspaces_proxy::upstream::tls::{client_config, server_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-type Tls = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
+type Tls = Framed<tokio_rustls::client::TlsStream<TcpStream>, Codec>;
 
 async fn tls_client(emu: &keyspaces_emulator::Emulator) -> Tls {
     tls_client_via(emu, emu.addr).await
@@ -31,7 +33,7 @@ async fn tls_client_via(emu: &keyspaces_emulator::Emulator, addr: std::net::Sock
         )
         .await
         .unwrap();
-    Framed::new(tls, FrameCodec::default())
+    Framed::new(tls, Codec::default())
 }
 
 async fn call(c: &mut Tls, f: Frame) -> Frame {

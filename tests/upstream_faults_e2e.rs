@@ -266,11 +266,36 @@ async fn upstream_cut_mid_response_and_stalls_answer_every_request() {
         e.message
     );
     assert_eq!(emu.faults.held_answers(), 1, "the stalled request's answer");
-    // Sent only now, after the proxy answered in its place. One upstream connection answers
-    // in order: the next answer comes after the late one, which must have been dropped.
+    // A different question while the late answer is still held: had the proxy given its
+    // upstream stream id to this one, the late answer would be taken for its answer. One
+    // upstream connection answers in order, so the late one goes out first.
+    let other = messages::query(
+        4,
+        5,
+        "SELECT release_version FROM system.local",
+        consistency::ONE,
+    );
+    c.send(other).await;
+    wait_until("the second question held too", || {
+        emu.faults.held_answers() == 2
+    })
+    .await;
     emu.faults.release_answers().await;
-    let r = c.call(local(5)).await;
+    let r = c.recv().await.expect("an answer");
     assert_eq!((r.opcode(), r.stream()), (opcode::RESULT, 5));
+    let rows = common::cql::result::Rows::parse(&r.body).unwrap();
+    let columns: Vec<_> = rows.columns.unwrap().into_iter().map(|c| c.name).collect();
+    assert_eq!(
+        columns,
+        ["release_version"],
+        "its own answer, not the late one"
+    );
+    let r = c.call(local(6)).await;
+    assert_eq!(
+        (r.opcode(), r.stream()),
+        (opcode::RESULT, 6),
+        "nothing else came"
+    );
 }
 
 #[tokio::test]

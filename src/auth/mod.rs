@@ -1,6 +1,7 @@
 //! Authentication on both sides of the proxy.
 
 pub mod attempts;
+pub mod aws_chain;
 pub mod certificate;
 pub mod client;
 pub mod credentials;

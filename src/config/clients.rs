@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Cli, ClientAuthMode, ConfigError};
+use crate::auth::aws_chain::sdk_config;
 use crate::auth::client::{ClientAuth, UserStore};
-use crate::auth::credentials::sdk_config;
 use crate::auth::kmsauth::{KmsAuthSettings, KmsAuthValidator};
 use crate::auth::sessions::{SessionCache, MAX_SESSIONS};
 

@@ -13,8 +13,9 @@ use super::{
     default_endpoint_host, parse_endpoint, Cli, ClientAuthMode, ConfigError, UpstreamAuthMode,
     UpstreamMode, KEYSPACES_PORT,
 };
+use crate::auth::aws_chain::{sdk_config, ChainSource};
 use crate::auth::client::{ClientAuth, Logins};
-use crate::auth::credentials::{sdk_config, ChainSource, CredentialCache};
+use crate::auth::credentials::CredentialCache;
 use crate::auth::identity_roles::IdentityRoles;
 use crate::session::ProxyContext;
 use crate::upstream::addresses::AddressBook;
