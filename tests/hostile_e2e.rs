@@ -56,17 +56,24 @@ async fn closes(c: &mut Client, case: &str) {
     }
 }
 
-async fn ready_client(addr: SocketAddr) -> Client {
-    let mut c = Client::connect(addr).await;
-    let r = c
-        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-        .await;
-    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
-    c
-}
-
 fn local(stream: i16) -> Frame {
     messages::query(4, stream, "SELECT key FROM system.local", consistency::ONE)
+}
+
+/// The next frame on a split client connection; the test fails if none comes within 30 s.
+async fn next_answer(
+    frames: &mut futures_util::stream::SplitStream<
+        tokio_util::codec::Framed<TcpStream, common::cql::Codec>,
+    >,
+) -> Frame {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::StreamExt::next(frames),
+    )
+    .await
+    .expect("answers keep coming")
+    .expect("connection open")
+    .unwrap()
 }
 
 /// The bystander and a newcomer both still get answers.
@@ -74,7 +81,7 @@ async fn others_fine(addr: SocketAddr, bystander: &mut Client, case: &str) {
     let r = bystander.call(local(7)).await;
     assert_eq!(r.opcode(), opcode::RESULT, "{case}: bystander");
     assert_eq!(r.stream(), 7);
-    let mut fresh = ready_client(addr).await;
+    let mut fresh = Client::ready(addr).await;
     assert_eq!(
         fresh.call(local(1)).await.opcode(),
         opcode::RESULT,
@@ -115,7 +122,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.max_frame_len = 1 << 20;
     let addr = proxy(&emu, opts).await;
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
 
     // A truncated header, then the client closes its side: the proxy closes too.
     let mut c = Client::connect(addr).await;
@@ -133,7 +140,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     ] {
         for started in [false, true] {
             let mut c = if started {
-                ready_client(addr).await
+                Client::ready(addr).await
             } else {
                 Client::connect(addr).await
             };
@@ -150,7 +157,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     let mut c = Client::connect(addr).await;
     c.send_raw(&header(0, 1, opcode::STARTUP, 0)).await;
     protocol_error(&outcome(&mut c).await, "empty STARTUP");
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     c.send_raw(&header(0, 2, opcode::QUERY, 0)).await;
     assert_error_or_close(&outcome(&mut c).await, "empty QUERY");
     others_fine(addr, &mut bystander, "length 0").await;
@@ -159,7 +166,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     let mut c = Client::connect(addr).await;
     c.send_raw(&raw_frame(0x77, 1, 0, b"")).await;
     protocol_error(&outcome(&mut c).await, "unknown opcode before STARTUP");
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     c.send_raw(&raw_frame(0x77, 1, 0, b"")).await;
     protocol_error(&outcome(&mut c).await, "unknown opcode");
     closes(&mut c, "unknown opcode").await;
@@ -167,7 +174,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     // Response-direction frames from a client.
     for started in [false, true] {
         let mut c = if started {
-            ready_client(addr).await
+            Client::ready(addr).await
         } else {
             Client::connect(addr).await
         };
@@ -177,14 +184,14 @@ async fn malformed_frames_before_and_after_the_handshake() {
     }
 
     // Another protocol version in the middle of a v4 connection.
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     c.send(messages::query(3, 4, "SELECT key FROM system.local", 1))
         .await;
     protocol_error(&outcome(&mut c).await, "v3 frame on a v4 connection");
     closes(&mut c, "version switch").await;
 
     // The compressed flag without negotiated compression.
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     let mut q = local(6);
     q.header.flags |= 0x01;
     c.send(q).await;
@@ -266,7 +273,7 @@ async fn malformed_frames_before_and_after_the_handshake() {
     ))
     .await;
     protocol_error(&outcome(&mut c).await, "invalid UTF-8 in STARTUP");
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     let mut body = 14u32.to_be_bytes().to_vec();
     body.extend_from_slice(b"SELECT \xc3\x28 FROM");
     body.extend_from_slice(&1u16.to_be_bytes());
@@ -324,9 +331,9 @@ async fn more_than_32768_pipelined_requests_are_all_answered() {
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.max_client_in_flight = 512;
     let addr = proxy(&emu, opts).await;
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
 
-    let c = ready_client(addr).await;
+    let c = Client::ready(addr).await;
     let (mut sink, mut frames) = futures_util::StreamExt::split(c.into_framed());
     const TOTAL: usize = 40_000;
     // Every stream id, then reused ids while earlier ones may still be in flight.
@@ -343,14 +350,7 @@ async fn more_than_32768_pipelined_requests_are_all_answered() {
     let mut results = 0;
     let mut supported = 0;
     while results + supported < 2 * TOTAL {
-        let f = tokio::time::timeout(
-            Duration::from_secs(30),
-            futures_util::StreamExt::next(&mut frames),
-        )
-        .await
-        .expect("answers keep coming")
-        .expect("connection open")
-        .unwrap();
+        let f = next_answer(&mut frames).await;
         match f.opcode() {
             opcode::RESULT => results += 1,
             opcode::SUPPORTED => supported += 1,
@@ -374,7 +374,7 @@ async fn reading_stops_at_max_client_in_flight() {
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.max_client_in_flight = LIMIT;
     let addr = proxy(&emu, opts).await;
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
     let upstream = |stream: i16| {
         messages::query(
             4,
@@ -386,7 +386,7 @@ async fn reading_stops_at_max_client_in_flight() {
     assert_eq!(bystander.call(upstream(1)).await.opcode(), opcode::ERROR);
 
     emu.faults.hold_answers();
-    let c = ready_client(addr).await;
+    let c = Client::ready(addr).await;
     let (mut sink, mut frames) = futures_util::StreamExt::split(c.into_framed());
     {
         use futures_util::SinkExt;
@@ -413,14 +413,7 @@ async fn reading_stops_at_max_client_in_flight() {
     emu.faults.release_answers().await;
     let mut answered = 0;
     while answered < SENT {
-        let f = tokio::time::timeout(
-            Duration::from_secs(30),
-            futures_util::StreamExt::next(&mut frames),
-        )
-        .await
-        .expect("answers keep coming")
-        .expect("connection open")
-        .unwrap();
+        let f = next_answer(&mut frames).await;
         assert_eq!(
             f.opcode(),
             opcode::ERROR,
@@ -444,9 +437,9 @@ async fn a_client_that_never_reads_is_closed_at_its_buffer_limit() {
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.max_client_buffer = 1 << 20;
     let addr = proxy(&emu, opts).await;
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
 
-    let mut setup = ready_client(addr).await;
+    let mut setup = Client::ready(addr).await;
     for cql in [
         "CREATE KEYSPACE IF NOT EXISTS hostile WITH replication = {'class': 'SingleRegionStrategy'}",
         "CREATE TABLE IF NOT EXISTS hostile.big (k int PRIMARY KEY, v text)",
@@ -515,7 +508,7 @@ async fn slow_handshakes_are_cut_at_the_deadline() {
     let mut opts = ProxyOptions::for_emulator(&emu);
     opts.handshake_timeout = Duration::from_millis(800);
     let addr = proxy(&emu, opts).await;
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
 
     // Slowloris: a STARTUP one byte at a time, 100 ms apart (6 s for the frame).
     let startup = messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]).to_bytes();
@@ -561,7 +554,7 @@ async fn resets_and_the_connection_limit_leave_others_alone() {
     opts.max_connections = 6;
     let (addr, pool) = proxy_with_pool(&emu, opts).await;
     let pool = pool.unwrap();
-    let mut bystander = ready_client(addr).await;
+    let mut bystander = Client::ready(addr).await;
 
     // Resets mid-handshake, mid-frame and with requests in flight.
     for stage in 0..3 {
@@ -596,7 +589,7 @@ async fn resets_and_the_connection_limit_leave_others_alone() {
     // The limit: the bystander plus five more; the seventh is closed on accept.
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(ready_client(addr).await);
+        held.push(Client::ready(addr).await);
     }
     let mut extra = Client::connect(addr).await;
     extra.send(messages::options(4, 0)).await;

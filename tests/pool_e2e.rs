@@ -20,15 +20,6 @@ use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use serde_json::Value;
 
-async fn ready(addr: std::net::SocketAddr) -> Client {
-    let mut c = Client::connect(addr).await;
-    let r = c
-        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-        .await;
-    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
-    c
-}
-
 /// Sends `total` copies of `request`, keeping `window` in flight; returns every response.
 async fn pipeline(c: &mut Client, request: &Frame, total: usize, window: usize) -> Vec<Frame> {
     let framed = c.framed_mut();
@@ -101,7 +92,7 @@ async fn one_client_connection_is_spread_past_the_per_connection_cap() {
         ..PoolSettings::default()
     });
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     let total = 6000; // four times the cap for 3 s
     let started = Instant::now();
     let responses = pipeline(&mut c, &local_query(), total, 256).await;
@@ -155,7 +146,7 @@ async fn a_deep_queue_grows_the_pool_within_its_limit() {
         ..PoolSettings::default()
     };
     let addr = proxy_without_rate_limit(&emu, settings).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     let responses = pipeline(&mut c, &local_query(), 20_000, 256).await;
     assert_eq!(error_codes(&responses), Vec::<i32>::new());
     let events = emu.events.snapshot();
@@ -189,7 +180,7 @@ async fn a_client_stays_on_one_upstream_connection_while_it_has_room() {
         ..PoolSettings::default()
     };
     let addr = proxy_without_rate_limit(&emu, settings).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     // The warm connections are up, so there is a choice.
     until_authenticated(&emu, 4).await;
     let before = emu.events.snapshot().len();
@@ -220,7 +211,7 @@ async fn clients_are_re_spread_one_per_connection_when_the_pool_grows() {
     let addr = proxy_without_rate_limit(&emu, settings).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(ready(addr).await);
+        clients.push(Client::ready(addr).await);
     }
     until_authenticated(&emu, 2).await;
     // Each client sends its own statement, so the emulator's log tells them apart.
@@ -320,7 +311,7 @@ async fn use_changes_only_that_clients_keyspace() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut setup = ready(addr).await;
+    let mut setup = Client::ready(addr).await;
     for ks in ["ks_a", "ks_b"] {
         run(
             &mut setup,
@@ -338,7 +329,7 @@ async fn use_changes_only_that_clients_keyspace() {
         )
         .await;
     }
-    let (mut a, mut b) = (ready(addr).await, ready(addr).await);
+    let (mut a, mut b) = (Client::ready(addr).await, Client::ready(addr).await);
     run(&mut a, "USE ks_a").await;
     run(&mut b, "USE ks_b").await;
     for _ in 0..3 {
@@ -400,7 +391,7 @@ async fn unprepared_is_re_prepared_without_the_client_noticing() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     run(
         &mut c,
         "CREATE KEYSPACE rp WITH replication = {'class': 'SingleRegionStrategy'}",
@@ -465,7 +456,7 @@ async fn a_read_cut_with_its_connection_is_answered_on_another() {
         ..PoolSettings::default()
     };
     let addr = proxy_without_rate_limit(&emu, settings).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
     until_authenticated(&emu, 2).await;
     let before = events_of(&emu.events.snapshot(), "request").count();
@@ -515,7 +506,7 @@ async fn upstream_loss_mid_load_answers_every_request_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Arc::new(emulator(dir.path(), |_| {}).await);
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     run(
         &mut c,
         "CREATE KEYSPACE kill WITH replication = {'class': 'SingleRegionStrategy'}",
@@ -574,7 +565,7 @@ async fn every_upstream_down_fails_fast_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     emu.faults.set_refuse_connections(true);
     emu.faults.disconnect_all();
     let mut saw_error = false;
@@ -639,7 +630,7 @@ async fn rotated_credentials_are_used_by_new_connections() {
         region: REGION.into(),
     };
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
 
     emu.set_credentials(vec![SigV4Key {
@@ -678,7 +669,7 @@ async fn warm_pool_answers_startup_without_an_upstream_round_trip() {
     let connects = || events_of(&emu.events.snapshot(), "connect").count();
     let before = connects();
     for _ in 0..5 {
-        let mut c = ready(addr).await;
+        let mut c = Client::ready(addr).await;
         assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
     }
     assert!(
@@ -692,7 +683,7 @@ async fn dedicated_mode_is_still_available() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu).dedicated()).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     run(
         &mut c,
         "CREATE KEYSPACE ded WITH replication = {'class': 'SingleRegionStrategy'}",
@@ -720,7 +711,7 @@ async fn connections_spread_over_every_address_the_endpoint_offers() {
         ..PoolSettings::default()
     });
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     let _ = pipeline(&mut c, &local_query(), 64, 8).await;
     until_authenticated(&emu, 8).await;
     let events = emu.events.snapshot();
@@ -763,7 +754,7 @@ async fn a_dead_connection_stops_counting_against_its_address() {
         100,
         Duration::from_secs(5),
     ));
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     assert_eq!(c.call(local_query()).await.opcode(), opcode::RESULT);
     let open = || book.connections().iter().map(|(_, n)| n).sum::<usize>();
     assert!(open() >= 1);
@@ -791,7 +782,7 @@ async fn busy_clients_sharing_connections_get_one_each() {
     let addr = proxy_without_rate_limit(&emu, PoolSettings::default()).await;
     let mut loads = Vec::new();
     for _ in 0..4 {
-        let mut c = ready(addr).await;
+        let mut c = Client::ready(addr).await;
         loads.push(tokio::spawn(async move {
             error_codes(&pipeline(&mut c, &local_query(), 16_000, 64).await)
         }));
@@ -817,7 +808,7 @@ async fn light_clients_beside_a_busy_one_do_not_grow_the_pool() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut light = Vec::new();
     for _ in 0..20 {
-        let mut c = ready(addr).await;
+        let mut c = Client::ready(addr).await;
         let stopped = stopped.clone();
         light.push(tokio::spawn(async move {
             while !*stopped.borrow() {
@@ -825,7 +816,7 @@ async fn light_clients_beside_a_busy_one_do_not_grow_the_pool() {
             }
         }));
     }
-    let mut busy = ready(addr).await;
+    let mut busy = Client::ready(addr).await;
     assert_eq!(
         error_codes(&pipeline(&mut busy, &local_query(), 30_000, 100).await),
         Vec::<i32>::new()

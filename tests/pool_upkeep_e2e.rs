@@ -60,15 +60,6 @@ fn options_by_conn(emu: &keyspaces_emulator::Emulator) -> HashMap<u64, usize> {
     out
 }
 
-async fn ready(addr: std::net::SocketAddr) -> Client {
-    let mut c = Client::connect(addr).await;
-    let r = c
-        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-        .await;
-    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
-    c
-}
-
 fn read(stream: i16) -> Frame {
     messages::query(
         4,
@@ -142,7 +133,7 @@ async fn a_pool_grown_under_load_shrinks_to_its_minimum_once_idle() {
     let mut load = Vec::new();
     for _ in 0..4 {
         let stop = stop.clone();
-        let mut c = ready(addr).await;
+        let mut c = Client::ready(addr).await;
         load.push(tokio::spawn(async move {
             let mut answered = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -174,7 +165,7 @@ async fn a_pool_grown_under_load_shrinks_to_its_minimum_once_idle() {
         disconnected(&emu).len() >= grown - 1
     })
     .await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     assert_eq!(c.call(read(1)).await.opcode(), opcode::RESULT);
 }
 
@@ -234,7 +225,7 @@ async fn connections_are_re_signed_before_their_credentials_expire() {
     let mut load = Vec::new();
     for _ in 0..2 {
         let stop = stop.clone();
-        let mut c = ready(addr).await;
+        let mut c = Client::ready(addr).await;
         load.push(tokio::spawn(async move {
             let mut answered = 0usize;
             while !stop.load(Ordering::Relaxed) {

@@ -9,15 +9,6 @@ use common::*;
 use keyspaces_proxy::auth::client::{ClientAuth, UserStore};
 use keyspaces_proxy::upstream::UpstreamAuth;
 
-async fn ready_client(addr: std::net::SocketAddr) -> Client {
-    let mut c = Client::connect(addr).await;
-    let r = c
-        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-        .await;
-    assert_eq!(r.opcode(), opcode::READY, "{:?}", ErrorInfo::parse(&r.body));
-    c
-}
-
 #[tokio::test]
 async fn driver_style_handshake_and_topology() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +222,7 @@ async fn writes_reads_and_use_pass_through() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut c = ready_client(addr).await;
+    let mut c = Client::ready(addr).await;
     for q in [
         "CREATE KEYSPACE e2e WITH replication = {'class': 'SingleRegionStrategy'}",
         "CREATE TABLE e2e.t (k int, c int, v text, PRIMARY KEY (k, c))",
@@ -280,9 +271,9 @@ async fn hostile_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut good = ready_client(addr).await;
+    let mut good = Client::ready(addr).await;
 
-    let mut bad = ready_client(addr).await;
+    let mut bad = Client::ready(addr).await;
     bad.send(messages::ready(4, 9)).await; // a response-direction frame from a client
     let e = error_of(&bad.recv().await.unwrap());
     assert_eq!(e.code, error_code::PROTOCOL_ERROR);

@@ -192,12 +192,6 @@ fn small_pool() -> PoolSettings {
     }
 }
 
-async fn ready(addr: std::net::SocketAddr) -> Client {
-    let mut c = Client::connect(addr).await;
-    assert_eq!(c.call(startup()).await.opcode(), opcode::READY);
-    c
-}
-
 /// Retries `local` until the proxy answers with rows again.
 async fn recovers(c: &mut Client) {
     for _ in 0..100 {
@@ -219,7 +213,7 @@ async fn upstream_cut_mid_response_and_stalls_answer_every_request() {
         ..small_pool()
     });
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     c.run_ok(
         "CREATE KEYSPACE IF NOT EXISTS f WITH replication = {'class': 'SingleRegionStrategy'}",
     )
@@ -313,7 +307,7 @@ async fn throttling_errors_pass_through_unchanged() {
 
     // The same burst directly and through the proxy; the throttling errors are byte-identical.
     let mut direct = direct_tls(&emu).await;
-    let proxied = ready(addr).await;
+    let proxied = Client::ready(addr).await;
     let mut proxied = proxied.into_framed();
     let mut bodies = Vec::new();
     for (i, conn) in [0, 1].into_iter().enumerate() {
@@ -464,7 +458,7 @@ async fn an_address_lost_mid_load_loses_nothing_and_is_used_again_when_back() {
         ..PoolSettings::default()
     });
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     c.run_ok("CREATE KEYSPACE lb WITH replication = {'class': 'SingleRegionStrategy'}")
         .await;
     c.run_ok("CREATE TABLE lb.t (k int PRIMARY KEY, v text)")
@@ -506,7 +500,7 @@ async fn an_address_lost_mid_load_loses_nothing_and_is_used_again_when_back() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut loads = Vec::new();
     for i in 0..4u32 {
-        let client = ready(addr).await;
+        let client = Client::ready(addr).await;
         loads.push(tokio::spawn(mixed_load(
             client,
             i * 1_000_000,
@@ -578,7 +572,7 @@ async fn an_address_lost_mid_load_loses_nothing_and_is_used_again_when_back() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut loads = Vec::new();
     for i in 0..8u32 {
-        let client = ready(addr).await;
+        let client = Client::ready(addr).await;
         loads.push(tokio::spawn(mixed_load(
             client,
             (10 + i) * 1_000_000,
@@ -610,7 +604,7 @@ async fn answers_split_across_records_by_a_slow_tls12_server_arrive_whole() {
     .await;
     emu.faults.set_latency(Duration::from_micros(300));
     let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     c.run_ok("CREATE KEYSPACE lb WITH replication = {'class': 'SingleRegionStrategy'}")
         .await;
     c.run_ok("CREATE TABLE lb.t (k int PRIMARY KEY, v text)")
@@ -619,7 +613,7 @@ async fn answers_split_across_records_by_a_slow_tls12_server_arrive_whole() {
     let mut loads = Vec::new();
     for i in 0..3u32 {
         loads.push(tokio::spawn(mixed_load(
-            ready(addr).await,
+            Client::ready(addr).await,
             i * 1_000_000,
             16,
             stopped.clone(),
@@ -674,7 +668,7 @@ async fn a_silent_address_sits_out_instead_of_stalling_the_pool() {
         ..PoolSettings::default()
     });
     let addr = proxy(&emu, opts).await;
-    let mut c = ready(addr).await;
+    let mut c = Client::ready(addr).await;
     wait_until("four connections on the address that answers", || {
         emu.events
             .snapshot()

@@ -237,6 +237,18 @@ impl Client {
         }
     }
 
+    /// Connected and past STARTUP (no authentication).
+    pub async fn ready(addr: SocketAddr) -> Client {
+        use cql::{messages, opcode};
+        let mut c = Client::connect(addr).await;
+        let r = c
+            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        let why = messages::ErrorInfo::parse(&r.body);
+        assert_eq!(r.opcode(), opcode::READY, "{why:?}");
+        c
+    }
+
     pub fn from_stream(tcp: TcpStream) -> Client {
         Client {
             framed: Framed::new(tcp, Codec::default()),

@@ -3,7 +3,8 @@ the AccessDenied answer AWS gives, ARNs and account id included — text no clie
 may ever see."""
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import loopback_http
 
 ACCOUNT = "123456789012"
 KMS_DENIED = (
@@ -26,7 +27,7 @@ class FakeAws:
         self.lock = threading.Lock()
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(loopback_http.Handler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 target = self.headers.get("x-amz-target", "")
@@ -38,19 +39,10 @@ class FakeAws:
                     status, ctype, reply = 400, "application/x-amz-json-1.1", KMS_DENIED
                 else:
                     status, ctype, reply = 403, "text/xml", STS_DENIED
-                data = reply.encode()
-                self.send_response(status)
-                self.send_header("content-type", ctype)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, ctype, reply)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = loopback_http.Server(Handler)
+        self.url = self.http.url
 
     def count(self, action):
         with self.lock:
@@ -61,5 +53,4 @@ class FakeAws:
             return [t for t, a in self.calls if a == action]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()

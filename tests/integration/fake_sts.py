@@ -7,8 +7,9 @@ of waving unknown keys through. Every AssumeRole call is recorded with what it a
 import hashlib
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
+
+import loopback_http
 
 # Far enough ahead that no refresh or recycle-before-expiry ever starts during a test.
 EXPIRATION = "2099-01-01T00:00:00Z"
@@ -38,7 +39,7 @@ class FakeSts:
         self.lock = threading.Lock()
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(loopback_http.Handler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
@@ -56,27 +57,17 @@ class FakeSts:
                 self.answer(200, ASSUMED % (akid, secret, token, EXPIRATION, session, name, session))
 
             def answer(self, status, text):
-                data = text.encode()
-                self.send_response(status)
-                self.send_header("content-type", "text/xml")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, "text/xml", text)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = loopback_http.Server(Handler)
+        self.url = self.http.url
 
     def calls_for(self, role_arn):
         with self.lock:
             return [c for c in self.assume_role_calls if c.get("RoleArn") == role_arn]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 ASSUMED = """<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">

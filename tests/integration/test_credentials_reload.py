@@ -28,6 +28,15 @@ def connect_and_query(port):
         c.shutdown()
 
 
+def sighup(proxy, logged, times=1):
+    """Sends SIGHUP and waits until the log says `logged` for the `times`th time."""
+    os.kill(proxy.proc.pid, signal.SIGHUP)
+    deadline = time.time() + 10
+    while proxy.log_path.read_text().count(logged) < times:
+        assert time.time() < deadline, proxy.log_path.read_text()
+        time.sleep(0.1)
+
+
 def signers(emu):
     auths = [e for e in emu.events() if e.get("event") == "auth" and e.get("mode") == "sigv4"]
     assert all(e["ok"] for e in auths), auths
@@ -56,11 +65,7 @@ def test_sighup_reloads_credentials_from_the_shared_file(start_emulator, start_p
                                          "dedicated", env=env).port)
     assert set(signers(emu)[seen:]) == {NEW[0]}
 
-    os.kill(proxy.proc.pid, signal.SIGHUP)
-    deadline = time.time() + 10
-    while "AWS credentials reloaded" not in proxy.log_path.read_text():
-        assert time.time() < deadline, proxy.log_path.read_text()
-        time.sleep(0.1)
+    sighup(proxy, "AWS credentials reloaded")
     seen = len(signers(emu))
     assert connect_and_query(proxy.port)
     after = signers(emu)[seen:]
@@ -99,11 +104,7 @@ def test_identity_roles_are_assumed_with_the_reloaded_base_key(start_emulator, s
     assert [c["Signer"] for c in sts.calls_for(ORDERS)] == [OLD[0]]
 
     write_profile(credentials, NEW)
-    os.kill(proxy.proc.pid, signal.SIGHUP)
-    deadline = time.time() + 10
-    while "AWS credentials reloaded" not in proxy.log_path.read_text():
-        assert time.time() < deadline, proxy.log_path.read_text()
-        time.sleep(0.1)
+    sighup(proxy, "AWS credentials reloaded")
 
     # billing's first connection: its role is assumed only now, after the reload.
     seen = len(sigv4_auths(emu))
@@ -139,11 +140,7 @@ def test_an_unreadable_rotation_is_reported_and_never_logs_the_secret(start_emul
     ]
     for n, content in enumerate(rotations, start=1):
         credentials.write_bytes(content)
-        os.kill(proxy.proc.pid, signal.SIGHUP)
-        deadline = time.time() + 10
-        while proxy.log_path.read_text().count("SIGHUP: credential reload failed") < n:
-            assert time.time() < deadline, proxy.log_path.read_text()
-            time.sleep(0.1)
+        sighup(proxy, "SIGHUP: credential reload failed", times=n)
         seen = len(signers(emu))
         assert connect_and_query(proxy.port)
         assert set(signers(emu)[seen:]) == {OLD[0]}, "the current keys go on signing"
