@@ -59,29 +59,40 @@ fn use_colour() -> bool {
 /// page of debug output for what the proxy's own error says in one line. `RUST_LOG` overrides.
 const DEFAULT_LOG_FILTER: &str = "info,aws_config::imds::region=error";
 
-/// Never shown, whatever `RUST_LOG` asks: the SDK's warning about a credentials file that is
-/// not UTF-8 prints the whole file, secret key included, as a byte array. The proxy's own error
-/// ("no credentials found in chain", "credential reload failed") says what went wrong.
-const SILENCED: &str = "aws_runtime::env_config=off";
+/// Never shown, whatever `RUST_LOG` asks (a layer filter, which no directive can widen): the
+/// SDK's warning about a credentials file that is not UTF-8 prints the whole file, secret key
+/// included, as a byte array; the profile parser traces what it read; a failing
+/// `credential_process` has its stderr quoted by the chain's warning. The proxy's own errors
+/// ("credential reload failed", "no credentials found in chain") say what went wrong.
+const SILENCED_TARGETS: [&str; 4] = [
+    "aws_runtime::env_config",
+    "aws_config::profile",
+    "aws_config::credential_process",
+    "aws_config::meta::credentials",
+];
+
+fn not_silenced(meta: &tracing::Metadata<'_>) -> bool {
+    !SILENCED_TARGETS
+        .iter()
+        .any(|t| meta.target().starts_with(t))
+}
 
 pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let filter = match SILENCED.parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    };
     // No report of a failed log write: tracing-subscriber would `eprintln!` it, which panics
     // on a closed stderr (a log shipper that went away) and takes down whichever task was
     // logging, the signal handler and client sessions included.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(use_colour())
         .log_internal_errors(false)
         .with_writer(std::io::stderr);
+    let keep = tracing_subscriber::filter::filter_fn(not_silenced);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer.with_filter(keep)).init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(keep)).init(),
     }
 }
 

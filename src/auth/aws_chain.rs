@@ -37,7 +37,29 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = s.source();
     }
-    out
+    without_process_output(out)
+}
+
+/// A failing `credential_process` has its stderr quoted in the SDK's error, and a helper may
+/// print anything there, keys included: the proxy's log keeps only what comes before it.
+fn without_process_output(mut text: String) -> String {
+    if let Some(at) = text.find("Stderr:") {
+        text.truncate(at);
+        text.push_str("Stderr: (not logged)");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_credential_helpers_output_is_not_kept() {
+        let text =
+            "external process exited with code exit status: 3. Stderr: SecretAccessKey=s3cr3t";
+        let kept = super::without_process_output(text.into());
+        assert!(!kept.contains("s3cr3t"), "{kept}");
+        assert!(kept.starts_with("external process exited with code exit status: 3."));
+    }
 }
 
 /// The AWS SDK configuration from the standard chain, for a profile, region and endpoint

@@ -118,8 +118,11 @@ def test_identity_roles_are_assumed_with_the_reloaded_base_key(start_emulator, s
     assert len(sts.calls_for(ORDERS)) == 1
 
 
+# The default, and filters that ask for the SDK's config-file events by name or by span.
+@pytest.mark.parametrize("rust_log", [None, "info,aws_runtime::env_config::source=warn",
+                                      "info,[load_config_file]=trace", "trace"])
 def test_an_unreadable_rotation_is_reported_and_never_logs_the_secret(start_emulator, start_proxy,
-                                                                       aws_env, tmp_path):
+                                                                       aws_env, tmp_path, rust_log):
     """A rewritten file the chain cannot use (not UTF-8, or empty keys): SIGHUP says the reload
     failed, the current keys go on signing, and the file's secret never reaches the log — the
     SDK's own warning about a non-UTF-8 file prints the whole file as a byte array."""
@@ -128,6 +131,8 @@ def test_an_unreadable_rotation_is_reported_and_never_logs_the_secret(start_emul
     env = {k: v for k, v in aws_env.items()
            if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials)
+    if rust_log:
+        env["RUST_LOG"] = rust_log
     emu = start_emulator("--credential", ":".join(OLD), "--credential", ":".join(NEW),
                          listen_on_peers=False)
     proxy = start_proxy(emu, "--profile", "proxy", "--upstream-mode", "dedicated", env=env)
@@ -137,6 +142,7 @@ def test_an_unreadable_rotation_is_reported_and_never_logs_the_secret(start_emul
         b"# cl\xe9 rotated by ops\n[proxy]\naws_access_key_id = " + NEW[0].encode()
         + b"\naws_secret_access_key = " + NEW[1].encode() + b"\n",
         b"[proxy]\naws_access_key_id =\naws_secret_access_key =\n",
+        b"[proxy]\naws_access_key_id = AKIDNBSP\naws_secret_access_key = \xc2\xa0\n",
     ]
     for n, content in enumerate(rotations, start=1):
         credentials.write_bytes(content)

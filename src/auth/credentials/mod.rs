@@ -123,12 +123,11 @@ impl CredentialCache {
     /// nothing new was read, even if the current credentials go on signing (a SIGHUP must not
     /// report success for a file it could not read).
     pub async fn reload(&self) -> Result<Arc<Credentials>, CredentialsError> {
-        if let Some(rebuild) = &self.rebuild {
-            let fresh = rebuild().await?;
-            self.base.store(Arc::new(fresh.base));
-            self.provider.store(Arc::new(fresh.provider));
-        }
-        match self.load(true).await {
+        let fresh = match &self.rebuild {
+            Some(rebuild) => Some(rebuild().await?),
+            None => None,
+        };
+        match self.load(true, fresh).await {
             Ok(c) => Ok(c),
             Err(LoadFailed::Kept(_, e)) => Err(CredentialsError(format!(
                 "{}; still signing with the current credentials until they expire",
@@ -191,7 +190,7 @@ impl CredentialCache {
     /// Loads credentials from the provider; with `force` even when the cached ones are fresh.
     /// Callers that arrive while a load is under way share its result.
     pub async fn refresh(&self, force: bool) -> Result<Arc<Credentials>, CredentialsError> {
-        match self.load(force).await {
+        match self.load(force, None).await {
             Ok(c) => Ok(c),
             Err(LoadFailed::Kept(c, e)) => {
                 tracing::warn!(error = %e, "credential refresh failed; still using the current credentials until they expire");
@@ -201,7 +200,14 @@ impl CredentialCache {
         }
     }
 
-    async fn load(&self, force: bool) -> Result<Arc<Credentials>, LoadFailed> {
+    /// Asks `fresh` (a chain built again: a reload), else the current provider. A reload never
+    /// takes another caller's result (it was read before the rotation it is for), and its chain
+    /// replaces the current one only once it has given usable credentials.
+    async fn load(
+        &self,
+        force: bool,
+        fresh: Option<Providers>,
+    ) -> Result<Arc<Credentials>, LoadFailed> {
         let before = self.current.load_full();
         let _guard = self.refreshing.lock().await;
         let now_cached = self.current.load_full();
@@ -211,16 +217,21 @@ impl CredentialCache {
             _ => false,
         };
         if let Some(c) = now_cached {
-            if (someone_else_refreshed || !force) && is_fresh(&c, SystemTime::now()) {
+            let shared = someone_else_refreshed && fresh.is_none();
+            if (shared || !force) && is_fresh(&c, SystemTime::now()) {
                 return Ok(c);
             }
         }
-        let provider = self.provider.load_full();
+        let provider = match &fresh {
+            Some(f) => Arc::new(f.provider.clone()),
+            None => self.provider.load_full(),
+        };
         let loaded = tokio::time::timeout(self.timeout, provider.provide_credentials()).await;
         let loaded = match loaded {
             // An empty key would replace working credentials with ones every handshake fails.
             Ok(Ok(c))
-                if c.access_key_id().trim().is_empty() || c.secret_access_key().is_empty() =>
+                if c.access_key_id().trim().is_empty()
+                    || c.secret_access_key().trim().is_empty() =>
             {
                 Err(CredentialsError(
                     "the credentials read have an empty access key id or secret access key".into(),
@@ -250,6 +261,10 @@ impl CredentialCache {
                 return Err(LoadFailed::Lost(e));
             }
         };
+        if let Some(f) = fresh {
+            self.base.store(Arc::new(f.base));
+            self.provider.store(Arc::new(f.provider));
+        }
         let loaded = Arc::new(loaded);
         self.current.store(Some(loaded.clone()));
         tracing::debug!(
@@ -280,7 +295,9 @@ impl CredentialCache {
         let cache = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(cache.next_refresh()).await;
+                // At least RETRY_AFTER_FAILURE apart: credentials issued for less than
+                // REFRESH_AHEAD would otherwise be re-read in a busy loop.
+                tokio::time::sleep(cache.next_refresh().max(RETRY_AFTER_FAILURE)).await;
                 if let Err(e) = cache.reload().await {
                     tracing::warn!(error = %e, "credential re-read failed; retrying");
                     tokio::time::sleep(RETRY_AFTER_FAILURE).await;

@@ -100,6 +100,31 @@ async fn a_reload_reads_the_chain_built_again() {
     assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDSECOND");
 }
 
+#[tokio::test]
+async fn a_failed_reload_leaves_the_chain_that_works() {
+    let next = Arc::new(std::sync::Mutex::new(None));
+    let c = rebuilt(next);
+    c.get().await.unwrap();
+    assert!(c.reload().await.is_err());
+    // What assumes identities' roles still has working keys.
+    let base = c.base_provider().provide_credentials().await.unwrap();
+    assert_eq!(base.access_key_id(), "AKIDFIRST");
+    assert_eq!(c.refresh(true).await.unwrap().access_key_id(), "AKIDFIRST");
+}
+
+/// Credentials issued for less than the refresh margin are re-read every few seconds, not in a
+/// busy loop.
+#[tokio::test(start_paused = true)]
+async fn short_lived_credentials_are_not_re_read_in_a_loop() {
+    let (c, calls) = cache(Some(Duration::from_secs(120)));
+    c.get().await.unwrap();
+    let refresher = c.spawn_refresher();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    refresher.abort();
+    let n = calls.load(Ordering::SeqCst);
+    assert!(n <= 8, "{n} loads in a minute");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_periodic_re_read_rebuilds_the_chain() {
     let next = Arc::new(std::sync::Mutex::new(Some(("AKIDSECOND", "second-secret"))));
@@ -128,7 +153,12 @@ async fn a_failed_or_empty_reload_is_an_error_and_the_current_keys_go_on_signing
         "{e}"
     );
     assert_eq!(c.get().await.unwrap().access_key_id(), "AKIDFIRST");
-    for empty in [("", "a-secret"), ("AKIDEMPTYSECRET", ""), ("  ", "s")] {
+    for empty in [
+        ("", "a-secret"),
+        ("AKIDEMPTYSECRET", ""),
+        ("  ", "s"),
+        ("AKIDNBSP", "\u{a0}"),
+    ] {
         *next.lock().unwrap() = Some(empty);
         let e = c.reload().await.unwrap_err();
         assert!(e.0.contains("empty access key id or secret"), "{e}");
