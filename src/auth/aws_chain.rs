@@ -50,18 +50,6 @@ fn without_process_output(mut text: String) -> String {
     text
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_credential_helpers_output_is_not_kept() {
-        let text =
-            "external process exited with code exit status: 3. Stderr: SecretAccessKey=s3cr3t";
-        let kept = super::without_process_output(text.into());
-        assert!(!kept.contains("s3cr3t"), "{kept}");
-        assert!(kept.starts_with("external process exited with code exit status: 3."));
-    }
-}
-
 /// The AWS SDK configuration from the standard chain, for a profile, region and endpoint
 /// override (a VPC endpoint, or a local emulator in tests) when given.
 pub async fn sdk_config(
@@ -104,4 +92,16 @@ pub(crate) async fn providers(
         }
     };
     Ok((Providers { base, provider }, region))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_credential_helpers_output_is_not_kept() {
+        let text =
+            "external process exited with code exit status: 3. Stderr: SecretAccessKey=s3cr3t";
+        let kept = super::without_process_output(text.into());
+        assert!(!kept.contains("s3cr3t"), "{kept}");
+        assert!(kept.starts_with("external process exited with code exit status: 3."));
+    }
 }
