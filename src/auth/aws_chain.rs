@@ -8,7 +8,7 @@ use super::credentials::CredentialsError;
 /// Where a chain provider came from, so it can be built again. The chain's file providers
 /// parse the shared config and credentials files once: asking the same provider again after
 /// the file was rotated returns the keys it replaced (aws-config 1.x).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ChainSource {
     pub profile: Option<String>,
     pub role_arn: Option<String>,

@@ -167,7 +167,6 @@ impl CredentialCache {
         failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER_FAILURE)
     }
 
-    /// Seconds until the cached credentials expire, if they expire at all.
     /// Seconds until the current credentials expire, negative once they have; +Inf when they
     /// never do; `None` when there are none. (A gauge that jumped to +Inf at expiry would
     /// look healthiest exactly when it is not.)
