@@ -15,11 +15,11 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::auth::credentials::CredentialCache;
-use crate::metrics::metrics;
-use crate::session::ProxyContext;
+use crate::context::ProxyContext;
+use crate::metrics::{metrics, Address, State};
+use crate::shutdown::Shutdown;
 
 pub struct AdminState {
     pub ctx: Arc<ProxyContext>,
@@ -45,14 +45,16 @@ fn refresh_gauges(state: &AdminState) {
         .counts(std::time::Instant::now());
     for (label, n) in [("known", known), ("usable", usable)] {
         m.upstream_addresses
-            .get_or_create(&vec![("state", label)])
+            .get_or_create(&State { state: label })
             .set(n as i64);
     }
     // Rebuilt, so that addresses gone from the endpoint leave the output.
     m.upstream_address_connections.clear();
     for (address, n) in state.ctx.upstream.addresses.connections() {
         m.upstream_address_connections
-            .get_or_create(&vec![("address", address.to_string())])
+            .get_or_create(&Address {
+                address: address.to_string(),
+            })
             .set(n as i64);
     }
     if let Some(pool) = &state.ctx.pool {
@@ -63,7 +65,7 @@ fn refresh_gauges(state: &AdminState) {
             ("connecting", s.connecting),
         ] {
             m.upstream_connections
-                .get_or_create(&vec![("state", label)])
+                .get_or_create(&State { state: label })
                 .set(n as i64);
         }
         m.upstream_streams_in_use.set(s.streams_in_use as i64);
@@ -80,7 +82,7 @@ fn refresh_gauges(state: &AdminState) {
 /// the pool is nudged to open one in the background. Dedicated mode opens a connection per
 /// client, so there is nothing to report but the process (and shutdown).
 pub fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
-    if *ctx.shutdown.borrow() {
+    if ctx.shutdown.has_begun() {
         return (false, json!({"ready": false, "reason": "shutting_down"}));
     }
     let Some(pool) = &ctx.pool else {
@@ -131,16 +133,13 @@ async fn handle(
     })
 }
 
-/// Serves the endpoints until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves the endpoints until `stop` begins (after the proxy's drain: /readyz reports the
+/// shutdown while it lasts).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Shutdown) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::session::stopping(&mut shutdown) => return,
+            _ = stop.begun() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
         let state = state.clone();

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::AdminState;
 use crate::config::{Cli, ConfigError, LogFormat};
-use crate::session::ProxyContext;
+use crate::context::ProxyContext;
+use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -127,7 +127,7 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Start
 /// returns, not when the task first runs: a signal sent right after "listening" is logged must
 /// drain, not kill.
 #[cfg(unix)]
-fn watch_stop_signals(shutdown: watch::Sender<bool>) {
+fn watch_stop_signals(shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -145,7 +145,7 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down: no new connections; draining in-flight requests");
-        let _ = shutdown.send(true);
+        shutdown.begin();
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -156,10 +156,10 @@ fn watch_stop_signals(shutdown: watch::Sender<bool>) {
 }
 
 #[cfg(not(unix))]
-fn watch_stop_signals(shutdown: watch::Sender<bool>) {
+fn watch_stop_signals(shutdown: Shutdown) {
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
-        let _ = shutdown.send(true);
+        shutdown.begin();
         let _ = tokio::signal::ctrl_c().await;
         std::process::exit(130);
     });
@@ -235,10 +235,8 @@ pub async fn run(
     if cli.listen == cli.metrics_listen && cli.listen.port() != 0 {
         return Err(StartError::SameAddress(cli.listen));
     }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut resolved = cli.resolve().await?;
+    let resolved = cli.resolve().await?;
     raise_open_file_limit(cli.max_connections);
-    resolved.context.shutdown = shutdown_rx;
     let environment = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
     for w in resolved
         .warnings
@@ -249,7 +247,7 @@ pub async fn run(
     }
     let listener = bind(cli.listen, "--listen").await?;
     let admin_listener = bind(cli.metrics_listen, "--metrics-listen").await?;
-    watch_stop_signals(shutdown_tx);
+    watch_stop_signals(resolved.context.shutdown.clone());
     if let Some(cache) = &resolved.credentials {
         match cache.get().await {
             Ok(c) => tracing::info!(access_key_id = c.access_key_id(), "AWS credentials loaded"),
@@ -287,8 +285,12 @@ pub async fn run(
         credentials: resolved.credentials.clone(),
     });
     // The admin endpoints stay up while draining: /readyz then reports the shutdown.
-    let (_admin_stop, admin_rx) = watch::channel(false);
-    tokio::spawn(crate::admin::serve(admin_listener, admin, admin_rx));
+    let admin_stop = Shutdown::new();
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin,
+        admin_stop.clone(),
+    ));
     crate::server::serve(
         listener,
         ctx,
@@ -296,6 +298,7 @@ pub async fn run(
         Duration::from_secs(cli.drain_timeout),
     )
     .await;
+    admin_stop.begin();
     tracing::info!("stopped");
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::auth::client::{bad_credentials_message, ClientAuth, Logins};
 use crate::frame::compression::decompressed;
 use crate::frame::header::is_supported_version;
 use crate::frame::messages::{self, error_code};
-use crate::frame::{opcode, Compression, Frame};
+use crate::frame::{opcode, Compression, ErrorReply, Frame};
 
 /// The largest AUTH_RESPONSE body, decompressed, worth reading: a username and a password or
 /// a kmsauth token are far smaller, and a decompression bomb stops here.
@@ -106,7 +106,7 @@ pub fn supported(version: u8, stream: i16) -> Frame {
 }
 
 fn protocol_error(version: u8, stream: i16, message: &str) -> Frame {
-    messages::error(version, stream, error_code::PROTOCOL_ERROR, message)
+    ErrorReply::protocol(message.to_owned()).frame(version, stream)
 }
 
 impl ClientHandshake {
@@ -248,12 +248,9 @@ impl ClientHandshake {
                         success: messages::ready(version, stream),
                         user: Some(identity),
                     }),
-                    Err(why) => Step::Close(messages::error(
-                        version,
-                        stream,
-                        error_code::BAD_CREDENTIALS,
-                        &format!("keyspaces-proxy: {why}"),
-                    )),
+                    Err(why) => Step::Close(
+                        ErrorReply::proxy(error_code::BAD_CREDENTIALS, &why).frame(version, stream),
+                    ),
                 }
             }
             ClientAuth::Password(_) | ClientAuth::KmsAuth(_) => {
@@ -294,24 +291,22 @@ impl ClientHandshake {
             .and_then(messages::parse_auth_token)
             .unwrap_or_default();
         let Ok((user, password)) = messages::parse_plain_token(token) else {
-            return Step::Close(messages::error(
-                version,
-                stream,
-                error_code::BAD_CREDENTIALS,
-                "Authentication failure: malformed PLAIN credentials",
-            ));
+            return Step::Close(
+                ErrorReply::bad_credentials("Authentication failure: malformed PLAIN credentials")
+                    .frame(version, stream),
+            );
         };
         let (limit, what) = match &self.logins.auth {
             ClientAuth::KmsAuth(_) => (MAX_TOKEN, "token"),
             _ => (MAX_PASSWORD, "password"),
         };
         if password.len() > limit {
-            return Step::Close(messages::error(
-                version,
-                stream,
-                error_code::BAD_CREDENTIALS,
-                &format!("Authentication failure: the {what} is longer than {limit} bytes"),
-            ));
+            return Step::Close(
+                ErrorReply::bad_credentials(format!(
+                    "Authentication failure: the {what} is longer than {limit} bytes"
+                ))
+                .frame(version, stream),
+            );
         }
         Step::Verify(Credentials {
             version,
@@ -325,12 +320,9 @@ impl ClientHandshake {
     /// `creds` refused without a verdict on them (their source or username failed too often
     /// lately, or the settings changed under the login): `why` is all the client is told.
     pub fn refused_unchecked(&mut self, creds: &Credentials, why: &str) -> Step {
-        Step::Close(messages::error(
-            creds.version,
-            creds.stream,
-            error_code::BAD_CREDENTIALS,
-            &format!("keyspaces-proxy: {why}"),
-        ))
+        Step::Close(
+            ErrorReply::proxy(error_code::BAD_CREDENTIALS, why).frame(creds.version, creds.stream),
+        )
     }
 
     /// The outcome of checking `creds`: the accepted identity, or why not (shown to the client
@@ -350,12 +342,7 @@ impl ClientHandshake {
                 }
                 // One try per connection: a client that could retry on the same socket could
                 // drive password guesses and KMS calls as fast as it can write.
-                Step::Close(messages::error(
-                    creds.version,
-                    creds.stream,
-                    error_code::BAD_CREDENTIALS,
-                    &message,
-                ))
+                Step::Close(ErrorReply::bad_credentials(message).frame(creds.version, creds.stream))
             }
         }
     }

@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,8 +18,47 @@ use prometheus_client::registry::Registry;
 
 use crate::frame::header::opcode;
 
-pub type Labels = Vec<(&'static str, &'static str)>;
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// Label sets, one type per label name: a family can only be given the labels it was declared
+/// with, and a value is a `&'static str` chosen by the proxy (never by a peer), so incrementing
+/// a series allocates nothing and the number of series stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeOutcome {
+    pub auth: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorCode {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct State {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Opcode {
+    pub opcode: &'static str,
+}
+
+/// An upstream address: a dozen at most, from DNS and system.peers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Address {
+    pub address: String,
+}
+
+type HistogramFamily = Family<Opcode, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 50 µs … ~26 s.
@@ -29,28 +69,28 @@ pub struct Metrics {
     registry: Registry,
     pub client_connections: Gauge,
     pub client_connections_opened: Counter,
-    pub client_connections_rejected: Family<Labels, Counter>,
-    pub client_closed: Family<Labels, Counter>,
-    pub client_handshakes: Family<Labels, Counter>,
-    pub upstream_connections: Family<Labels, Gauge>,
+    pub client_connections_rejected: Family<Reason, Counter>,
+    pub client_closed: Family<Reason, Counter>,
+    pub client_handshakes: Family<Outcome, Counter>,
+    pub upstream_connections: Family<State, Gauge>,
     /// Addresses of the endpoint, known and usable now (set on each scrape).
-    pub upstream_addresses: Family<Labels, Gauge>,
+    pub upstream_addresses: Family<State, Gauge>,
     /// Failed connection attempts (TCP or TLS) by upstream address: a dozen at most.
-    pub upstream_address_failures: Family<Vec<(&'static str, String)>, Counter>,
+    pub upstream_address_failures: Family<Address, Counter>,
     /// Open upstream connections by endpoint address (rebuilt on each scrape).
-    pub upstream_address_connections: Family<Vec<(&'static str, String)>, Gauge>,
-    pub upstream_handshakes: Family<Labels, Counter>,
+    pub upstream_address_connections: Family<Address, Gauge>,
+    pub upstream_handshakes: Family<HandshakeOutcome, Counter>,
     pub tls_handshake_duration: Histogram,
     requests: Vec<Counter>,
     request_duration: Vec<Histogram>,
-    pub upstream_errors: Family<Labels, Counter>,
+    pub upstream_errors: Family<ErrorCode, Counter>,
     pub client_received_bytes: Counter,
     pub client_sent_bytes: Counter,
     pub upstream_streams_in_use: Gauge,
     pub prepared_statements: Gauge,
     pub reprepares: Counter,
     pub keyspace_switches: Counter,
-    pub credential_refreshes: Family<Labels, Counter>,
+    pub credential_refreshes: Family<Outcome, Counter>,
     pub credentials_expiry: Gauge<f64, AtomicU64>,
 }
 
@@ -94,49 +134,49 @@ impl Metrics {
             "Client connections accepted",
             client_connections_opened.clone(),
         );
-        let client_connections_rejected = Family::<Labels, Counter>::default();
+        let client_connections_rejected = Family::<Reason, Counter>::default();
         registry.register(
             "client_connections_rejected",
             "Client connections closed on accept, by reason",
             client_connections_rejected.clone(),
         );
-        let client_closed = Family::<Labels, Counter>::default();
+        let client_closed = Family::<Reason, Counter>::default();
         registry.register(
             "client_connections_closed_by_proxy",
             "Client connections the proxy closed, by reason",
             client_closed.clone(),
         );
-        let client_handshakes = Family::<Labels, Counter>::default();
+        let client_handshakes = Family::<Outcome, Counter>::default();
         registry.register(
             "client_handshakes",
             "Client handshakes by result",
             client_handshakes.clone(),
         );
-        let upstream_connections = Family::<Labels, Gauge>::default();
+        let upstream_connections = Family::<State, Gauge>::default();
         registry.register(
             "upstream_connections",
             "Upstream connections by state",
             upstream_connections.clone(),
         );
-        let upstream_addresses = Family::<Labels, Gauge>::default();
+        let upstream_addresses = Family::<State, Gauge>::default();
         registry.register(
             "upstream_addresses",
             "Addresses of the upstream endpoint (DNS and system.peers) by state: known, usable",
             upstream_addresses.clone(),
         );
-        let upstream_address_failures = Family::<Vec<(&'static str, String)>, Counter>::default();
+        let upstream_address_failures = Family::<Address, Counter>::default();
         registry.register(
             "upstream_address_failures",
             "Failed connection attempts (TCP or TLS) by upstream address",
             upstream_address_failures.clone(),
         );
-        let upstream_address_connections = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        let upstream_address_connections = Family::<Address, Gauge>::default();
         registry.register(
             "upstream_address_connections",
             "Open upstream connections by endpoint address",
             upstream_address_connections.clone(),
         );
-        let upstream_handshakes = Family::<Labels, Counter>::default();
+        let upstream_handshakes = Family::<HandshakeOutcome, Counter>::default();
         registry.register(
             "upstream_handshakes",
             "Upstream connection attempts by authentication and result",
@@ -148,7 +188,7 @@ impl Metrics {
             "TLS handshake time with Keyspaces",
             tls_handshake_duration.clone(),
         );
-        let requests_family = Family::<Labels, Counter>::default();
+        let requests_family = Family::<Opcode, Counter>::default();
         registry.register(
             "requests",
             "Client requests by opcode",
@@ -166,10 +206,10 @@ impl Metrics {
             .chain(["UNKNOWN"]);
         let (mut requests, mut request_duration) = (Vec::new(), Vec::new());
         for name in names {
-            requests.push(requests_family.get_or_create_owned(&vec![("opcode", name)]));
-            request_duration.push(duration_family.get_or_create_owned(&vec![("opcode", name)]));
+            requests.push(requests_family.get_or_create_owned(&Opcode { opcode: name }));
+            request_duration.push(duration_family.get_or_create_owned(&Opcode { opcode: name }));
         }
-        let upstream_errors = Family::<Labels, Counter>::default();
+        let upstream_errors = Family::<ErrorCode, Counter>::default();
         registry.register(
             "upstream_errors",
             "ERROR responses from Keyspaces by CQL error code (throttling shows as write_timeout/read_timeout)",
@@ -205,7 +245,7 @@ impl Metrics {
             "Statements re-prepared transparently after UNPREPARED",
             reprepares.clone(),
         );
-        let credential_refreshes = Family::<Labels, Counter>::default();
+        let credential_refreshes = Family::<Outcome, Counter>::default();
         registry.register(
             "credential_refreshes",
             "AWS credential loads by result",
@@ -218,13 +258,14 @@ impl Metrics {
             credentials_expiry.clone(),
         );
         // Known series start at zero, so dashboards and alerts see them before the first event.
-        let _ =
-            client_connections_rejected.get_or_create_owned(&vec![("reason", "connection_limit")]);
+        let _ = client_connections_rejected.get_or_create_owned(&Reason {
+            reason: "connection_limit",
+        });
         for reason in ["not_reading", "protocol_error", "handshake_timeout"] {
-            let _ = client_closed.get_or_create_owned(&vec![("reason", reason)]);
+            let _ = client_closed.get_or_create_owned(&Reason { reason });
         }
         for result in ["ok", "bad_credentials", "upstream_error", "protocol_error"] {
-            let _ = client_handshakes.get_or_create_owned(&vec![("result", result)]);
+            let _ = client_handshakes.get_or_create_owned(&Outcome { result });
         }
         // upstream_connections is set on each scrape in pooled mode only: dedicated mode has
         // no pool, and zeros there would fire KeyspacesProxyNoReadyUpstream for ever.
@@ -239,8 +280,7 @@ impl Metrics {
                 "credentials_error",
                 "protocol_error",
             ] {
-                let _ = upstream_handshakes
-                    .get_or_create_owned(&vec![("auth", auth), ("result", result)]);
+                let _ = upstream_handshakes.get_or_create_owned(&HandshakeOutcome { auth, result });
             }
         }
         for code in [
@@ -253,10 +293,10 @@ impl Metrics {
             "unauthorized",
             "invalid",
         ] {
-            let _ = upstream_errors.get_or_create_owned(&vec![("code", code)]);
+            let _ = upstream_errors.get_or_create_owned(&ErrorCode { code });
         }
         for result in ["ok", "error"] {
-            let _ = credential_refreshes.get_or_create_owned(&vec![("result", result)]);
+            let _ = credential_refreshes.get_or_create_owned(&Outcome { result });
         }
         Metrics {
             registry,
@@ -298,7 +338,10 @@ impl Metrics {
         self.client_sent_bytes.inc_by(bytes as u64);
     }
 
-    pub fn count(family: &Family<Labels, Counter>, labels: Labels) {
+    pub fn count<L>(family: &Family<L, Counter>, labels: L)
+    where
+        L: Clone + std::hash::Hash + Eq + EncodeLabelSet,
+    {
         family.get_or_create(&labels).inc();
     }
 
@@ -308,31 +351,6 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
-    }
-}
-
-/// A short, bounded name for a CQL error code, for labels.
-pub fn error_code_name(code: i32) -> &'static str {
-    match code {
-        0x0000 => "server_error",
-        0x000A => "protocol_error",
-        0x0100 => "bad_credentials",
-        0x1000 => "unavailable",
-        0x1001 => "overloaded",
-        0x1002 => "is_bootstrapping",
-        0x1003 => "truncate_error",
-        0x1100 => "write_timeout",
-        0x1200 => "read_timeout",
-        0x1300 => "read_failure",
-        0x1400 => "function_failure",
-        0x1500 => "write_failure",
-        0x2000 => "syntax_error",
-        0x2100 => "unauthorized",
-        0x2200 => "invalid",
-        0x2300 => "config_error",
-        0x2400 => "already_exists",
-        0x2500 => "unprepared",
-        _ => "other",
     }
 }
 
@@ -351,7 +369,12 @@ mod tests {
         let m = metrics();
         m.request(opcode::QUERY, 100);
         m.request_done(opcode::QUERY, Duration::from_millis(2));
-        Metrics::count(&m.upstream_errors, vec![("code", error_code_name(0x1100))]);
+        Metrics::count(
+            &m.upstream_errors,
+            ErrorCode {
+                code: crate::frame::messages::error_code::name(0x1100),
+            },
+        );
         let text = m.encode();
         assert!(
             text.contains("keyspaces_proxy_requests_total{opcode=\"QUERY\"}"),

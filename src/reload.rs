@@ -17,7 +17,7 @@ use crate::auth::client::Logins;
 use crate::auth::credentials::CredentialCache;
 use crate::auth::identity_roles::IdentityRoles;
 use crate::config::Cli;
-use crate::session::ProxyContext;
+use crate::context::ProxyContext;
 
 /// Changes closer together than this are one reload: an editor's save, a Secret's swap.
 const SETTLE: Duration = Duration::from_millis(300);

@@ -6,10 +6,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::metrics::{metrics, Metrics};
-use crate::session::{self, ProxyContext};
+use crate::context::ProxyContext;
+use crate::metrics::{metrics, Metrics, Reason};
+use crate::session;
 
-/// Accepts clients until `ctx.shutdown` turns true, then waits up to `drain` for the sessions
+/// Accepts clients until `ctx.shutdown` begins, then waits up to `drain` for the sessions
 /// to answer what they already accepted. Connections beyond `max_connections` are closed at
 /// once rather than queued, so an overload never grows memory without bound.
 pub async fn serve(
@@ -19,12 +20,11 @@ pub async fn serve(
     drain: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    let mut shutdown = ctx.shutdown.clone();
     let mut spare = SpareDescriptor::new();
     let mut last_warning: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = crate::session::stopping(&mut shutdown) => break,
+            _ = ctx.shutdown.begun() => break,
             accepted = listener.accept() => {
                 let (socket, peer) = match accepted {
                     Ok(a) => a,
@@ -33,7 +33,7 @@ pub async fn serve(
                         // backlog and the loop spin on the same error: refuse it at once.
                         let refused = spare.refuse_one(&listener).await;
                         if refused {
-                            Metrics::count(&metrics().client_connections_rejected, vec![("reason", "file_limit")]);
+                            Metrics::count(&metrics().client_connections_rejected, Reason { reason: "file_limit" });
                         }
                         if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                             last_warning = Some(std::time::Instant::now());
@@ -49,7 +49,7 @@ pub async fn serve(
                 m.client_connections_opened.inc();
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "connection limit reached; closing new connection");
-                    Metrics::count(&m.client_connections_rejected, vec![("reason", "connection_limit")]);
+                    Metrics::count(&m.client_connections_rejected, Reason { reason: "connection_limit" });
                     drop(socket);
                     continue;
                 };

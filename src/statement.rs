@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use crate::frame::messages::{consistency, message_body};
 use crate::frame::types::{BodyResult, Reader};
 use crate::frame::{opcode, Frame};
-use crate::upstream::prepared::PreparedCache;
+use crate::policy::prepared::PreparedCache;
 
 fn first_word(cql: &str) -> &str {
     let t = cql.trim_start();
@@ -129,7 +129,7 @@ mod tests {
     use crate::frame::messages;
     use crate::frame::request::{parse_execute, parse_query};
     use crate::frame::types::WriteExt;
-    use crate::upstream::prepared::PreparedStatement;
+    use crate::policy::prepared::PreparedStatement;
 
     #[test]
     fn raises_write_consistency_only() {

@@ -6,8 +6,8 @@ use bytes::{BufMut, BytesMut};
 use keyspaces_proxy::auth::sigv4::{parse_challenge, SignedResponse};
 use keyspaces_proxy::frame::messages::{self, consistency};
 use keyspaces_proxy::frame::{opcode, Compression, Frame, FrameCodec, Header};
+use keyspaces_proxy::policy::unprepared_id;
 use keyspaces_proxy::route::Router;
-use keyspaces_proxy::upstream::pool::unprepared_id;
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 

@@ -17,7 +17,7 @@ use crate::auth::aws_chain::{sdk_config, ChainSource};
 use crate::auth::client::{ClientAuth, Logins};
 use crate::auth::credentials::CredentialCache;
 use crate::auth::identity_roles::IdentityRoles;
-use crate::session::ProxyContext;
+use crate::context::ProxyContext;
 use crate::upstream::addresses::AddressBook;
 use crate::upstream::identity_pools::IdentityPools;
 use crate::upstream::pool::{Pool, PoolSettings};
@@ -327,8 +327,7 @@ impl Cli {
             context: ProxyContext {
                 pool,
                 consistency_guard: self.consistency_guard,
-                // Replaced by the caller that owns the shutdown signal.
-                shutdown: tokio::sync::watch::channel(false).1,
+                shutdown: crate::shutdown::Shutdown::new(),
                 upstream,
                 logins: arc_swap::ArcSwap::from_pointee(Logins::new(
                     client_auth,

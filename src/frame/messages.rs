@@ -22,6 +22,31 @@ pub mod error_code {
     pub const INVALID: i32 = 0x2200;
     pub const CONFIG_ERROR: i32 = 0x2300;
     pub const UNPREPARED: i32 = 0x2500;
+
+    /// A short, bounded name for any code (spec §9), for metric labels and logs.
+    pub fn name(code: i32) -> &'static str {
+        match code {
+            0x0000 => "server_error",
+            0x000A => "protocol_error",
+            0x0100 => "bad_credentials",
+            0x1000 => "unavailable",
+            0x1001 => "overloaded",
+            0x1002 => "is_bootstrapping",
+            0x1003 => "truncate_error",
+            0x1100 => "write_timeout",
+            0x1200 => "read_timeout",
+            0x1300 => "read_failure",
+            0x1400 => "function_failure",
+            0x1500 => "write_failure",
+            0x2000 => "syntax_error",
+            0x2100 => "unauthorized",
+            0x2200 => "invalid",
+            0x2300 => "config_error",
+            0x2400 => "already_exists",
+            0x2500 => "unprepared",
+            _ => "other",
+        }
+    }
 }
 
 /// Consistency levels (spec §3) as they appear on the wire.

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod compression;
+pub mod error_reply;
 pub mod header;
 pub mod messages;
 pub mod request;
@@ -12,4 +13,5 @@ pub mod validate;
 
 pub use codec::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 pub use compression::Compression;
+pub use error_reply::ErrorReply;
 pub use header::{flags, opcode, Header};

@@ -8,20 +8,19 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::frame::compression::{compressed, decompressed, transcode, CompressionError};
 use crate::frame::header::opcode;
 use crate::frame::messages::{self, consistency, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
-use crate::frame::types::WriteExt;
 use crate::frame::validate::validate_request;
-use crate::frame::{Compression, Frame};
+use crate::frame::{Compression, ErrorReply, Frame};
 use crate::handshake;
+use crate::policy::prepared::{PreparedCache, SystemStatement};
 use crate::statement::guard_consistency;
 use crate::topology::{classify, rewrite_result, ProxyNode, SystemTable};
-use crate::upstream::prepared::{PreparedCache, SystemStatement};
 use crate::use_statement::{classify_use, UseStatement};
 
 /// At most this many system-table prepared statements are remembered per connection.
@@ -147,7 +146,7 @@ impl Router {
     }
 
     fn protocol_error(&self, stream: i16, message: &str) -> Frame {
-        messages::error(self.version, stream, error_code::PROTOCOL_ERROR, message)
+        ErrorReply::protocol(message.to_owned()).frame(self.version, stream)
     }
 
     pub fn on_client_frame(&mut self, frame: Frame) -> Route {
@@ -290,12 +289,10 @@ impl Router {
             (parse_prepare(body).ok()?, consistency::ONE)
         };
         let refuse = |why: &str| {
-            Some(Route::Client(messages::error(
-                self.version,
-                stream,
-                error_code::INVALID,
-                why,
-            )))
+            Some(Route::Client(
+                ErrorReply::verbatim(error_code::INVALID, why.to_owned())
+                    .frame(self.version, stream),
+            ))
         };
         match (classify_use(text), op) {
             (UseStatement::NotUse, _) => None,
@@ -356,18 +353,9 @@ impl Router {
                 self.recent.remember(id, system);
                 Ok(pending)
             }
-            None => {
-                let mut extra = BytesMut::with_capacity(2 + id.len());
-                extra.put_short_bytes(id);
-                Err(Route::Client(messages::error_with(
-                    self.version,
-                    stream,
-                    error_code::UNPREPARED,
-                    "Prepared query with ID not found: keyspaces-proxy has not seen it \
-                     prepared; prepare it again",
-                    &extra,
-                )))
-            }
+            None => Err(Route::Client(
+                ErrorReply::unprepared(id).frame(self.version, stream),
+            )),
         }
     }
 

@@ -1,5 +1,5 @@
 //! The router's decisions, frame by frame.
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 
 use super::*;
 
@@ -51,7 +51,7 @@ fn executes_are_classified_by_the_pools_statements() {
     // Prepared through another client connection of the same pool.
     cache.insert(
         Bytes::from_static(b"local-id"),
-        crate::upstream::prepared::PreparedStatement {
+        crate::policy::prepared::PreparedStatement {
             query: Arc::from("SELECT rpc_address FROM system.local"),
             keyspace: None,
             system: Some((SystemTable::Local, None)),
@@ -77,7 +77,7 @@ fn executes_are_classified_by_the_pools_statements() {
     };
     assert_eq!(f.stream(), 8);
     assert_eq!(
-        crate::upstream::retry::unprepared_id(&f.body).as_deref(),
+        crate::policy::unprepared_id(&f.body).as_deref(),
         Some(&b"unseen"[..])
     );
     // Dedicated mode (no pool) forwards it: its connection is the client's own.

@@ -7,9 +7,11 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
-use super::{ClientFramed, ClientIo, ProxyContext};
+use super::{ClientFramed, ClientIo};
+use crate::context::ProxyContext;
 use crate::frame::FrameCodec;
 use crate::handshake::Accepted;
+use crate::metrics::ErrorCode;
 use crate::route::{Route, Router};
 use crate::upstream::UpstreamConnection;
 use crate::writer::{write_frames, QUEUE_DEPTH};
@@ -42,9 +44,7 @@ pub(super) async fn forward(
     let (up_tx, up_rx) = mpsc::channel(QUEUE_DEPTH);
     let upstream_writer = tokio::spawn(write_frames(up_rx, up_write));
 
-    let mut shutdown = ctx.shutdown.clone();
-    // Created once: a fresh watch future on every loop turn costs more than the work it guards.
-    let stop = super::stopping(&mut shutdown);
+    let stop = ctx.shutdown.begun();
     tokio::pin!(stop);
     let (mut in_flight, mut draining) = (0usize, false);
     loop {
@@ -114,14 +114,17 @@ pub(super) async fn forward(
 
 /// Upstream ERRORs by code (compressed bodies are not decoded just for this).
 fn count_upstream_error(frame: &crate::frame::Frame) {
-    use crate::metrics::{error_code_name, metrics, Metrics};
+    use crate::frame::messages::error_code;
+    use crate::metrics::{metrics, Metrics};
     if frame.header.has_flag(crate::frame::flags::COMPRESSION) {
         return;
     }
     if let Ok(e) = crate::frame::messages::ErrorInfo::parse(&frame.body) {
         Metrics::count(
             &metrics().upstream_errors,
-            vec![("code", error_code_name(e.code))],
+            ErrorCode {
+                code: error_code::name(e.code),
+            },
         );
     }
 }

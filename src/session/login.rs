@@ -5,12 +5,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ProxyContext;
 use crate::auth::attempts::loggable;
 use crate::auth::client::{Logins, Verdict};
 use crate::auth::sessions::session_key;
+use crate::context::ProxyContext;
 use crate::handshake::{ClientHandshake, Credentials, Step};
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, Metrics, Outcome};
 
 /// Checks before the verdict, at most: a reload between two checks is rare, a stream of them
 /// must not keep a login spinning.
@@ -77,7 +77,9 @@ async fn check(
     if let Err(wait) = ctx.login_failures.reserve(source, user, Instant::now()) {
         Metrics::count(
             &metrics().client_handshakes,
-            vec![("result", "login_rate_limited")],
+            Outcome {
+                result: "login_rate_limited",
+            },
         );
         return Verdict::Throttled(wait);
     }

@@ -14,13 +14,15 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::Instrument;
 
-use crate::auth::client::{ClientAuth, Logins};
-use crate::frame::messages::{self, error_code, unsupported_version_message};
+use crate::auth::client::ClientAuth;
+use crate::context::ProxyContext;
+use crate::frame::messages::{self, error_code};
+use crate::frame::ErrorReply;
 use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, Metrics, Outcome, Reason};
 use crate::upstream::pool::{Group, Pool};
-use crate::upstream::{UpstreamConnection, UpstreamError, UpstreamTarget};
+use crate::upstream::{UpstreamConnection, UpstreamError};
 use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
 pub mod admission;
@@ -30,51 +32,6 @@ mod login;
 mod pooled;
 
 use client_stream::{ClientReader, ClientStream, ClientWriter};
-
-/// What every session shares.
-#[derive(Debug)]
-pub struct ProxyContext {
-    pub upstream: UpstreamTarget,
-    /// Swapped on SIGHUP: new handshakes see the reloaded users and an empty session cache;
-    /// open connections stay.
-    pub logins: arc_swap::ArcSwap<Logins>,
-    /// TLS on the client port (`--client-tls-cert`), swapped on SIGHUP to pick up a renewed
-    /// certificate; `None` for plaintext.
-    pub client_tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
-    /// The address to advertise in `system.local`; by default the one the client dialled.
-    pub advertise_address: Option<IpAddr>,
-    /// Seeds the host_id `system.local` reports (with the advertised address).
-    pub host_id_seed: String,
-    pub max_frame_len: usize,
-    pub handshake_timeout: Duration,
-    /// Requests read from one client ahead of their answers (pooled mode); beyond it the
-    /// proxy stops reading that client, which pushes back through TCP.
-    pub max_client_in_flight: usize,
-    /// Bytes of unwritten answers clients may pin, each and all together, before one is
-    /// closed as not reading.
-    pub client_buffers: Arc<crate::upstream::streams::ClientBuffers>,
-    /// Per-identity pools (`--identity-roles`); other clients use `pool`.
-    pub identity_pools: Option<Arc<crate::upstream::identity_pools::IdentityPools>>,
-    /// Shared upstream connections; `None` gives each client its own (debugging mode).
-    pub pool: Option<Arc<Pool>>,
-    /// Raise consistency levels to what Keyspaces accepts (pooled mode).
-    pub consistency_guard: bool,
-    /// Connections still in their handshake, in all and per source address.
-    pub handshaking: Arc<admission::HandshakeSlots>,
-    /// Failed logins per source address and username (`--login-failures-per-*`).
-    pub login_failures: Arc<crate::auth::attempts::LoginFailures>,
-    /// Turns true when the proxy starts shutting down: sessions stop reading new requests and
-    /// close once their in-flight requests are answered.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
-}
-
-/// Resolves once shutdown has begun; never, if nobody holds the sender. (The guard
-/// `wait_for` returns is not `Send`, so it must not outlive this function.)
-pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    if shutdown.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
 
 /// What the client is connected to once its handshake is done.
 enum Upstream {
@@ -108,10 +65,7 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
                     reason,
                     "too many clients in their handshake; closing this one"
                 );
-                Metrics::count(
-                    &metrics().client_connections_rejected,
-                    vec![("reason", reason)],
-                );
+                Metrics::count(&metrics().client_connections_rejected, Reason { reason });
                 return;
             }
         };
@@ -134,7 +88,9 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
                 tracing::debug!("client handshake timed out");
                 Metrics::count(
                     &metrics().client_closed,
-                    vec![("reason", "handshake_timeout")],
+                    Reason {
+                        reason: "handshake_timeout",
+                    },
                 );
                 Ok(None)
             }
@@ -202,7 +158,12 @@ async fn open_stream(
         }
         Err(e) => {
             tracing::debug!(error = %e, "client TLS handshake failed");
-            Metrics::count(&metrics().client_closed, vec![("reason", "tls_failed")]);
+            Metrics::count(
+                &metrics().client_closed,
+                Reason {
+                    reason: "tls_failed",
+                },
+            );
             None
         }
     }
@@ -212,7 +173,7 @@ async fn open_stream(
 /// first frame used, saying what to change; anything else is closed.
 async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     use tokio::io::AsyncReadExt;
-    Metrics::count(&metrics().client_closed, vec![("reason", "not_tls")]);
+    Metrics::count(&metrics().client_closed, Reason { reason: "not_tls" });
     if worth_logging("plaintext") {
         tracing::warn!(
             "the client sent plaintext, but the client port requires TLS: connect with TLS \
@@ -231,13 +192,11 @@ async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     // What was peeked is read, so closing does not reset the connection before the reply lands.
     let mut sink = [0u8; 9];
     let _ = socket.read(&mut sink[..first.len()]).await;
-    let reply = messages::error(
-        version,
-        stream,
+    let reply = ErrorReply::proxy(
         error_code::PROTOCOL_ERROR,
-        "keyspaces-proxy: this port requires TLS; connect with TLS (cqlsh --ssl, the driver's \
-         SSL context)",
-    );
+        "this port requires TLS; connect with TLS (cqlsh --ssl, the driver's SSL context)",
+    )
+    .frame(version, stream);
     let mut framed = Framed::new(socket, FrameCodec::new(MAX_HANDSHAKE_FRAME));
     let _ = framed.send(reply).await;
     let _ = framed.get_mut().shutdown().await;
@@ -257,7 +216,7 @@ fn worth_logging(kind: &'static str) -> bool {
 /// A client that speaks another protocol gets what it can read (HTTP: a 400 that says why; TLS:
 /// nothing, the close is its answer), and the log says what to change.
 async fn refuse_foreign(client: &mut ClientFramed, protocol: ForeignProtocol) {
-    Metrics::count(&metrics().client_closed, vec![("reason", "not_cql")]);
+    Metrics::count(&metrics().client_closed, Reason { reason: "not_cql" });
     let log = worth_logging("foreign");
     match protocol {
         ForeignProtocol::Tls if log => tracing::warn!(
@@ -287,26 +246,13 @@ async fn refuse_foreign(client: &mut ClientFramed, protocol: ForeignProtocol) {
 
 /// The error a client sees for a frame the decoder refused.
 fn decode_error_frame(e: &FrameError) -> Frame {
-    match e {
-        FrameError::TooLarge { header, .. } => messages::error(
-            header.protocol_version().clamp(3, 4),
-            header.stream,
-            error_code::PROTOCOL_ERROR,
-            &format!("Invalid frame: {e}"),
-        ),
-        FrameError::LegacyVersion { version } => messages::error(
-            4,
-            0,
-            error_code::PROTOCOL_ERROR,
-            &unsupported_version_message(*version),
-        ),
-        FrameError::Foreign(_) => messages::error(
-            4,
-            0,
-            error_code::PROTOCOL_ERROR,
-            &format!("Invalid frame: {e}"),
-        ),
-    }
+    let (version, stream) = match e {
+        FrameError::TooLarge { header, .. } => {
+            (header.protocol_version().clamp(3, 4), header.stream)
+        }
+        FrameError::LegacyVersion { .. } | FrameError::Foreign(_) => (4, 0),
+    };
+    ErrorReply::undecodable(e).frame(version, stream)
 }
 
 /// An authenticated identity with no role under `--unmapped-identities deny`: refused as bad
@@ -318,7 +264,9 @@ async fn refuse_unmapped(
 ) -> std::io::Result<()> {
     Metrics::count(
         &metrics().client_handshakes,
-        vec![("result", "unmapped_identity")],
+        Outcome {
+            result: "unmapped_identity",
+        },
     );
     if worth_logging("unmapped") {
         tracing::warn!(
@@ -326,25 +274,17 @@ async fn refuse_unmapped(
             "login refused: --identity-roles maps no role to this identity (--unmapped-identities deny)"
         );
     }
-    let reply = messages::error(
-        accepted.version,
-        accepted.success.stream(),
+    let reply = ErrorReply::proxy(
         error_code::BAD_CREDENTIALS,
-        "keyspaces-proxy: no role is configured for this identity",
-    );
+        "no role is configured for this identity",
+    )
+    .frame(accepted.version, accepted.success.stream());
     client.send(reply).await
 }
 
 /// What the client sees when the upstream could not be opened.
 pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Frame {
-    let code = match e {
-        UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
-            error_code::BAD_CREDENTIALS
-        }
-        UpstreamError::UseFailed(info) => info.code,
-        _ => error_code::SERVER_ERROR,
-    };
-    messages::error(version, stream, code, &e.public_message())
+    e.reply().frame(version, stream)
 }
 
 async fn handshake(
@@ -363,7 +303,12 @@ async fn handshake(
                 return Ok(None);
             }
             Some(Err(FrameDecodeError::Frame(e))) => {
-                Metrics::count(&metrics().client_closed, vec![("reason", "protocol_error")]);
+                Metrics::count(
+                    &metrics().client_closed,
+                    Reason {
+                        reason: "protocol_error",
+                    },
+                );
                 client.send(decode_error_frame(&e)).await?;
                 return Ok(None);
             }
@@ -384,7 +329,9 @@ async fn handshake(
                 if is_bad_credentials(&r) {
                     Metrics::count(
                         &metrics().client_handshakes,
-                        vec![("result", "bad_credentials")],
+                        Outcome {
+                            result: "bad_credentials",
+                        },
                     );
                 }
                 client.send(r).await?
@@ -402,7 +349,7 @@ async fn handshake(
                 } else {
                     "protocol_error"
                 };
-                Metrics::count(&metrics().client_handshakes, vec![("result", result)]);
+                Metrics::count(&metrics().client_handshakes, Outcome { result });
                 client.send(r).await?;
                 return Ok(None);
             }
@@ -442,14 +389,16 @@ async fn handshake(
                 };
                 return match connected {
                     Ok(up) => {
-                        Metrics::count(&metrics().client_handshakes, vec![("result", "ok")]);
+                        Metrics::count(&metrics().client_handshakes, Outcome { result: "ok" });
                         client.send(accepted.success.clone()).await?;
                         Ok(Some((accepted, up)))
                     }
                     Err(e) => {
                         Metrics::count(
                             &metrics().client_handshakes,
-                            vec![("result", "upstream_error")],
+                            Outcome {
+                                result: "upstream_error",
+                            },
                         );
                         tracing::warn!(error = %e, "upstream connection failed");
                         let reply =
@@ -494,7 +443,12 @@ async fn next_client_frame(
             Ok(f)
         }
         Some(Err(FrameDecodeError::Frame(e))) => {
-            Metrics::count(&metrics().client_closed, vec![("reason", "protocol_error")]);
+            Metrics::count(
+                &metrics().client_closed,
+                Reason {
+                    reason: "protocol_error",
+                },
+            );
             Err(Some(decode_error_frame(&e)))
         }
         Some(Err(FrameDecodeError::Io(e))) => {

@@ -6,13 +6,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::client_stream::ClientWriter;
-use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed, ProxyContext};
+use tokio_util::codec::FramedRead;
+
+use super::client_stream::{ClientReader, ClientWriter};
+use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed};
+use crate::context::ProxyContext;
 use crate::frame::compression::compressed;
 use crate::frame::header::holds_whole_frame;
-use crate::frame::{Compression, Frame};
+use crate::frame::{Compression, Frame, FrameCodec};
 use crate::handshake::Accepted;
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, Metrics, Reason};
 use crate::route::{Route, Router};
 use crate::upstream::affinity::Affinity;
 use crate::upstream::pool::{Group, Pool};
@@ -24,143 +27,253 @@ pub(super) async fn forward(
     client: ClientFramed,
     accepted: Accepted,
     pool: Arc<Pool>,
-    mut group: Arc<Group>,
+    group: Arc<Group>,
     proxy_ip: IpAddr,
 ) {
-    let guard = ctx.consistency_guard.then(|| pool.prepared.clone());
-    let mut router = Router::new(
-        accepted.version,
-        accepted.compression,
-        Compression::None,
-        proxy_ip,
-        ctx.max_frame_len,
-    )
-    .host_id_seed(&ctx.host_id_seed)
-    .split_use(true)
-    .prepared(Some(pool.prepared.clone()))
-    .consistency_guard(guard);
-    let (mut frames, write) = split_client(client, ctx.max_frame_len);
-    let mut out: FrameWriter<ClientWriter> =
-        FrameWriter::new(write, Some(metrics().client_sent_bytes.clone()));
     // Bounded twice: no more than `max_client_in_flight` requests are read ahead of their
     // answers, and a client whose unwritten answers pass its share of `client_buffers` is dropped.
     let inbox = ClientInbox::new(ctx.client_buffers.clone());
-    let mut shutdown = ctx.shutdown.clone();
-    // Created once: a fresh watch future on every loop turn costs more than the work it guards.
-    let stop = super::stopping(&mut shutdown);
-    tokio::pin!(stop);
-    let (mut in_flight, mut draining) = (0usize, false);
-    let mut affinity = Affinity::default();
-    // Polled across turns: a fresh `Notified` each turn would register and unregister a waiter.
-    let overflow = inbox.overflowed();
-    tokio::pin!(overflow);
-    // Re-armed after each wake-up; a response that arrives in between is not missed.
-    let arrived = inbox.arrived();
-    tokio::pin!(arrived);
-    // Reused across batches: taking the inbox swaps vectors, allocating nothing.
-    let mut batch: Vec<Frame> = Vec::new();
-    // When the socket read that brought the current request completed.
-    let mut read_at = Instant::now();
-    loop {
-        if draining && in_flight == 0 {
-            break;
-        }
-        let may_read = !draining && in_flight < ctx.max_client_in_flight;
-        let buffered = holds_whole_frame(frames.read_buffer());
-        tokio::select! {
-            _ = &mut stop, if !draining => draining = true,
-            _ = &mut overflow => {
-                not_reading(&inbox);
-                break;
-            }
-            next = next_client_frame(&mut frames), if may_read => {
-                let frame = match next {
-                    Ok(f) => f,
-                    Err(why) => {
-                        if let Some(f) = why {
-                            let _ = out.push(&f).await;
-                            let _ = out.flush().await;
-                        }
-                        break;
-                    }
-                };
-                if !buffered {
-                    read_at = Instant::now();
-                }
-                let pending = |f: Frame| {
-                    let reply = ReplyTo::Client { inbox: inbox.clone(), stream: f.stream() };
-                    Pending::received_at(f, reply, read_at)
-                };
-                let local = match router.on_client_frame(frame) {
-                    Route::Upstream(f) => {
-                        in_flight += 1;
-                        affinity.client_in_flight = in_flight;
-                        // Most requests go out here, without building the waiting future.
-                        if let Err(p) = pool.try_dispatch_pinned(&group, pending(f), &mut affinity) {
-                            pool.dispatch_waiting(&group, p).await;
-                        }
-                        continue;
-                    }
-                    Route::Use { keyspace, frame } => match switch_keyspace(&pool, accepted.version, &keyspace).await {
-                        Ok(g) => {
-                            group = g;
-                            in_flight += 1;
-                            pool.dispatch_from(&group, pending(frame), &mut affinity).await;
-                            continue;
-                        }
-                        Err(f) => compressed(f.with_stream(frame.stream()), accepted.compression),
-                    },
-                    Route::Client(f) => f,
-                    Route::Close(f) => {
-                        let _ = out.push(&f).await;
-                        let _ = out.flush().await;
-                        break;
-                    }
-                };
-                if !wrote(&inbox, out.push(&local)).await || !wrote(&inbox, out.flush()).await {
-                    break;
-                }
-            }
-            _ = &mut arrived => {
-                arrived.set(inbox.arrived());
-                inbox.take_all(&mut batch);
-                let mut failed = false;
-                let mut yielded = false;
-                while !batch.is_empty() {
-                    for frame in batch.drain(..) {
-                        in_flight = in_flight.saturating_sub(1);
-                        inbox.written(&frame);
-                        match router.on_upstream_frame(frame) {
-                            // Small answers are only copied into the batch: no write, nothing to wait on.
-                            Ok(Some(f)) if out.buffer(&f) => {}
-                            Ok(Some(f)) => failed = !wrote(&inbox, out.push(&f)).await,
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
-                        }
-                        if failed {
-                            break;
-                        }
-                    }
-                    if failed || yielded || in_flight == 0 {
-                        break;
-                    }
-                    // More answers are on their way: let the upstream readers run once so
-                    // they go out in this write instead of one syscall each.
-                    yielded = true;
-                    tokio::task::yield_now().await;
-                    inbox.take_all(&mut batch);
-                }
-                batch.clear();
-                if failed || !wrote(&inbox, out.flush()).await {
-                    if inbox.is_overflowed() {
-                        not_reading(&inbox);
-                    }
-                    break;
-                }
-            }
+    PooledSession::new(ctx, client, &accepted, pool, group, proxy_ip, &inbox)
+        .run()
+        .await;
+}
+
+/// Whether the session goes on after a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// One client connection multiplexed over the shared pool. The futures `run` waits on borrow
+/// `ctx` and `inbox`, which this only refers to, so they can stay pinned across loop turns
+/// while every handler takes `&mut self`.
+struct PooledSession<'a> {
+    ctx: &'a ProxyContext,
+    /// Where the pool delivers this client's answers; every request in flight holds a clone.
+    inbox: &'a Arc<ClientInbox>,
+    router: Router,
+    frames: FramedRead<ClientReader, FrameCodec>,
+    out: FrameWriter<ClientWriter>,
+    pool: Arc<Pool>,
+    /// The connections of the client's current keyspace (`USE` changes it).
+    group: Arc<Group>,
+    affinity: Affinity,
+    /// Requests sent upstream and not answered yet.
+    in_flight: usize,
+    /// Shutdown has begun: nothing more is read, and the session ends once `in_flight` is 0.
+    draining: bool,
+    /// Reused across batches: taking the inbox swaps vectors, allocating nothing.
+    batch: Vec<Frame>,
+    /// When the socket read that brought the current request completed.
+    read_at: Instant,
+    version: u8,
+    compression: Compression,
+}
+
+impl<'a> PooledSession<'a> {
+    fn new(
+        ctx: &'a ProxyContext,
+        client: ClientFramed,
+        accepted: &Accepted,
+        pool: Arc<Pool>,
+        group: Arc<Group>,
+        proxy_ip: IpAddr,
+        inbox: &'a Arc<ClientInbox>,
+    ) -> PooledSession<'a> {
+        let guard = ctx.consistency_guard.then(|| pool.prepared.clone());
+        let router = Router::new(
+            accepted.version,
+            accepted.compression,
+            Compression::None,
+            proxy_ip,
+            ctx.max_frame_len,
+        )
+        .host_id_seed(&ctx.host_id_seed)
+        .split_use(true)
+        .prepared(Some(pool.prepared.clone()))
+        .consistency_guard(guard);
+        let (frames, write) = split_client(client, ctx.max_frame_len);
+        PooledSession {
+            ctx,
+            inbox,
+            router,
+            frames,
+            out: FrameWriter::new(write, Some(metrics().client_sent_bytes.clone())),
+            pool,
+            group,
+            affinity: Affinity::default(),
+            in_flight: 0,
+            draining: false,
+            batch: Vec::new(),
+            read_at: Instant::now(),
+            version: accepted.version,
+            compression: accepted.compression,
         }
     }
-    let _ = out.shutdown().await;
+
+    /// Serves the client until it leaves, fails, stops reading its answers, or has drained
+    /// after shutdown began.
+    async fn run(mut self) {
+        // Copied out so the futures below borrow the context and the inbox, not `self`.
+        let (ctx, inbox) = (self.ctx, self.inbox);
+        // Created once: a fresh shutdown future each turn costs more than the work it guards.
+        let stop = ctx.shutdown.begun();
+        tokio::pin!(stop);
+        // Polled across turns: a fresh `Notified` each turn would register and unregister a
+        // waiter.
+        let overflow = inbox.overflowed();
+        tokio::pin!(overflow);
+        // Re-armed after each wake-up; a response that arrives in between is not missed.
+        let arrived = inbox.arrived();
+        tokio::pin!(arrived);
+        loop {
+            if self.draining && self.in_flight == 0 {
+                break;
+            }
+            let (may_read, draining) = (self.may_read(), self.draining);
+            // Looked at before reading: a frame that is already buffered came with an earlier
+            // socket read and shares its clock reading.
+            let buffered = holds_whole_frame(self.frames.read_buffer());
+            let flow = tokio::select! {
+                _ = &mut stop, if !draining => self.drain(),
+                _ = &mut overflow => self.on_overflow(),
+                next = next_client_frame(&mut self.frames), if may_read => match next {
+                    Ok(request) => self.on_request(request, buffered).await,
+                    Err(why) => self.close(why).await,
+                },
+                _ = &mut arrived => {
+                    arrived.set(inbox.arrived());
+                    self.flush_answers().await
+                }
+            };
+            if flow == Flow::Close {
+                break;
+            }
+        }
+        self.finish().await;
+    }
+
+    /// Back-pressure: a client with `max_client_in_flight` requests unanswered is not read (TCP
+    /// pushes back on it), nor one that is draining.
+    fn may_read(&self) -> bool {
+        !self.draining && self.in_flight < self.ctx.max_client_in_flight
+    }
+
+    fn drain(&mut self) -> Flow {
+        self.draining = true;
+        Flow::Continue
+    }
+
+    fn on_overflow(&self) -> Flow {
+        not_reading(self.inbox);
+        Flow::Close
+    }
+
+    /// Routes one client request: to the pool (answered later through the inbox), to another
+    /// keyspace's connections (`USE`), or answered here.
+    async fn on_request(&mut self, request: Frame, buffered: bool) -> Flow {
+        if !buffered {
+            self.read_at = Instant::now();
+        }
+        let answer = match self.router.on_client_frame(request) {
+            Route::Upstream(f) => {
+                self.in_flight += 1;
+                self.affinity.client_in_flight = self.in_flight;
+                let pending = self.pending(f);
+                let (pool, group) = (&self.pool, &self.group);
+                // Most requests go out here, without building the waiting future.
+                if let Err(p) = pool.try_dispatch_pinned(group, pending, &mut self.affinity) {
+                    pool.dispatch_waiting(group, p).await;
+                }
+                return Flow::Continue;
+            }
+            Route::Use { keyspace, frame } => {
+                match switch_keyspace(&self.pool, self.version, &keyspace).await {
+                    Ok(group) => {
+                        self.group = group;
+                        self.in_flight += 1;
+                        let pending = self.pending(frame);
+                        self.pool
+                            .dispatch_from(&self.group, pending, &mut self.affinity)
+                            .await;
+                        return Flow::Continue;
+                    }
+                    Err(f) => compressed(f.with_stream(frame.stream()), self.compression),
+                }
+            }
+            Route::Client(f) => f,
+            Route::Close(f) => return self.close(Some(f)).await,
+        };
+        let inbox = self.inbox;
+        if !wrote(inbox, self.out.push(&answer)).await || !wrote(inbox, self.out.flush()).await {
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    /// The pool's record of `request`: its answer comes back to this client's inbox.
+    fn pending(&self, request: Frame) -> Pending {
+        let reply = ReplyTo::Client {
+            inbox: Arc::clone(self.inbox),
+            stream: request.stream(),
+        };
+        Pending::received_at(request, reply, self.read_at)
+    }
+
+    /// Writes every answer that has arrived, with one flush: takes the inbox, rewrites each
+    /// answer through the router, and yields once so answers on their way join the same write.
+    async fn flush_answers(&mut self) -> Flow {
+        let inbox = self.inbox;
+        inbox.take_all(&mut self.batch);
+        let mut failed = false;
+        let mut yielded = false;
+        while !self.batch.is_empty() {
+            for frame in self.batch.drain(..) {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                inbox.written(&frame);
+                match self.router.on_upstream_frame(frame) {
+                    // Small answers are only copied into the batch: no write, nothing to wait on.
+                    Ok(Some(f)) if self.out.buffer(&f) => {}
+                    Ok(Some(f)) => failed = !wrote(inbox, self.out.push(&f)).await,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "undecodable upstream frame"),
+                }
+                if failed {
+                    break;
+                }
+            }
+            if failed || yielded || self.in_flight == 0 {
+                break;
+            }
+            // More answers are on their way: let the upstream readers run once so
+            // they go out in this write instead of one syscall each.
+            yielded = true;
+            tokio::task::yield_now().await;
+            inbox.take_all(&mut self.batch);
+        }
+        self.batch.clear();
+        if failed || !wrote(inbox, self.out.flush()).await {
+            if inbox.is_overflowed() {
+                not_reading(inbox);
+            }
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    /// Tells the client why the session ends, when there is something to tell.
+    async fn close(&mut self, why: Option<Frame>) -> Flow {
+        if let Some(f) = why {
+            let _ = self.out.push(&f).await;
+            let _ = self.out.flush().await;
+        }
+        Flow::Close
+    }
+
+    async fn finish(mut self) {
+        let _ = self.out.shutdown().await;
+    }
 }
 
 /// Runs one write to the client; false if it failed or the client's inbox overflowed while it
@@ -181,7 +294,12 @@ fn not_reading(inbox: &ClientInbox) {
         queued_bytes = inbox.queued_bytes(),
         "closing a client that does not read its responses (--max-client-buffer reached)"
     );
-    Metrics::count(&metrics().client_closed, vec![("reason", "not_reading")]);
+    Metrics::count(
+        &metrics().client_closed,
+        Reason {
+            reason: "not_reading",
+        },
+    );
 }
 
 async fn switch_keyspace(pool: &Pool, version: u8, keyspace: &str) -> Result<Arc<Group>, Frame> {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Address};
 
 /// Keyspaces lists 9 load balancers (3 for FIPS); a VPC endpoint one per subnet.
 const MAX_ADDRESSES: usize = 32;
@@ -184,7 +184,9 @@ impl AddressBook {
     pub fn dial_failed(&self, addr: SocketAddr, now: Instant) {
         metrics()
             .upstream_address_failures
-            .get_or_create(&vec![("address", addr.to_string())])
+            .get_or_create(&Address {
+                address: addr.to_string(),
+            })
             .inc();
         self.failed(addr, now);
     }
@@ -366,9 +368,9 @@ fn forget_unnamed(entries: &mut Vec<Entry>) {
     entries.retain(|e| {
         let named = e.in_dns || e.in_peers;
         if !named {
-            metrics()
-                .upstream_address_failures
-                .remove(&vec![("address", e.addr.to_string())]);
+            metrics().upstream_address_failures.remove(&Address {
+                address: e.addr.to_string(),
+            });
         }
         named
     });

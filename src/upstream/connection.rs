@@ -21,7 +21,7 @@ use crate::auth::credentials::CredentialCache;
 use crate::auth::sigv4;
 use crate::frame::messages::{self, ErrorInfo};
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, HandshakeOutcome, Metrics};
 
 /// How the proxy proves itself to the upstream.
 #[derive(Clone)]
@@ -227,7 +227,7 @@ impl UpstreamTarget {
             };
             Metrics::count(
                 &metrics().upstream_handshakes,
-                vec![("auth", auth), ("result", result)],
+                HandshakeOutcome { auth, result },
             );
             r
         };

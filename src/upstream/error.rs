@@ -2,7 +2,8 @@
 //! details that name accounts (ARNs, account ids, SDK text) stay in the log under a reference.
 
 use crate::auth::credentials::CredentialsError;
-use crate::frame::messages::ErrorInfo;
+use crate::frame::messages::{error_code, ErrorInfo};
+use crate::frame::ErrorReply;
 use crate::frame::FrameDecodeError;
 use std::time::Duration;
 
@@ -66,6 +67,19 @@ impl UpstreamError {
     /// principal ARNs, account ids, HTTP bodies): the client gets a short reason and a
     /// reference, and the details are logged under that reference. Network and TLS failures
     /// name only the endpoint and the cause, which the client needs to see.
+    /// What a client is told: bad credentials for the proxy's own (drivers then stop retrying
+    /// a login that cannot succeed), Keyspaces' own code for a failed USE, else a server error.
+    pub fn reply(&self) -> ErrorReply {
+        let code = match self {
+            UpstreamError::AuthRejected(_) | UpstreamError::Credentials(_) => {
+                error_code::BAD_CREDENTIALS
+            }
+            UpstreamError::UseFailed(info) => info.code,
+            _ => error_code::SERVER_ERROR,
+        };
+        ErrorReply::verbatim(code, self.public_message())
+    }
+
     pub fn public_message(&self) -> String {
         let withheld = |what: &str| {
             let reference = crate::reference::Reference::new();

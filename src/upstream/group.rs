@@ -2,6 +2,7 @@
 //! the pool needs to grow it (connects under way, failures for back-off) and to pick from it.
 
 use crate::reference::Reference;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,20 +71,12 @@ impl Group {
     /// Whether more clients are pinned to the group's ready connections than there are of them
     /// (some must share).
     pub(super) fn clients_outnumber_connections(&self) -> bool {
-        let conns = self.conns.load();
-        let ready = conns.iter().filter(|c| c.is_ready());
-        let (n, clients) = ready.fold((0, 0), |(n, k), c| (n + 1, k + c.affine()));
-        clients > n
+        clients_outnumber(self.conns.load().as_slice())
     }
 
     /// Requests in flight on the least busy ready connection, if there is one.
     pub(super) fn least_in_flight(&self) -> Option<usize> {
-        self.conns
-            .load()
-            .iter()
-            .filter(|c| c.is_ready())
-            .map(|c| c.in_flight())
-            .min()
+        least_in_flight(self.conns.load().as_slice())
     }
 
     pub(super) fn last_failure(&self) -> Option<(Instant, Arc<UpstreamError>, Reference)> {
@@ -112,36 +105,12 @@ impl Group {
 
     /// As `pick`, on another address than `addr`: a connection just lost there may have
     /// siblings about to be lost with it, and they look the least busy.
-    pub(super) fn pick_elsewhere(&self, addr: std::net::SocketAddr) -> Option<Arc<MuxConn>> {
-        self.pick_where(|c| c.address.addr != addr)
+    pub(super) fn pick_elsewhere(&self, addr: SocketAddr) -> Option<Arc<MuxConn>> {
+        self.pick_where(|c| c.addr() != addr)
     }
 
     fn pick_where(&self, allowed: impl Fn(&MuxConn) -> bool) -> Option<Arc<MuxConn>> {
-        let conns = self.conns.load();
-        // Fast path, without allocating: the least busy usable connection, if it has budget.
-        let best = conns
-            .iter()
-            .filter(|c| c.is_ready() && c.has_free_stream() && allowed(c))
-            .min_by_key(|c| c.in_flight());
-        match best {
-            Some(c) if c.try_acquire() => return Some(c.clone()),
-            None => return None,
-            Some(_) => {}
-        }
-        // Rate-limited: try the others, least busy first.
-        // Snapshot the counts first: they change under our feet, and sorting on live values
-        // would not be a total order.
-        let mut candidates: Vec<(usize, &Arc<MuxConn>)> = conns
-            .iter()
-            .filter(|c| c.is_ready() && allowed(c))
-            .map(|c| (c.in_flight(), c))
-            .collect();
-        candidates.sort_unstable_by_key(|(n, _)| *n);
-        candidates
-            .into_iter()
-            .map(|(_, c)| c)
-            .find(|c| c.has_free_stream() && c.try_acquire())
-            .cloned()
+        least_busy(self.conns.load().as_slice(), allowed)
     }
 
     pub(super) fn add(&self, conn: Arc<MuxConn>) {
@@ -175,5 +144,300 @@ impl Group {
 
     pub(super) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// What choosing among a group's connections needs to know of one: `MuxConn`, and plain
+/// values in tests. The choosing functions are generic over it, so the per-request paths call
+/// `MuxConn`'s own methods directly.
+pub(super) trait Candidate {
+    fn is_ready(&self) -> bool;
+    fn in_flight(&self) -> usize;
+    fn has_free_stream(&self) -> bool;
+    /// Takes a send permit from its rate budget, if one is available now.
+    fn try_acquire(&self) -> bool;
+    /// Client sessions pinned to it (see `affinity`).
+    fn affine(&self) -> usize;
+    fn pin(&self);
+    fn unpin(&self);
+    /// The endpoint address it is connected to.
+    fn addr(&self) -> SocketAddr;
+}
+
+impl Candidate for MuxConn {
+    fn is_ready(&self) -> bool {
+        MuxConn::is_ready(self)
+    }
+    fn in_flight(&self) -> usize {
+        MuxConn::in_flight(self)
+    }
+    fn has_free_stream(&self) -> bool {
+        MuxConn::has_free_stream(self)
+    }
+    fn try_acquire(&self) -> bool {
+        MuxConn::try_acquire(self)
+    }
+    fn affine(&self) -> usize {
+        MuxConn::affine(self)
+    }
+    fn pin(&self) {
+        MuxConn::pin(self);
+    }
+    fn unpin(&self) {
+        MuxConn::unpin(self);
+    }
+    fn addr(&self) -> SocketAddr {
+        self.address.addr
+    }
+}
+
+/// The least busy ready connection among those `allowed`, with a free stream id and rate
+/// budget (a permit taken).
+fn least_busy<C: Candidate>(conns: &[Arc<C>], allowed: impl Fn(&C) -> bool) -> Option<Arc<C>> {
+    // Fast path, without allocating: the least busy usable connection, if it has budget.
+    let best = conns
+        .iter()
+        .filter(|c| c.is_ready() && c.has_free_stream() && allowed(c))
+        .min_by_key(|c| c.in_flight());
+    match best {
+        Some(c) if c.try_acquire() => return Some(c.clone()),
+        None => return None,
+        Some(_) => {}
+    }
+    // Rate-limited: try the others, least busy first.
+    // Snapshot the counts first: they change under our feet, and sorting on live values
+    // would not be a total order.
+    let mut candidates: Vec<(usize, &Arc<C>)> = conns
+        .iter()
+        .filter(|c| c.is_ready() && allowed(c))
+        .map(|c| (c.in_flight(), c))
+        .collect();
+    candidates.sort_unstable_by_key(|(n, _)| *n);
+    candidates
+        .into_iter()
+        .map(|(_, c)| c)
+        .find(|c| c.has_free_stream() && c.try_acquire())
+        .cloned()
+}
+
+/// Whether more clients are pinned to the ready connections than there are of them.
+fn clients_outnumber<C: Candidate>(conns: &[Arc<C>]) -> bool {
+    let ready = conns.iter().filter(|c| c.is_ready());
+    let (n, clients) = ready.fold((0, 0), |(n, k), c| (n + 1, k + c.affine()));
+    clients > n
+}
+
+/// Requests in flight on the least busy ready connection, if there is one.
+fn least_in_flight<C: Candidate>(conns: &[Arc<C>]) -> Option<usize> {
+    conns
+        .iter()
+        .filter(|c| c.is_ready())
+        .map(|c| c.in_flight())
+        .min()
+}
+
+/// A connection as plain values, for tests of choosing: what `Candidate` reads, set by hand.
+#[cfg(test)]
+pub(super) mod fake {
+    use std::cell::Cell;
+    use std::net::SocketAddr;
+
+    use super::Candidate;
+
+    #[derive(Debug)]
+    pub(crate) struct FakeConn {
+        pub(crate) ready: Cell<bool>,
+        pub(crate) in_flight: Cell<usize>,
+        pub(crate) free_stream: Cell<bool>,
+        /// Rate permits left (`usize::MAX`: no rate budget).
+        pub(crate) permits: Cell<usize>,
+        pub(crate) affine: Cell<usize>,
+        pub(crate) addr: SocketAddr,
+    }
+
+    impl FakeConn {
+        /// A ready, idle connection to 127.0.1.`host` with no rate budget.
+        pub(crate) fn new(host: u8) -> FakeConn {
+            FakeConn {
+                ready: Cell::new(true),
+                in_flight: Cell::new(0),
+                free_stream: Cell::new(true),
+                permits: Cell::new(usize::MAX),
+                affine: Cell::new(0),
+                addr: SocketAddr::from(([127, 0, 1, host], 9142)),
+            }
+        }
+
+        pub(crate) fn with_in_flight(self, n: usize) -> FakeConn {
+            self.in_flight.set(n);
+            self
+        }
+    }
+
+    impl Candidate for FakeConn {
+        fn is_ready(&self) -> bool {
+            self.ready.get()
+        }
+        fn in_flight(&self) -> usize {
+            self.in_flight.get()
+        }
+        fn has_free_stream(&self) -> bool {
+            self.free_stream.get()
+        }
+        fn try_acquire(&self) -> bool {
+            match self.permits.get() {
+                0 => false,
+                usize::MAX => true,
+                n => {
+                    self.permits.set(n - 1);
+                    true
+                }
+            }
+        }
+        fn affine(&self) -> usize {
+            self.affine.get()
+        }
+        fn pin(&self) {
+            self.affine.set(self.affine.get() + 1);
+        }
+        fn unpin(&self) {
+            self.affine.set(self.affine.get() - 1);
+        }
+        fn addr(&self) -> SocketAddr {
+            self.addr
+        }
+    }
+}
+
+#[cfg(test)]
+// The fake connection is single-threaded (Cells); the code under test only needs `Arc`.
+#[allow(clippy::arc_with_non_send_sync)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::sync::oneshot;
+
+    use super::fake::FakeConn;
+    use super::*;
+    use crate::frame::messages;
+    use crate::upstream::mux::OpenParams;
+    use crate::upstream::streams::{Pending, ReplyTo};
+
+    /// Ready connections with these requests in flight, to 127.0.1.1, .2, ...
+    fn with_depths(depths: &[usize]) -> Vec<Arc<FakeConn>> {
+        (1..)
+            .zip(depths)
+            .map(|(host, n)| Arc::new(FakeConn::new(host).with_in_flight(*n)))
+            .collect()
+    }
+
+    /// Which of `conns` was picked (its position).
+    fn picked(conns: &[Arc<FakeConn>], pick: Option<Arc<FakeConn>>) -> Option<usize> {
+        let pick = pick?;
+        conns.iter().position(|c| Arc::ptr_eq(c, &pick))
+    }
+
+    fn pick_any(conns: &[Arc<FakeConn>]) -> Option<usize> {
+        picked(conns, least_busy(conns, |_| true))
+    }
+
+    #[test]
+    fn the_least_busy_connection_is_picked_and_charged_a_permit() {
+        let conns = with_depths(&[5, 2, 7, 2]);
+        conns[1].permits.set(3);
+        assert_eq!(pick_any(&conns), Some(1), "the first of the least busy");
+        assert_eq!(conns[1].permits.get(), 2);
+    }
+
+    #[test]
+    fn connections_not_ready_or_without_a_stream_id_are_skipped() {
+        let conns = with_depths(&[5, 2, 7, 3]);
+        conns[1].ready.set(false); // draining or dead
+        conns[3].free_stream.set(false);
+        assert_eq!(pick_any(&conns), Some(0));
+        for c in &conns {
+            c.ready.set(false);
+        }
+        assert_eq!(pick_any(&conns), None);
+        assert_eq!(pick_any(&[]), None);
+    }
+
+    #[test]
+    fn a_rate_limited_connection_gives_way_to_the_next_least_busy() {
+        let conns = with_depths(&[5, 2, 7, 3]);
+        conns[1].permits.set(0);
+        conns[3].permits.set(0);
+        assert_eq!(pick_any(&conns), Some(0));
+        // With no stream id, the one with budget is passed over too.
+        conns[0].free_stream.set(false);
+        assert_eq!(pick_any(&conns), Some(2));
+        conns[2].permits.set(0);
+        assert_eq!(pick_any(&conns), None, "no budget anywhere");
+    }
+
+    #[test]
+    fn a_pick_elsewhere_avoids_the_address_just_lost() {
+        let conns = with_depths(&[5, 2, 7]);
+        let lost = conns[1].addr;
+        assert_eq!(
+            picked(&conns, least_busy(&conns, |c| c.addr() != lost)),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn growth_looks_at_the_ready_connections_only() {
+        let conns = with_depths(&[5, 2, 7]);
+        conns[1].ready.set(false);
+        assert_eq!(least_in_flight(&conns), Some(5));
+        assert_eq!(least_in_flight::<FakeConn>(&[]), None);
+        // Two ready connections: three clients outnumber them, two do not.
+        conns[0].affine.set(2);
+        conns[1].affine.set(5);
+        assert!(!clients_outnumber(&conns));
+        conns[2].affine.set(1);
+        assert!(clients_outnumber(&conns));
+    }
+
+    fn request() -> Pending {
+        let (tx, _) = oneshot::channel();
+        Pending::new(messages::options(4, 0), ReplyTo::Internal(tx))
+    }
+
+    /// The same choices on a group of real connections (with no sockets).
+    #[test]
+    fn a_group_picks_among_its_connections() {
+        let group = Group::new(GroupKey {
+            version: 4,
+            keyspace: None,
+        });
+        let addr = |host: u8| SocketAddr::from(([127, 0, 1, host], 9142));
+        let open = |id, host| {
+            let params = OpenParams {
+                id,
+                version: 4,
+                keyspace: None,
+                max_streams: 8,
+                max_rate: 0,
+            };
+            MuxConn::detached(params, addr(host)).0
+        };
+        let (a, b) = (open(1, 1), open(2, 2));
+        group.add(a.clone());
+        group.add(b.clone());
+        assert_eq!(
+            group.generation(),
+            2,
+            "each change is seen by pinned clients"
+        );
+        a.send(request()).unwrap();
+        assert!(group.pick().is_some_and(|c| Arc::ptr_eq(&c, &b)));
+        assert!(group
+            .pick_elsewhere(addr(2))
+            .is_some_and(|c| Arc::ptr_eq(&c, &a)));
+        assert_eq!(group.least_in_flight(), Some(0));
+        b.drain();
+        assert!(group.pick().is_some_and(|c| Arc::ptr_eq(&c, &a)));
+        assert_eq!(group.ready_count(), 1);
     }
 }

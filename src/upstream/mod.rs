@@ -11,9 +11,9 @@ mod maintenance;
 pub mod mux;
 mod peers;
 pub mod pool;
-pub mod prepared;
-pub mod retry;
+mod retry;
 pub mod streams;
 pub mod tls;
+mod upkeep;
 
 pub use connection::{UpstreamAuth, UpstreamConnection, UpstreamError, UpstreamTarget};

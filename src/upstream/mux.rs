@@ -103,25 +103,12 @@ impl MuxConn {
         let mut reader = FramedRead::new(read, FrameCodec::new(target.max_frame_len));
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let queue = Arc::new(FrameQueue::new());
-        let now = Instant::now();
-        let conn = Arc::new(MuxConn {
-            id: params.id,
-            version: params.version,
-            keyspace: params.keyspace,
-            created: now,
-            address: up.address,
+        let conn = Arc::new(MuxConn::new(
+            params,
+            up.address,
             credentials_expiry,
-            writer: queue.clone(),
-            table: Mutex::new(StreamTable::new(params.max_streams)),
-            bucket: Mutex::new(TokenBucket::new(params.max_rate, now)),
-            in_flight: AtomicUsize::new(0),
-            free: AtomicUsize::new(params.max_streams.clamp(1, 32768)),
-            unlimited: params.max_rate == 0,
-            state: AtomicU8::new(ConnState::Ready as u8),
-            sent: AtomicU64::new(0),
-            affine: AtomicUsize::new(0),
-            cancel: CancellationToken::new(),
-        });
+            queue.clone(),
+        ));
         let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
@@ -152,18 +139,68 @@ impl MuxConn {
                     }
                 }
             }
-            me.state.store(ConnState::Dead as u8, Ordering::Release);
-            me.address.release();
+            me.mark_dead();
             writer.abort();
-            let in_flight = {
-                let mut t = me.lock_table();
-                let drained = t.drain();
-                me.mirror(&t);
-                drained
-            };
+            let in_flight = me.drain_table();
             owner.on_closed(&me, in_flight);
         });
         Ok(conn)
+    }
+
+    /// A connection whose frames go to `writer`, with no I/O of its own yet.
+    fn new(
+        params: OpenParams,
+        address: super::addresses::AddressLease,
+        credentials_expiry: Option<SystemTime>,
+        writer: Arc<FrameQueue>,
+    ) -> MuxConn {
+        let now = Instant::now();
+        MuxConn {
+            id: params.id,
+            version: params.version,
+            keyspace: params.keyspace,
+            created: now,
+            address,
+            credentials_expiry,
+            writer,
+            table: Mutex::new(StreamTable::new(params.max_streams)),
+            bucket: Mutex::new(TokenBucket::new(params.max_rate, now)),
+            in_flight: AtomicUsize::new(0),
+            free: AtomicUsize::new(params.max_streams.clamp(1, 32768)),
+            unlimited: params.max_rate == 0,
+            state: AtomicU8::new(ConnState::Ready as u8),
+            sent: AtomicU64::new(0),
+            affine: AtomicUsize::new(0),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// A connection to `addr` with no socket and no I/O task, for tests of what it decides:
+    /// what it sends is left in the returned queue, and `mark_dead` stands for its socket
+    /// closing.
+    #[cfg(test)]
+    pub(super) fn detached(
+        params: OpenParams,
+        addr: std::net::SocketAddr,
+    ) -> (Arc<MuxConn>, Arc<FrameQueue>) {
+        let book = Arc::new(super::addresses::AddressBook::new("127.0.0.1:9142"));
+        let queue = Arc::new(FrameQueue::new());
+        let conn = MuxConn::new(params, book.lease(addr), None, queue.clone());
+        (Arc::new(conn), queue)
+    }
+
+    /// The socket has closed: no more requests, and the address counts it no more.
+    fn mark_dead(&self) {
+        self.state.store(ConnState::Dead as u8, Ordering::Release);
+        self.address.release();
+    }
+
+    /// Every request in flight, taken out of the table (the connection has died).
+    fn drain_table(&self) -> Vec<Pending> {
+        let mut t = self.lock_table();
+        let drained = t.drain();
+        self.mirror(&t);
+        drained
     }
 
     fn mirror(&self, t: &StreamTable) {
@@ -331,4 +368,139 @@ async fn use_keyspace(
         Ok(info) if f.opcode() == opcode::ERROR => UpstreamError::UseFailed(info),
         _ => UpstreamError::Protocol(format!("unexpected {} to USE", opcode::name(f.opcode()))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::frame::messages;
+    use crate::upstream::streams::ReplyTo;
+
+    fn conn(max_streams: usize, keyspace: Option<&str>) -> (Arc<MuxConn>, Arc<FrameQueue>) {
+        let params = OpenParams {
+            id: 1,
+            version: 4,
+            keyspace: keyspace.map(Arc::from),
+            max_streams,
+            max_rate: 0,
+        };
+        MuxConn::detached(params, SocketAddr::from(([127, 0, 1, 1], 9142)))
+    }
+
+    /// A request the client sent on its stream `stream`.
+    fn request(stream: i16) -> Pending {
+        let (tx, _) = oneshot::channel();
+        Pending::new(messages::options(4, stream), ReplyTo::Internal(tx))
+    }
+
+    /// The frames the connection handed to its writer.
+    fn written(queue: &FrameQueue) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        queue.take_all(&mut frames);
+        frames
+    }
+
+    #[test]
+    fn a_request_goes_out_on_a_stream_id_that_its_answer_finds_it_by() {
+        let (c, queue) = conn(8, None);
+        c.send(request(42)).unwrap();
+        c.send(request(43)).unwrap();
+        let streams: Vec<i16> = written(&queue).iter().map(Frame::stream).collect();
+        assert_eq!(streams, [0, 1], "upstream ids, not the clients'");
+        assert_eq!((c.in_flight(), c.sent()), (2, 2));
+        let answered = c.take(1).expect("in flight on stream 1");
+        assert_eq!(
+            answered.request.stream(),
+            43,
+            "the request as the client sent it"
+        );
+        assert!(c.take(1).is_none(), "answered once");
+        assert_eq!(c.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_full_table_gives_the_request_back() {
+        let (c, queue) = conn(1, None);
+        c.send(request(1)).unwrap();
+        assert!(!c.has_free_stream());
+        let back = c.send(request(2)).expect_err("no stream id left");
+        assert_eq!(back.request.stream(), 2);
+        assert_eq!(written(&queue).len(), 1);
+        assert_eq!((c.in_flight(), c.sent()), (1, 1));
+    }
+
+    #[test]
+    fn a_dead_connection_refuses_requests_and_gives_back_those_in_flight() {
+        let (c, _queue) = conn(4, None);
+        c.send(request(1)).unwrap();
+        c.mark_dead();
+        assert_eq!(c.state(), ConnState::Dead);
+        assert!(c.send(request(2)).is_err());
+        let lost = c.drain_table();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].request.stream(), 1);
+        assert_eq!((c.in_flight(), c.has_free_stream()), (0, true));
+        c.drain();
+        assert_eq!(c.state(), ConnState::Dead, "draining never revives it");
+    }
+
+    #[test]
+    fn a_connection_whose_writer_is_gone_leaves_rotation_and_gives_the_request_back() {
+        let (c, queue) = conn(4, None);
+        queue.close();
+        let back = c
+            .send(request(7))
+            .expect_err("nothing writes to the socket");
+        assert_eq!(back.request.stream(), 7);
+        assert_eq!(c.state(), ConnState::Draining);
+        assert!(c.cancel.is_cancelled(), "closed");
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_draining_connection_is_not_ready_but_still_sends_what_it_is_given() {
+        let (c, queue) = conn(4, None);
+        assert!(c.is_ready());
+        c.drain();
+        assert_eq!(c.state(), ConnState::Draining);
+        assert!(!c.is_ready());
+        // Only a dead one refuses: a request that chose it just before it drained still goes.
+        c.send(request(1)).unwrap();
+        assert_eq!(written(&queue).len(), 1);
+    }
+
+    #[test]
+    fn an_expired_request_keeps_its_id_until_the_late_answer() {
+        let (c, _queue) = conn(1, None);
+        c.send(request(5)).unwrap();
+        assert!(c.expire(Duration::from_secs(60)).is_empty());
+        let expired = c.expire(Duration::ZERO);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].request.stream(), 5);
+        assert_eq!(c.in_flight(), 0);
+        assert!(!c.has_free_stream(), "its id waits for the late answer");
+        assert!(c.take(0).is_none(), "the late answer goes nowhere");
+        assert!(c.has_free_stream());
+    }
+
+    /// Whether a connection opened for `opened_for` closes on the RESULT `result`.
+    fn closes_on(opened_for: Option<&str>, result: Frame) -> bool {
+        let (c, _queue) = conn(4, opened_for);
+        c.close_if_keyspace_switched(&result.body);
+        c.cancel.is_cancelled()
+    }
+
+    #[test]
+    fn a_switch_to_another_keyspace_closes_the_connection() {
+        let set = |ks| messages::result_set_keyspace(4, 0, ks);
+        assert!(closes_on(Some("shop"), set("other")));
+        assert!(closes_on(None, set("shop")), "a shared connection has none");
+        assert!(!closes_on(Some("shop"), set("shop")));
+        assert!(!closes_on(Some("shop"), messages::result_void(4, 0)));
+    }
 }

@@ -18,15 +18,13 @@ use super::connection::{UpstreamError, UpstreamTarget};
 use super::group::BACKOFF_BASE;
 pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
-use super::prepared::{PreparedCache, PreparedStatement};
-use super::retry::is_unprepared;
 use super::streams::{Pending, ReplyTo};
-use crate::frame::messages::{self, error_code, message_body, ErrorInfo};
-use crate::frame::request::parse_prepare;
-use crate::frame::result::{kind, result_kind, Prepared};
+use crate::frame::messages::message_body;
+use crate::frame::ErrorReply;
 use crate::frame::{opcode, Frame};
-use crate::metrics::{error_code_name, metrics, Metrics};
-use crate::topology::classify;
+use crate::metrics::metrics;
+use crate::policy::prepared::PreparedCache;
+use crate::policy::{Answer, CqlPolicy, Scope};
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -99,19 +97,18 @@ fn shares_busily(on_conn: usize, mine: usize, grow_at: usize) -> bool {
 
 /// Why a request could not be sent: the client sees this as a retryable error.
 fn unavailable_frame(p: &Pending, why: &str) -> Frame {
-    messages::error(
-        p.request.header.protocol_version(),
-        0,
-        error_code::OVERLOADED,
-        &format!("keyspaces-proxy: {why}"),
-    )
+    // Stream 0: delivering the reply gives it the client's stream.
+    ErrorReply::unavailable(why).frame(p.request.header.protocol_version(), 0)
 }
 
 pub struct Pool {
     pub(super) target: UpstreamTarget,
     pub(super) settings: PoolSettings,
     pub(super) groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    /// The policy's statement cache, which client sessions share (see `CqlPolicy::prepared`).
     pub prepared: Arc<PreparedCache>,
+    /// What answers call for: learning prepared statements, re-preparing, retry safety.
+    pub(super) policy: CqlPolicy,
     next_id: AtomicU64,
     pub(super) me: Weak<Pool>,
 }
@@ -126,8 +123,10 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn new(target: UpstreamTarget, settings: PoolSettings) -> Arc<Pool> {
+        let policy = CqlPolicy::new(settings.max_prepared);
         Arc::new_cyclic(|me| Pool {
-            prepared: Arc::new(PreparedCache::new(settings.max_prepared)),
+            prepared: policy.prepared().clone(),
+            policy,
             target,
             settings,
             groups: Mutex::new(HashMap::new()),
@@ -446,54 +445,31 @@ impl ConnOwner for Pool {
         let Some(pending) = conn.take(frame.stream()) else {
             return;
         };
-        let request_op = pending.request.opcode();
-        let m = metrics();
         if pending.reply.client_stream().is_some() {
-            m.request_done(
-                request_op,
+            metrics().request_done(
+                pending.request.opcode(),
                 received.saturating_duration_since(pending.sent_at),
             );
         }
         // Tracing ids, warnings and custom payloads come before the message proper (v4 §2.2).
         let body = message_body(&frame.header, &frame.body).unwrap_or_default();
-        if frame.opcode() == opcode::ERROR {
-            if let Ok(e) = ErrorInfo::parse(body) {
-                Metrics::count(&m.upstream_errors, vec![("code", error_code_name(e.code))]);
-            }
-        }
         if frame.opcode() == opcode::RESULT {
             conn.close_if_keyspace_switched(body);
         }
-        if request_op == opcode::PREPARE
-            && frame.opcode() == opcode::RESULT
-            && result_kind(body).ok() == Some(kind::PREPARED)
-        {
-            let request = message_body(&pending.request.header, &pending.request.body);
-            if let (Ok(p), Ok(query)) = (
-                Prepared::parse(body, conn.version),
-                request.and_then(parse_prepare),
-            ) {
-                let system = classify(query, conn.keyspace.as_deref())
-                    .map(|t| (t, p.result_columns.map(Arc::from)));
-                self.prepared.insert(
-                    p.id,
-                    PreparedStatement {
-                        query: Arc::from(query),
-                        keyspace: conn.keyspace.clone(),
-                        system,
-                    },
-                );
+        let scope = Scope {
+            version: conn.version,
+            keyspace: conn.keyspace.as_ref(),
+        };
+        let answer = self
+            .policy
+            .on_answer(&pending.request, pending.attempt, &frame, body, scope);
+        match answer {
+            Answer::Relay => pending.reply.deliver(frame),
+            Answer::Reprepare => {
+                let (pool, conn) = (self.arc(), conn.clone());
+                tokio::spawn(async move { pool.reprepare_and_retry(conn, pending, frame).await });
             }
         }
-        if pending.attempt == 0
-            && matches!(request_op, opcode::EXECUTE | opcode::BATCH)
-            && is_unprepared(&frame)
-        {
-            let (pool, conn) = (self.arc(), conn.clone());
-            tokio::spawn(async move { pool.reprepare_and_retry(conn, pending, frame).await });
-            return;
-        }
-        pending.reply.deliver(frame);
     }
 
     fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>) {
@@ -516,7 +492,9 @@ impl ConnOwner for Pool {
                 continue;
             }
             match &group {
-                Some(g) if p.attempt < MAX_READ_RETRIES && self.is_retry_safe(&p.request) => {
+                Some(g)
+                    if p.attempt < MAX_READ_RETRIES && self.policy.is_retry_safe(&p.request) =>
+                {
                     p.attempt += 1;
                     p.sent_at = Instant::now();
                     let p = match g.pick_elsewhere(conn.address.addr) {
@@ -530,12 +508,8 @@ impl ConnOwner for Pool {
                     tokio::spawn(async move { pool.dispatch(&g, p).await });
                 }
                 _ => {
-                    let f = messages::error(
-                        p.request.header.protocol_version(),
-                        0,
-                        error_code::SERVER_ERROR,
-                        "keyspaces-proxy: the connection to Keyspaces closed before it answered; the request may or may not have been applied",
-                    );
+                    let f =
+                        ErrorReply::connection_lost().frame(p.request.header.protocol_version(), 0);
                     p.reply.deliver(f);
                 }
             }

@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use keyspaces_emulator::{Emulator, EmulatorConfig, PlainUser, SigV4Key};
 use keyspaces_proxy::auth::client::ClientAuth;
 use keyspaces_proxy::auth::credentials::CredentialCache;
-use keyspaces_proxy::session::ProxyContext;
+use keyspaces_proxy::context::ProxyContext;
 use keyspaces_proxy::upstream::pool::{Pool, PoolSettings};
 use keyspaces_proxy::upstream::tls::{client_config, server_name};
 use keyspaces_proxy::upstream::{UpstreamAuth, UpstreamTarget};
@@ -148,7 +148,7 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         upstream,
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
-        shutdown: tokio::sync::watch::channel(false).1,
+        shutdown: keyspaces_proxy::shutdown::Shutdown::new(),
         logins: arc_swap::ArcSwap::from_pointee(keyspaces_proxy::auth::client::Logins::new(
             opts.client_auth,
             keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),

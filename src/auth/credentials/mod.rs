@@ -12,7 +12,7 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_credential_types::Credentials;
 
 use super::aws_chain::{providers, ChainSource, Providers};
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, Metrics, Outcome};
 
 /// Refresh this long before credentials expire.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
@@ -246,7 +246,7 @@ impl CredentialCache {
         let result = if loaded.is_ok() { "ok" } else { "error" };
         *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
             loaded.is_err().then(std::time::Instant::now);
-        Metrics::count(&metrics().credential_refreshes, vec![("result", result)]);
+        Metrics::count(&metrics().credential_refreshes, Outcome { result });
         let loaded = match loaded {
             Ok(c) => c,
             Err(e) => {
