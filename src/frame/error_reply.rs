@@ -80,6 +80,16 @@ impl ErrorReply {
         }
     }
 
+    /// Keyspaces kept a request past the request timeout: the client is answered (its driver
+    /// would otherwise wait for ever on that stream), and the late answer is dropped.
+    pub fn no_answer_within(timeout: std::time::Duration) -> ErrorReply {
+        let secs = timeout.as_secs_f32();
+        ErrorReply::proxy(
+            error_code::SERVER_ERROR,
+            &format!("no answer from Keyspaces within {secs} s"),
+        )
+    }
+
     /// What a client is told about a frame the decoder refused.
     pub fn undecodable(e: &FrameError) -> ErrorReply {
         match e {

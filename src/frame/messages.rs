@@ -93,12 +93,15 @@ fn request(version: u8, stream: i16, op: u8, body: Bytes) -> Frame {
     Frame::new(Header::request(version, stream, op), body)
 }
 
-pub fn error(version: u8, stream: i16, code: i32, message: &str) -> Frame {
+/// An ERROR as an upstream would send it, for tests; the proxy's own go through `ErrorReply`.
+#[cfg(test)]
+pub(crate) fn error(version: u8, stream: i16, code: i32, message: &str) -> Frame {
     error_with(version, stream, code, message, &[])
 }
 
-/// An ERROR whose code carries extra fields (timeouts, unavailable, unprepared).
-pub fn error_with(version: u8, stream: i16, code: i32, message: &str, extra: &[u8]) -> Frame {
+/// The encoding behind `ErrorReply` (and test upstreams): the extra fields some codes carry
+/// (timeouts, unavailable, unprepared) come already encoded.
+pub(crate) fn error_with(version: u8, stream: i16, code: i32, message: &str, extra: &[u8]) -> Frame {
     let mut b = BytesMut::with_capacity(8 + message.len() + extra.len());
     b.put_i32(code);
     b.put_string(message);

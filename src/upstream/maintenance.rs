@@ -12,7 +12,8 @@ use super::mux::MuxConn;
 use super::pool::Pool;
 use super::streams::{Pending, ReplyTo};
 use super::upkeep::{self, Action, ConnView, Limits, Rhythm};
-use crate::frame::messages::{self, error_code};
+use crate::frame::messages;
+use crate::frame::ErrorReply;
 use tokio::sync::oneshot;
 
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
@@ -143,13 +144,8 @@ impl Pool {
     fn expire_unanswered(&self, conns: &[Arc<MuxConn>]) {
         for c in conns {
             for p in c.expire(self.settings.request_timeout) {
-                let secs = self.settings.request_timeout.as_secs_f32();
-                let f = messages::error(
-                    p.request.header.protocol_version(),
-                    0,
-                    error_code::SERVER_ERROR,
-                    &format!("keyspaces-proxy: no answer from Keyspaces within {secs} s"),
-                );
+                let f = ErrorReply::no_answer_within(self.settings.request_timeout)
+                    .frame(p.request.header.protocol_version(), 0);
                 p.reply.deliver(f);
             }
         }
