@@ -9,6 +9,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use keyspaces_proxy::auth::sigv4::{signed_response, SigningParams};
 use keyspaces_proxy::frame::codec::encode_into;
 use keyspaces_proxy::frame::compression::{compressed, transcode};
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::frame::{opcode, Compression, Frame, FrameCodec, Header};
 use keyspaces_proxy::route::{Route, Router};
 use keyspaces_proxy::topology::{rewrite_result, SystemTable};
@@ -16,7 +17,7 @@ use tokio_util::codec::Decoder;
 
 fn wire(body_len: usize) -> BytesMut {
     let mut b = BytesMut::with_capacity(9 + body_len);
-    Header::response(4, 7, opcode::RESULT).write(&mut b);
+    Header::response(ProtocolVersion::V4, 7, opcode::RESULT).write(&mut b);
     let len = b.len();
     b[len - 4..].copy_from_slice(&(body_len as u32).to_be_bytes());
     b.put_bytes(0x5a, body_len);
@@ -53,7 +54,7 @@ fn codec(c: &mut Criterion) {
         });
     }
     let plain = Frame::new(
-        Header::response(4, 1, opcode::RESULT),
+        Header::response(ProtocolVersion::V4, 1, opcode::RESULT),
         Bytes::from(vec![7u8; 16 * 1024]),
     );
     let lz4 = compressed(plain.clone(), Compression::Lz4);
@@ -78,7 +79,7 @@ fn codec(c: &mut Criterion) {
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("route");
     let mut router = Router::new(
-        4,
+        ProtocolVersion::V4,
         Compression::None,
         Compression::None,
         "127.0.0.1".parse().unwrap(),
@@ -88,7 +89,10 @@ fn routing(c: &mut Criterion) {
     body.put_u16(16);
     body.put_bytes(1, 16);
     body.put_slice(&[0, 6, 0x03, 0, 1, 0, 0, 0, 4, 0, 0, 0, 1]);
-    let execute = Frame::new(Header::request(4, 3, opcode::EXECUTE), body.freeze());
+    let execute = Frame::new(
+        Header::request(ProtocolVersion::V4, 3, opcode::EXECUTE),
+        body.freeze(),
+    );
     g.bench_function("execute_request", |b| {
         b.iter(
             || match router.on_client_frame(black_box(execute.clone())) {
@@ -98,7 +102,7 @@ fn routing(c: &mut Criterion) {
         )
     });
     let result = Frame::new(
-        Header::response(4, 3, opcode::RESULT),
+        Header::response(ProtocolVersion::V4, 3, opcode::RESULT),
         Bytes::from(vec![0u8; 256]),
     );
     g.bench_function("result_response", |b| {
@@ -127,7 +131,7 @@ fn topology(c: &mut Criterion) {
     let body = Bytes::from(
         hex::decode(include_str!("../tests/data/system_local_result.hex").trim()).unwrap(),
     );
-    let header = Header::response(4, 1, opcode::RESULT);
+    let header = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
     let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     c.bench_function("system_local_rewrite", |b| {
         b.iter(|| rewrite_result(&header, black_box(&body), SystemTable::Local, None, ip).unwrap())

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use crate::admin::AdminState;
 use crate::config::{Cli, ConfigError, LogFormat};
 use crate::context::ProxyContext;
+use crate::frame::ProtocolVersion;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +209,7 @@ fn warm_upstream(ctx: &ProxyContext) {
         return;
     };
     tokio::spawn(async move {
-        match pool.group(4, None).await {
+        match pool.group(ProtocolVersion::V4, None).await {
             Ok(group) => tracing::info!(
                 upstream = %address,
                 connections = group.ready_count(),

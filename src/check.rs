@@ -12,6 +12,7 @@ use crate::config::{Cli, ConfigError, UpstreamParts};
 use crate::frame::messages::{self, consistency, error_code, ErrorInfo};
 use crate::frame::opcode;
 use crate::frame::result::Rows;
+use crate::frame::ProtocolVersion;
 use crate::upstream::{UpstreamAuth, UpstreamError, UpstreamTarget};
 
 /// A line on stdout; a closed stdout (`check | head -1`) ends the output, not the process.
@@ -228,7 +229,10 @@ async fn authentication_step(
     target: &UpstreamTarget,
     report: &mut Report,
 ) -> Option<crate::upstream::UpstreamConnection> {
-    match target.connect(4, Default::default()).await {
+    match target
+        .connect(ProtocolVersion::V4, Default::default())
+        .await
+    {
         Ok(c) => {
             report.pass(
                 "authentication",
@@ -259,7 +263,12 @@ async fn authentication_step(
 }
 
 async fn query_step(mut conn: crate::upstream::UpstreamConnection, report: &mut Report) {
-    let query = messages::query(4, 1, "SELECT * FROM system.local", consistency::LOCAL_ONE);
+    let query = messages::query(
+        ProtocolVersion::V4,
+        1,
+        "SELECT * FROM system.local",
+        consistency::LOCAL_ONE,
+    );
     let reply = async {
         conn.framed.send(query).await.ok()?;
         conn.framed.next().await?.ok()

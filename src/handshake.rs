@@ -11,8 +11,9 @@ use rustls::pki_types::CertificateDer;
 use crate::auth::certificate;
 use crate::auth::client::{bad_credentials_message, ClientAuth, Logins};
 use crate::frame::compression::decompressed;
-use crate::frame::header::is_supported_version;
+
 use crate::frame::messages::{self, error_code};
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Compression, ErrorReply, Frame};
 
 /// The largest AUTH_RESPONSE body, decompressed, worth reading: a username and a password or
@@ -49,7 +50,7 @@ pub enum Step {
 /// PLAIN credentials awaiting a check. The secret is wiped when dropped and never printed.
 #[derive(PartialEq, Eq)]
 pub struct Credentials {
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub compression: Compression,
     pub stream: i16,
     pub user: String,
@@ -66,7 +67,7 @@ impl std::fmt::Debug for Credentials {
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Accepted {
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub compression: Compression,
     pub success: Frame,
     /// The authenticated local user, if any (for logs; never the password).
@@ -77,7 +78,7 @@ pub struct Accepted {
 enum State {
     AwaitStartup,
     AwaitCredentials {
-        version: u8,
+        version: ProtocolVersion,
         compression: Compression,
     },
 }
@@ -93,7 +94,7 @@ pub struct ClientHandshake {
 }
 
 /// The SUPPORTED answer the proxy gives locally: the versions and algorithms it handles itself.
-pub fn supported(version: u8, stream: i16) -> Frame {
+pub fn supported(version: ProtocolVersion, stream: i16) -> Frame {
     messages::supported(
         version,
         stream,
@@ -105,7 +106,7 @@ pub fn supported(version: u8, stream: i16) -> Frame {
     )
 }
 
-fn protocol_error(version: u8, stream: i16, message: &str) -> Frame {
+fn protocol_error(version: ProtocolVersion, stream: i16, message: &str) -> Frame {
     ErrorReply::protocol(message.to_owned()).frame(version, stream)
 }
 
@@ -147,15 +148,14 @@ impl ClientHandshake {
 
     pub fn on_frame(&mut self, frame: &Frame) -> Step {
         let h = &frame.header;
-        let version = h.protocol_version();
-        if !is_supported_version(version) {
-            // Answer in v4, the highest version we speak: drivers parse that and downgrade.
+        let Some(version) = h.version() else {
+            // Answered in the newest version spoken: drivers parse that and downgrade.
             return Step::Reply(protocol_error(
-                4,
+                ProtocolVersion::NEWEST,
                 h.stream,
-                &messages::unsupported_version_message(version),
+                &messages::unsupported_version_message(h.protocol_version()),
             ));
-        }
+        };
         if h.is_response() {
             return Step::Close(protocol_error(
                 version,
@@ -206,7 +206,7 @@ impl ClientHandshake {
         }
     }
 
-    fn on_startup(&mut self, frame: &Frame, version: u8) -> Step {
+    fn on_startup(&mut self, frame: &Frame, version: ProtocolVersion) -> Step {
         let stream = frame.stream();
         let options = match messages::parse_startup(&frame.body) {
             Ok(o) => o,
@@ -267,7 +267,12 @@ impl ClientHandshake {
         }
     }
 
-    fn on_credentials(&mut self, frame: &Frame, version: u8, compression: Compression) -> Step {
+    fn on_credentials(
+        &mut self,
+        frame: &Frame,
+        version: ProtocolVersion,
+        compression: Compression,
+    ) -> Step {
         let stream = frame.stream();
         if matches!(
             &self.logins.auth,
@@ -357,7 +362,7 @@ mod tests {
     use crate::frame::messages::ErrorInfo;
     use crate::frame::Header;
 
-    fn startup(version: u8) -> Frame {
+    fn startup(version: ProtocolVersion) -> Frame {
         messages::startup(version, 1, &[("CQL_VERSION", "3.0.0")])
     }
 
@@ -371,7 +376,9 @@ mod tests {
     #[test]
     fn v5_is_refused_with_keyspaces_text_and_socket_kept() {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
-        let step = hs.on_frame(&messages::options(5, 0));
+        let mut v5 = messages::options(ProtocolVersion::V4, 0);
+        v5.header.version = 5;
+        let step = hs.on_frame(&v5);
         assert!(matches!(step, Step::Reply(_)));
         let e = error_of(&step);
         assert_eq!(e.code, error_code::PROTOCOL_ERROR);
@@ -379,20 +386,23 @@ mod tests {
             "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
         ));
         // Then the driver retries with v4 on the same socket.
-        assert!(matches!(hs.on_frame(&startup(4)), Step::Connect(_)));
+        assert!(matches!(
+            hs.on_frame(&startup(ProtocolVersion::V4)),
+            Step::Connect(_)
+        ));
     }
 
     #[test]
     fn no_auth_accepts_startup_with_ready() {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         let Step::Connect(a) = hs.on_frame(&messages::startup(
-            3,
+            ProtocolVersion::V3,
             9,
             &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", "lz4")],
         )) else {
             panic!()
         };
-        assert_eq!(a.version, 3);
+        assert_eq!(a.version, ProtocolVersion::V3);
         assert_eq!(a.compression, Compression::Lz4);
         assert_eq!(a.success.opcode(), opcode::READY);
         assert_eq!(a.success.stream(), 9);
@@ -405,7 +415,7 @@ mod tests {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
             ClientAuth::Password(users),
         )));
-        let Step::Reply(f) = hs.on_frame(&startup(4)) else {
+        let Step::Reply(f) = hs.on_frame(&startup(ProtocolVersion::V4)) else {
             panic!()
         };
         assert_eq!(f.opcode(), opcode::AUTHENTICATE);
@@ -415,7 +425,11 @@ mod tests {
         );
 
         // The credentials are handed to the session to check, then the outcome comes back.
-        let wrong = messages::auth_response(4, 2, &messages::plain_token("app", "nope"));
+        let wrong = messages::auth_response(
+            ProtocolVersion::V4,
+            2,
+            &messages::plain_token("app", "nope"),
+        );
         let Step::Verify(creds) = hs.on_frame(&wrong) else {
             panic!()
         };
@@ -438,7 +452,8 @@ mod tests {
         let e = error_of(&hs.verified(&creds, Err("Token lifetime exceeded.".into())));
         assert!(e.message.ends_with(": Token lifetime exceeded."));
 
-        let right = messages::auth_response(4, 3, &messages::plain_token("app", "pw"));
+        let right =
+            messages::auth_response(ProtocolVersion::V4, 3, &messages::plain_token("app", "pw"));
         let Step::Verify(creds) = hs.on_frame(&right) else {
             panic!()
         };
@@ -457,12 +472,17 @@ mod tests {
             let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
                 ClientAuth::Password(users),
             )));
-            let startup =
-                messages::startup(4, 1, &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", name)]);
+            let startup = messages::startup(
+                ProtocolVersion::V4,
+                1,
+                &[("CQL_VERSION", "3.0.0"), ("COMPRESSION", name)],
+            );
             assert!(matches!(hs.on_frame(&startup), Step::Reply(_)));
             let token = messages::plain_token("app", "pw");
-            let packed =
-                crate::frame::compression::compressed(messages::auth_response(4, 2, &token), algo);
+            let packed = crate::frame::compression::compressed(
+                messages::auth_response(ProtocolVersion::V4, 2, &token),
+                algo,
+            );
             assert!(packed.header.has_flag(crate::frame::flags::COMPRESSION));
             let Step::Verify(creds) = hs.on_frame(&packed) else {
                 panic!("{name}")
@@ -478,8 +498,8 @@ mod tests {
     fn negative_streams_are_refused_in_the_handshake_too() {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         for frame in [
-            messages::options(4, -1),
-            messages::startup(4, -5, &[("CQL_VERSION", "3.0.0")]),
+            messages::options(ProtocolVersion::V4, -1),
+            messages::startup(ProtocolVersion::V4, -5, &[("CQL_VERSION", "3.0.0")]),
         ] {
             let step = hs.on_frame(&frame);
             assert_eq!(error_of(&step).code, error_code::PROTOCOL_ERROR);
@@ -488,16 +508,19 @@ mod tests {
             };
             assert_eq!(f.stream(), frame.stream());
         }
-        assert!(matches!(hs.on_frame(&startup(4)), Step::Connect(_)));
+        assert!(matches!(
+            hs.on_frame(&startup(ProtocolVersion::V4)),
+            Step::Connect(_)
+        ));
     }
 
     #[test]
     fn requests_before_startup_get_errors() {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
-        let e = error_of(&hs.on_frame(&messages::query(4, 1, "SELECT 1", 1)));
+        let e = error_of(&hs.on_frame(&messages::query(ProtocolVersion::V4, 1, "SELECT 1", 1)));
         assert!(e.message.contains("expecting STARTUP"));
         let garbage = Frame::new(
-            Header::request(4, 1, opcode::STARTUP),
+            Header::request(ProtocolVersion::V4, 1, opcode::STARTUP),
             Bytes::from_static(&[0xff]),
         );
         assert!(matches!(hs.on_frame(&garbage), Step::Close(_)));
@@ -507,7 +530,7 @@ mod tests {
     fn response_frames_from_clients_close() {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(ClientAuth::None)));
         assert!(matches!(
-            hs.on_frame(&messages::ready(4, 1)),
+            hs.on_frame(&messages::ready(ProtocolVersion::V4, 1)),
             Step::Close(_)
         ));
     }
@@ -518,10 +541,13 @@ mod tests {
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
             ClientAuth::Password(users),
         )));
-        assert!(matches!(hs.on_frame(&startup(4)), Step::Reply(_)));
+        assert!(matches!(
+            hs.on_frame(&startup(ProtocolVersion::V4)),
+            Step::Reply(_)
+        ));
         let long = "x".repeat(1025);
         let step = hs.on_frame(&messages::auth_response(
-            4,
+            ProtocolVersion::V4,
             2,
             &messages::plain_token("app", &long),
         ));
@@ -529,7 +555,7 @@ mod tests {
         assert!(error_of(&step).message.contains("longer than 1024 bytes"));
         let ok = "x".repeat(1024);
         let step = hs.on_frame(&messages::auth_response(
-            4,
+            ProtocolVersion::V4,
             3,
             &messages::plain_token("app", &ok),
         ));

@@ -85,6 +85,7 @@ impl Drop for CloseOnDrop<'_> {
 
 #[cfg(test)]
 mod tests {
+    use crate::frame::ProtocolVersion;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -95,9 +96,9 @@ mod tests {
     fn takes_everything_in_order_and_refuses_after_close() {
         let q = FrameQueue::new();
         for s in 0..3 {
-            q.push(messages::ready(4, s)).unwrap();
+            q.push(messages::ready(ProtocolVersion::V4, s)).unwrap();
         }
-        let mut got = vec![messages::ready(4, 9)];
+        let mut got = vec![messages::ready(ProtocolVersion::V4, 9)];
         q.take_all(&mut got);
         let streams: Vec<_> = got.iter().map(|f| f.stream()).collect();
         assert_eq!(streams, [9, 0, 1, 2]);
@@ -105,13 +106,13 @@ mod tests {
         q.take_all(&mut got);
         assert!(got.is_empty());
         q.close();
-        assert!(q.push(messages::ready(4, 5)).is_err());
+        assert!(q.push(messages::ready(ProtocolVersion::V4, 5)).is_err());
     }
 
     #[tokio::test]
     async fn a_push_before_the_wait_is_not_missed() {
         let q = Arc::new(FrameQueue::new());
-        q.push(messages::ready(4, 1)).unwrap();
+        q.push(messages::ready(ProtocolVersion::V4, 1)).unwrap();
         // The wake-up was stored: this resolves at once.
         tokio::time::timeout(Duration::from_secs(5), q.notified())
             .await
@@ -130,7 +131,7 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        q.push(messages::ready(4, 2)).unwrap();
+        q.push(messages::ready(ProtocolVersion::V4, 2)).unwrap();
         let n = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken by the push")

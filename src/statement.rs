@@ -121,6 +121,7 @@ pub fn guard_consistency(frame: Frame, prepared: &PreparedCache) -> Frame {
 
 #[cfg(test)]
 mod tests {
+    use crate::frame::ProtocolVersion;
     use std::sync::Arc;
 
     use bytes::BufMut;
@@ -135,24 +136,44 @@ mod tests {
     fn raises_write_consistency_only() {
         let cache = PreparedCache::new(8);
         let q = guard_consistency(
-            messages::query(4, 1, "INSERT INTO t (a) VALUES (1)", consistency::LOCAL_ONE),
+            messages::query(
+                ProtocolVersion::V4,
+                1,
+                "INSERT INTO t (a) VALUES (1)",
+                consistency::LOCAL_ONE,
+            ),
             &cache,
         );
         assert_eq!(
             parse_query(&q.body).unwrap().consistency,
             consistency::LOCAL_QUORUM
         );
-        let r = messages::query(4, 1, "SELECT * FROM t", consistency::LOCAL_ONE);
+        let r = messages::query(
+            ProtocolVersion::V4,
+            1,
+            "SELECT * FROM t",
+            consistency::LOCAL_ONE,
+        );
         assert_eq!(guard_consistency(r.clone(), &cache), r);
         let r = guard_consistency(
-            messages::query(4, 1, "select * from t", consistency::QUORUM),
+            messages::query(
+                ProtocolVersion::V4,
+                1,
+                "select * from t",
+                consistency::QUORUM,
+            ),
             &cache,
         );
         assert_eq!(
             parse_query(&r.body).unwrap().consistency,
             consistency::LOCAL_QUORUM
         );
-        let ddl = messages::query(4, 1, "CREATE TABLE t (a int PRIMARY KEY)", consistency::ONE);
+        let ddl = messages::query(
+            ProtocolVersion::V4,
+            1,
+            "CREATE TABLE t (a int PRIMARY KEY)",
+            consistency::ONE,
+        );
         assert_eq!(guard_consistency(ddl.clone(), &cache), ddl);
     }
 
@@ -172,7 +193,7 @@ mod tests {
         b.put_u16(consistency::ONE);
         b.put_u8(0);
         let f = Frame::new(
-            crate::frame::Header::request(4, 1, opcode::EXECUTE),
+            crate::frame::Header::request(ProtocolVersion::V4, 1, opcode::EXECUTE),
             b.freeze(),
         );
         let out = guard_consistency(f, &cache);
@@ -199,7 +220,7 @@ mod tests {
         b.put_u8(0);
         let len = b.len();
         let f = Frame::new(
-            crate::frame::Header::request(4, 1, opcode::BATCH),
+            crate::frame::Header::request(ProtocolVersion::V4, 1, opcode::BATCH),
             b.freeze(),
         );
         let out = guard_consistency(f, &PreparedCache::new(1));

@@ -202,6 +202,7 @@ mod tests {
     use super::*;
     use crate::frame::header::opcode;
     use crate::frame::result::test_bodies::rows_body;
+    use crate::frame::ProtocolVersion;
 
     #[test]
     fn classifies_system_queries() {
@@ -259,7 +260,7 @@ mod tests {
 
     #[test]
     fn local_gets_proxy_address_and_keeps_the_rest() {
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let out = rewrite_result(
             &h,
             &local_body(),
@@ -286,7 +287,7 @@ mod tests {
             &[vec![Some(&[0xaa; 16]), Some(&[127, 0, 3, 1])]],
             None,
         );
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let ip: IpAddr = "127.0.2.3".parse().unwrap();
         let node = ProxyNode::new(ip, "prod");
         let out = rewrite_result(&h, &body, SystemTable::Local, None, node).unwrap();
@@ -308,7 +309,7 @@ mod tests {
 
     #[test]
     fn local_with_ipv6_proxy_address() {
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let out = rewrite_result(
             &h,
             &local_body(),
@@ -335,7 +336,7 @@ mod tests {
             &vec![vec![Some(&[127u8, 0, 1, 1][..]), Some(&[127u8, 0, 1, 1][..])]; 9],
             Some(b"more"),
         );
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let out = rewrite_result(
             &h,
             &body,
@@ -357,7 +358,7 @@ mod tests {
 
     #[test]
     fn rewrites_captured_server_bodies() {
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let local = captured(include_str!("../tests/data/system_local_result.hex"));
         let out = rewrite_result(
             &h,
@@ -405,7 +406,7 @@ mod tests {
 
     #[test]
     fn non_rows_results_pass_through() {
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let body = Bytes::from_static(&[0, 0, 0, 1]);
         assert_eq!(
             rewrite_result(
@@ -433,7 +434,7 @@ mod tests {
             name: "rpc_address".into(),
             type_id: TYPE_INET,
         }];
-        let h = Header::response(4, 1, opcode::RESULT);
+        let h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         let out = rewrite_result(
             &h,
             &b.freeze(),

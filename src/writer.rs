@@ -153,6 +153,7 @@ pub async fn write_frames_counted<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use crate::frame::ProtocolVersion;
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
 
@@ -164,9 +165,13 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let task = tokio::spawn(write_frames(rx, a));
-        let big = messages::result_void(4, 2);
+        let big = messages::result_void(ProtocolVersion::V4, 2);
         let big = Frame::new(big.header, Bytes::from(vec![7u8; 40_000]));
-        let frames = [messages::ready(4, 1), big, messages::ready(4, 3)];
+        let frames = [
+            messages::ready(ProtocolVersion::V4, 1),
+            big,
+            messages::ready(ProtocolVersion::V4, 3),
+        ];
         let mut expected = Vec::new();
         for f in &frames {
             expected.extend_from_slice(&f.to_bytes());
@@ -183,7 +188,7 @@ mod tests {
     async fn buffer_takes_small_frames_only_and_keeps_the_order_with_push() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let mut w = FrameWriter::new(a, None);
-        let small = messages::ready(4, 1);
+        let small = messages::ready(ProtocolVersion::V4, 1);
         let big = Frame::new(small.header, Bytes::from(vec![7u8; DIRECT_WRITE_MIN]));
         assert!(w.buffer(&small));
         assert!(

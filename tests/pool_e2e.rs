@@ -16,6 +16,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use keyspaces_emulator::SigV4Key;
 use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use serde_json::Value;
@@ -665,7 +666,7 @@ async fn warm_pool_answers_startup_without_an_upstream_round_trip() {
     let emu = emulator(dir.path(), |_| {}).await;
     let (addr, pool) = proxy_with_pool(&emu, ProxyOptions::for_emulator(&emu)).await;
     let pool = pool.unwrap();
-    pool.group(4, None).await.unwrap();
+    pool.group(ProtocolVersion::V4, None).await.unwrap();
     let connects = || events_of(&emu.events.snapshot(), "connect").count();
     let before = connects();
     for _ in 0..5 {

@@ -16,6 +16,7 @@ use common::cql::{consistency, opcode, Frame};
 use common::*;
 use keyspaces_emulator::SigV4Key;
 use keyspaces_proxy::auth::credentials::CredentialCache;
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::upstream::pool::PoolSettings;
 use keyspaces_proxy::upstream::UpstreamAuth;
 use serde_json::Value;
@@ -81,7 +82,10 @@ async fn idle_connections_are_heartbeaten_and_a_silent_one_is_replaced() {
         ..PoolSettings::default()
     });
     let (_addr, pool) = proxy_with_pool(&emu, opts).await;
-    pool.unwrap().group(4, None).await.unwrap();
+    pool.unwrap()
+        .group(ProtocolVersion::V4, None)
+        .await
+        .unwrap();
     wait_until("two connections authenticated", || {
         authenticated(&emu).len() >= 2
     })

@@ -10,6 +10,7 @@ use keyspaces_emulator::wire::request::decode;
 use keyspaces_proxy::frame::header::flags::CUSTOM_PAYLOAD;
 use keyspaces_proxy::frame::messages::message_body;
 use keyspaces_proxy::frame::validate::validate_request;
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::frame::{opcode, Header};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -119,7 +120,7 @@ fn whatever_the_validator_forwards_a_strict_server_can_decode() {
     for (op, body) in &seeds {
         for version in [3, 4] {
             assert!(
-                validate_request(version, *op, body).is_ok(),
+                validate_request(ProtocolVersion::from_wire(version).unwrap(), *op, body).is_ok(),
                 "seed {op:#x} v{version}"
             );
             assert!(
@@ -131,7 +132,8 @@ fn whatever_the_validator_forwards_a_strict_server_can_decode() {
     for _ in 0..200_000 {
         let (op, seed) = &seeds[rng.random_range(0..seeds.len())];
         let version = rng.random_range(3..=4u8);
-        let mut header = Header::request(version, 1, *op);
+        let spoken = ProtocolVersion::from_wire(version).unwrap();
+        let mut header = Header::request(spoken, 1, *op);
         let mut body = Vec::new();
         // A custom payload in front, announced by the header (v4 only, per the spec).
         if rng.random_range(0..4) == 0 {
@@ -140,8 +142,8 @@ fn whatever_the_validator_forwards_a_strict_server_can_decode() {
         }
         body.extend_from_slice(seed);
         mutate(&mut rng, &mut body);
-        let forwarded = message_body(&header, &body)
-            .and_then(|message| validate_request(version, *op, message));
+        let forwarded =
+            message_body(&header, &body).and_then(|message| validate_request(spoken, *op, message));
         if forwarded.is_ok() {
             accepted += 1;
             if let Err(e) = decode(version, header.flags, *op, &body) {

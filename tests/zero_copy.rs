@@ -5,6 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{BufMut, BytesMut};
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::frame::{opcode, FrameCodec, Header};
 use keyspaces_proxy::writer::write_frames;
 use tokio_util::codec::Decoder;
@@ -37,7 +38,7 @@ fn one_mib_result_is_forwarded_without_copying_its_body() {
         .build()
         .unwrap();
     let mut wire = BytesMut::with_capacity(9 + BODY);
-    let mut h = Header::response(4, 1, opcode::RESULT);
+    let mut h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
     h.length = BODY as u32;
     h.write(&mut wire);
     wire.put_bytes(0x42, BODY);

@@ -27,6 +27,6 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(rows) = Rows::parse(body) {
             let _ = rows.cells();
         }
-        let _ = Prepared::parse(body, frame.header.protocol_version());
+        let _ = Prepared::parse(body, frame.header.answer_version());
     }
 });

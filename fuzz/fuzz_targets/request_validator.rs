@@ -5,6 +5,7 @@
 use keyspaces_proxy::frame::opcode;
 use keyspaces_proxy::frame::request::{parse_execute, parse_prepare, parse_query};
 use keyspaces_proxy::frame::validate::validate_request;
+use keyspaces_proxy::frame::ProtocolVersion;
 use libfuzzer_sys::fuzz_target;
 
 const OPCODES: [u8; 6] = [
@@ -20,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((selector, body)) = data.split_first() else {
         return;
     };
-    let version = 3 + (selector & 1);
+    let version = if selector & 1 == 0 {
+        ProtocolVersion::V3
+    } else {
+        ProtocolVersion::V4
+    };
     let op = OPCODES[usize::from(selector >> 1) % OPCODES.len()];
     if validate_request(version, op, body).is_ok() {
         match op {

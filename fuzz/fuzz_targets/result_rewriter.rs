@@ -6,10 +6,11 @@ use keyspaces_proxy::frame::result::ColumnSpec;
 use keyspaces_proxy::frame::{opcode, Header};
 use keyspaces_proxy::topology::{rewrite_result, SystemTable};
 use libfuzzer_sys::fuzz_target;
+use keyspaces_proxy::frame::ProtocolVersion;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, body)) = data.split_first() else { return };
-    let mut header = Header::response(4, 1, opcode::RESULT);
+    let mut header = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
     header.flags = flags & 0x0e; // tracing, custom payload, warning (never compression here)
     let body = Bytes::copy_from_slice(body);
     let hint = [ColumnSpec { name: "rpc_address".into(), type_id: 0x0010 }];

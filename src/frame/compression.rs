@@ -146,10 +146,11 @@ pub fn transcode(
 mod tests {
     use super::*;
     use crate::frame::header::{opcode, Header};
+    use crate::frame::ProtocolVersion;
 
     fn result_frame(body: &[u8]) -> Frame {
         Frame::new(
-            Header::response(4, 3, opcode::RESULT),
+            Header::response(ProtocolVersion::V4, 3, opcode::RESULT),
             Bytes::copy_from_slice(body),
         )
     }

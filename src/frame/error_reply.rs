@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::codec::{Frame, FrameError};
 use super::messages::{self, error_code, unsupported_version_message};
 use super::types::WriteExt;
+use super::version::ProtocolVersion;
 
 /// Said before the proxy's own words, so an operator reading a driver's log knows the error
 /// came from the proxy and not from Keyspaces.
@@ -111,7 +112,7 @@ impl ErrorReply {
     }
 
     /// The ERROR frame answering `stream` in protocol `version`.
-    pub fn frame(&self, version: u8, stream: i16) -> Frame {
+    pub fn frame(&self, version: ProtocolVersion, stream: i16) -> Frame {
         messages::error_with(version, stream, self.code, &self.message, &self.extra)
     }
 }
@@ -127,13 +128,13 @@ mod tests {
 
     #[test]
     fn the_proxys_words_are_marked_and_cassandras_are_not() {
-        let f = ErrorReply::unavailable("no upstream capacity").frame(4, 9);
+        let f = ErrorReply::unavailable("no upstream capacity").frame(ProtocolVersion::V4, 9);
         assert_eq!(f.stream(), 9);
         assert_eq!(f.header.protocol_version(), 4);
         let e = info(&f);
         assert_eq!(e.code, error_code::OVERLOADED);
         assert_eq!(e.message, "keyspaces-proxy: no upstream capacity");
-        let e = info(&ErrorReply::protocol("Invalid message").frame(3, 1));
+        let e = info(&ErrorReply::protocol("Invalid message").frame(ProtocolVersion::V3, 1));
         assert_eq!(e.code, error_code::PROTOCOL_ERROR);
         assert_eq!(e.message, "Invalid message");
     }

@@ -2,6 +2,7 @@
 //!
 //! The proxy routes on the header alone; bodies stay opaque `Bytes` unless a handler asks for them.
 
+use super::version::ProtocolVersion;
 use bytes::{Buf, BufMut};
 
 pub const HEADER_LEN: usize = 9;
@@ -68,11 +69,6 @@ pub mod opcode {
     }
 }
 
-/// The versions both Keyspaces and the proxy speak.
-pub fn is_supported_version(version: u8) -> bool {
-    matches!(version, 3 | 4)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     /// The raw version byte, direction bit included.
@@ -85,9 +81,9 @@ pub struct Header {
 }
 
 impl Header {
-    pub fn request(version: u8, stream: i16, opcode: u8) -> Self {
+    pub fn request(version: ProtocolVersion, stream: i16, opcode: u8) -> Self {
         Header {
-            version: version & !RESPONSE_BIT,
+            version: version.wire(),
             flags: 0,
             stream,
             opcode,
@@ -95,9 +91,9 @@ impl Header {
         }
     }
 
-    pub fn response(version: u8, stream: i16, opcode: u8) -> Self {
+    pub fn response(version: ProtocolVersion, stream: i16, opcode: u8) -> Self {
         Header {
-            version: version | RESPONSE_BIT,
+            version: version.wire() | RESPONSE_BIT,
             flags: 0,
             stream,
             opcode,
@@ -105,9 +101,20 @@ impl Header {
         }
     }
 
-    /// The protocol version without the direction bit.
+    /// The protocol version without the direction bit, as the peer sent it.
     pub fn protocol_version(&self) -> u8 {
         self.version & !RESPONSE_BIT
+    }
+
+    /// The version an answer to this frame is written in: its own if spoken here, else the
+    /// nearest one spoken (a peer that sent an unusable frame still gets a readable error).
+    pub fn answer_version(&self) -> ProtocolVersion {
+        ProtocolVersion::nearest(self.protocol_version())
+    }
+
+    /// The version, if it is one spoken here.
+    pub fn version(&self) -> Option<ProtocolVersion> {
+        ProtocolVersion::from_wire(self.protocol_version())
     }
 
     pub fn is_response(&self) -> bool {

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::codec::Frame;
 use super::header::{flags, opcode, Header};
 use super::types::{BodyError, BodyResult, Reader, WriteExt};
+use super::version::ProtocolVersion;
 
 /// Error codes (spec §9) that the proxy or the emulator produce or react to.
 pub mod error_code {
@@ -85,23 +86,29 @@ pub fn unsupported_version_message(version: u8) -> String {
 
 pub const PASSWORD_AUTHENTICATOR: &str = "org.apache.cassandra.auth.PasswordAuthenticator";
 
-fn response(version: u8, stream: i16, op: u8, body: Bytes) -> Frame {
+fn response(version: ProtocolVersion, stream: i16, op: u8, body: Bytes) -> Frame {
     Frame::new(Header::response(version, stream, op), body)
 }
 
-fn request(version: u8, stream: i16, op: u8, body: Bytes) -> Frame {
+fn request(version: ProtocolVersion, stream: i16, op: u8, body: Bytes) -> Frame {
     Frame::new(Header::request(version, stream, op), body)
 }
 
 /// An ERROR as an upstream would send it, for tests; the proxy's own go through `ErrorReply`.
 #[cfg(test)]
-pub(crate) fn error(version: u8, stream: i16, code: i32, message: &str) -> Frame {
+pub(crate) fn error(version: ProtocolVersion, stream: i16, code: i32, message: &str) -> Frame {
     error_with(version, stream, code, message, &[])
 }
 
 /// The encoding behind `ErrorReply` (and test upstreams): the extra fields some codes carry
 /// (timeouts, unavailable, unprepared) come already encoded.
-pub(crate) fn error_with(version: u8, stream: i16, code: i32, message: &str, extra: &[u8]) -> Frame {
+pub(crate) fn error_with(
+    version: ProtocolVersion,
+    stream: i16,
+    code: i32,
+    message: &str,
+    extra: &[u8],
+) -> Frame {
     let mut b = BytesMut::with_capacity(8 + message.len() + extra.len());
     b.put_i32(code);
     b.put_string(message);
@@ -109,35 +116,35 @@ pub(crate) fn error_with(version: u8, stream: i16, code: i32, message: &str, ext
     response(version, stream, opcode::ERROR, b.freeze())
 }
 
-pub fn ready(version: u8, stream: i16) -> Frame {
+pub fn ready(version: ProtocolVersion, stream: i16) -> Frame {
     response(version, stream, opcode::READY, Bytes::new())
 }
 
-pub fn supported(version: u8, stream: i16, options: &[(&str, &[&str])]) -> Frame {
+pub fn supported(version: ProtocolVersion, stream: i16, options: &[(&str, &[&str])]) -> Frame {
     let mut b = BytesMut::new();
     b.put_string_multimap(options);
     response(version, stream, opcode::SUPPORTED, b.freeze())
 }
 
-pub fn authenticate(version: u8, stream: i16, authenticator: &str) -> Frame {
+pub fn authenticate(version: ProtocolVersion, stream: i16, authenticator: &str) -> Frame {
     let mut b = BytesMut::new();
     b.put_string(authenticator);
     response(version, stream, opcode::AUTHENTICATE, b.freeze())
 }
 
-pub fn auth_challenge(version: u8, stream: i16, token: Option<&[u8]>) -> Frame {
+pub fn auth_challenge(version: ProtocolVersion, stream: i16, token: Option<&[u8]>) -> Frame {
     let mut b = BytesMut::new();
     b.put_bytes_value(token);
     response(version, stream, opcode::AUTH_CHALLENGE, b.freeze())
 }
 
-pub fn auth_success(version: u8, stream: i16, token: Option<&[u8]>) -> Frame {
+pub fn auth_success(version: ProtocolVersion, stream: i16, token: Option<&[u8]>) -> Frame {
     let mut b = BytesMut::new();
     b.put_bytes_value(token);
     response(version, stream, opcode::AUTH_SUCCESS, b.freeze())
 }
 
-pub fn result_void(version: u8, stream: i16) -> Frame {
+pub fn result_void(version: ProtocolVersion, stream: i16) -> Frame {
     response(
         version,
         stream,
@@ -146,31 +153,31 @@ pub fn result_void(version: u8, stream: i16) -> Frame {
     )
 }
 
-pub fn result_set_keyspace(version: u8, stream: i16, keyspace: &str) -> Frame {
+pub fn result_set_keyspace(version: ProtocolVersion, stream: i16, keyspace: &str) -> Frame {
     let mut b = BytesMut::new();
     b.put_i32(3);
     b.put_string(keyspace);
     response(version, stream, opcode::RESULT, b.freeze())
 }
 
-pub fn startup(version: u8, stream: i16, options: &[(&str, &str)]) -> Frame {
+pub fn startup(version: ProtocolVersion, stream: i16, options: &[(&str, &str)]) -> Frame {
     let mut b = BytesMut::new();
     b.put_string_map(options);
     request(version, stream, opcode::STARTUP, b.freeze())
 }
 
-pub fn options(version: u8, stream: i16) -> Frame {
+pub fn options(version: ProtocolVersion, stream: i16) -> Frame {
     request(version, stream, opcode::OPTIONS, Bytes::new())
 }
 
-pub fn auth_response(version: u8, stream: i16, token: &[u8]) -> Frame {
+pub fn auth_response(version: ProtocolVersion, stream: i16, token: &[u8]) -> Frame {
     let mut b = BytesMut::new();
     b.put_bytes_value(Some(token));
     request(version, stream, opcode::AUTH_RESPONSE, b.freeze())
 }
 
 /// A QUERY with no values at the given consistency (heartbeats, tests, `check`).
-pub fn query(version: u8, stream: i16, cql: &str, consistency: u16) -> Frame {
+pub fn query(version: ProtocolVersion, stream: i16, cql: &str, consistency: u16) -> Frame {
     let mut b = BytesMut::new();
     b.put_long_string(cql);
     b.put_u16(consistency);
@@ -179,7 +186,7 @@ pub fn query(version: u8, stream: i16, cql: &str, consistency: u16) -> Frame {
 }
 
 /// A PREPARE of `cql` (re-preparing after UNPREPARED; the load tool).
-pub fn prepare(version: u8, stream: i16, cql: &str) -> Frame {
+pub fn prepare(version: ProtocolVersion, stream: i16, cql: &str) -> Frame {
     let mut b = BytesMut::new();
     b.put_long_string(cql);
     request(version, stream, opcode::PREPARE, b.freeze())
@@ -200,7 +207,9 @@ fn prefixed_message_body<'a>(header: &Header, body: &'a [u8]) -> BodyResult<&'a 
     // v3 has neither (Cassandra refuses a v3 frame flagged with a custom payload): a v3 peer
     // setting them means something else by the bytes, which must not be read, or forwarded, as
     // if it did.
-    if header.protocol_version() < 4 && header.flags & (flags::CUSTOM_PAYLOAD | flags::WARNING) != 0
+    let spoken = ProtocolVersion::nearest(header.protocol_version());
+    if !spoken.has_payloads_and_warnings()
+        && header.flags & (flags::CUSTOM_PAYLOAD | flags::WARNING) != 0
     {
         return Err(BodyError::Invalid(
             "custom payload and warning flags need protocol v4",
@@ -279,7 +288,7 @@ mod tests {
 
     #[test]
     fn error_frame_layout() {
-        let f = error(4, 7, error_code::PROTOCOL_ERROR, "x");
+        let f = error(ProtocolVersion::V4, 7, error_code::PROTOCOL_ERROR, "x");
         assert_eq!(
             hex::encode(f.to_bytes()),
             "8400000700000000070000000a000178"
@@ -310,7 +319,7 @@ mod tests {
         b.put_slice(&[9; 16]);
         b.put_string_list(&["careful"]);
         b.put_i32(1);
-        let mut h = Header::response(4, 1, opcode::RESULT);
+        let mut h = Header::response(ProtocolVersion::V4, 1, opcode::RESULT);
         h.flags = flags::TRACING | flags::WARNING;
         assert_eq!(message_body(&h, &b).unwrap(), &[0, 0, 0, 1]);
     }

@@ -10,8 +10,10 @@ pub mod request;
 pub mod result;
 pub mod types;
 pub mod validate;
+pub mod version;
 
 pub use codec::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 pub use compression::Compression;
 pub use error_reply::ErrorReply;
 pub use header::{flags, opcode, Header};
+pub use version::ProtocolVersion;

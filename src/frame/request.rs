@@ -56,10 +56,11 @@ pub fn parse_execute(body: &[u8]) -> BodyResult<ExecutePrefix<'_>> {
 mod tests {
     use super::*;
     use crate::frame::messages;
+    use crate::frame::ProtocolVersion;
 
     #[test]
     fn query_prefix() {
-        let f = messages::query(4, 1, "SELECT * FROM system.local", 6);
+        let f = messages::query(ProtocolVersion::V4, 1, "SELECT * FROM system.local", 6);
         let q = parse_query(&f.body).unwrap();
         assert_eq!(q.text, "SELECT * FROM system.local");
         assert_eq!(q.consistency, 6);

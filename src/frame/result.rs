@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use super::types::{BodyError, BodyResult, Reader};
+use super::version::ProtocolVersion;
 
 pub mod kind {
     pub const VOID: i32 = 1;
@@ -182,19 +183,16 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn parse(body: &[u8], version: u8) -> BodyResult<Prepared> {
+    pub fn parse(body: &[u8], version: ProtocolVersion) -> BodyResult<Prepared> {
         let mut r = Reader::new(body);
         if r.i32()? != kind::PREPARED {
             return Err(BodyError::Invalid("not a PREPARED result"));
         }
         let id = Bytes::copy_from_slice(r.short_bytes()?);
-        if version >= 5 {
-            r.short_bytes()?;
-        }
         // Prepared (bind variable) metadata.
         let flags = r.i32()?;
         let count = r.i32()?;
-        if version >= 4 {
+        if version.has_prepared_key_indexes() {
             let pk_count = r.i32()?;
             for _ in 0..pk_count.max(0) {
                 r.u16()?;
@@ -298,7 +296,7 @@ mod tests {
         b.put_string("local");
         b.put_string("rpc_address");
         b.put_u16(TYPE_INET);
-        let p = Prepared::parse(&b, 4).unwrap();
+        let p = Prepared::parse(&b, ProtocolVersion::V4).unwrap();
         assert_eq!(&p.id[..], &[1, 2, 3]);
         assert_eq!(p.result_columns.unwrap()[0].name, "rpc_address");
     }

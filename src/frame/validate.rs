@@ -11,6 +11,7 @@
 
 use super::header::opcode;
 use super::types::{BodyError, BodyResult, Reader};
+use super::version::ProtocolVersion;
 
 /// Query parameter flags (§4.1.4).
 mod query_flags {
@@ -58,18 +59,18 @@ fn timestamp(r: &mut Reader<'_>) -> BodyResult<()> {
     Ok(())
 }
 
-fn value(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
+fn value(r: &mut Reader<'_>, version: ProtocolVersion) -> BodyResult<()> {
     let n = r.i32()?;
     match n {
         0.. => r.take(n as usize, "value").map(|_| ()),
         -1 => Ok(()),
-        -2 if version >= 4 => Ok(()),
-        _ if version < 4 => Ok(()),
+        -2 if version.has_unset_values() => Ok(()),
+        _ if !version.has_unset_values() => Ok(()),
         _ => Err(invalid("value length below -2")),
     }
 }
 
-fn values(r: &mut Reader<'_>, version: u8, named: bool) -> BodyResult<()> {
+fn values(r: &mut Reader<'_>, version: ProtocolVersion, named: bool) -> BodyResult<()> {
     let n = r.u16()?;
     for _ in 0..n {
         if named {
@@ -81,7 +82,7 @@ fn values(r: &mut Reader<'_>, version: u8, named: bool) -> BodyResult<()> {
 }
 
 /// `<consistency><flags>[values][page size][paging state][serial consistency][timestamp]`.
-fn query_parameters(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
+fn query_parameters(r: &mut Reader<'_>, version: ProtocolVersion) -> BodyResult<()> {
     use query_flags::*;
     consistency(r)?;
     let flags = r.u8()?;
@@ -106,7 +107,7 @@ fn query_parameters(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
     Ok(())
 }
 
-fn batch(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
+fn batch(r: &mut Reader<'_>, version: ProtocolVersion) -> BodyResult<()> {
     if r.u8()? > 2 {
         return Err(invalid("unknown batch type"));
     }
@@ -140,7 +141,7 @@ fn batch(r: &mut Reader<'_>, version: u8) -> BodyResult<()> {
 
 /// Checks the message body of a request (after any custom payload; uncompressed). Opcodes the
 /// proxy never forwards pass: the router answers them itself.
-pub fn validate_request(version: u8, op: u8, body: &[u8]) -> BodyResult<()> {
+pub fn validate_request(version: ProtocolVersion, op: u8, body: &[u8]) -> BodyResult<()> {
     let mut r = Reader::new(body);
     match op {
         opcode::QUERY => {
@@ -177,11 +178,11 @@ mod tests {
     use crate::frame::messages;
     use crate::frame::types::WriteExt;
 
-    fn ok(version: u8, op: u8, body: &[u8]) {
+    fn ok(version: ProtocolVersion, op: u8, body: &[u8]) {
         assert_eq!(validate_request(version, op, body), Ok(()), "{body:02x?}");
     }
 
-    fn bad(version: u8, op: u8, body: &[u8]) {
+    fn bad(version: ProtocolVersion, op: u8, body: &[u8]) {
         assert!(
             validate_request(version, op, body).is_err(),
             "accepted {body:02x?}"
@@ -200,9 +201,9 @@ mod tests {
 
     #[test]
     fn the_proxys_own_messages_are_valid() {
-        let q = messages::query(4, 1, "SELECT * FROM system.local", 6);
-        ok(4, opcode::QUERY, &q.body);
-        ok(4, opcode::OPTIONS, &[]);
+        let q = messages::query(ProtocolVersion::V4, 1, "SELECT * FROM system.local", 6);
+        ok(ProtocolVersion::V4, opcode::QUERY, &q.body);
+        ok(ProtocolVersion::V4, opcode::OPTIONS, &[]);
     }
 
     #[test]
@@ -215,12 +216,16 @@ mod tests {
             &(-2i32).to_be_bytes(),
         ]
         .concat();
-        ok(4, opcode::QUERY, &query(0x01, &vals));
-        ok(3, opcode::QUERY, &query(0x01, &vals));
+        ok(ProtocolVersion::V4, opcode::QUERY, &query(0x01, &vals));
+        ok(ProtocolVersion::V3, opcode::QUERY, &query(0x01, &vals));
         // named values
         let named = [&[0, 1, 0, 1, b'k'][..], &[0, 0, 0, 1, 9]].concat();
-        ok(4, opcode::QUERY, &query(0x41, &named));
-        bad(4, opcode::QUERY, &query(0x01, &named[2..]));
+        ok(ProtocolVersion::V4, opcode::QUERY, &query(0x41, &named));
+        bad(
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &query(0x01, &named[2..]),
+        );
         // page size, paging state, serial consistency, timestamp, all at once
         let tail = [
             &5000i32.to_be_bytes()[..],
@@ -229,59 +234,83 @@ mod tests {
             &1_700_000_000_000_000i64.to_be_bytes(),
         ]
         .concat();
-        ok(4, opcode::QUERY, &query(0x3c, &tail));
+        ok(ProtocolVersion::V4, opcode::QUERY, &query(0x3c, &tail));
         for cut in 0..tail.len() {
-            bad(4, opcode::QUERY, &query(0x3c, &tail[..cut]));
+            bad(
+                ProtocolVersion::V4,
+                opcode::QUERY,
+                &query(0x3c, &tail[..cut]),
+            );
         }
-        bad(4, opcode::QUERY, &query(0x3c, &[&tail[..], &[0]].concat()));
+        bad(
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &query(0x3c, &[&tail[..], &[0]].concat()),
+        );
     }
 
     #[test]
     fn malformed_queries_are_refused() {
-        bad(4, opcode::QUERY, &query(0x80, &[])); // unknown flag
-        bad(4, opcode::QUERY, &query(0x00, &[0])); // trailing byte
-        bad(4, opcode::QUERY, &query(0x04, &0i32.to_be_bytes())); // page size 0
-        bad(4, opcode::QUERY, &query(0x20, &i64::MIN.to_be_bytes()));
-        bad(4, opcode::QUERY, &query(0x10, &[0, 0x0b])); // unknown serial consistency
+        bad(ProtocolVersion::V4, opcode::QUERY, &query(0x80, &[])); // unknown flag
+        bad(ProtocolVersion::V4, opcode::QUERY, &query(0x00, &[0])); // trailing byte
         bad(
-            4,
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &query(0x04, &0i32.to_be_bytes()),
+        ); // page size 0
+        bad(
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &query(0x20, &i64::MIN.to_be_bytes()),
+        );
+        bad(ProtocolVersion::V4, opcode::QUERY, &query(0x10, &[0, 0x0b])); // unknown serial consistency
+        bad(
+            ProtocolVersion::V4,
             opcode::QUERY,
             &query(0x01, &[&[0, 1][..], &(-3i32).to_be_bytes()].concat()),
         );
         // v3 reads any negative length as null
         ok(
-            3,
+            ProtocolVersion::V3,
             opcode::QUERY,
             &query(0x01, &[&[0, 1][..], &(-3i32).to_be_bytes()].concat()),
         );
         // [long string "SELECT 1"] is 12 bytes; the consistency's low byte is at 13.
         let mut q = query(0, &[]);
         q[13] = 0; // ANY is fine...
-        ok(4, opcode::QUERY, &q);
+        ok(ProtocolVersion::V4, opcode::QUERY, &q);
         q[13] = 0x0b; // ...0x000b is no consistency level
-        bad(4, opcode::QUERY, &q);
-        bad(4, opcode::QUERY, &[0, 0, 0, 2, 0xff, 0xfe, 0, 6, 0]); // invalid UTF-8
-        bad(4, opcode::QUERY, &[0xff, 0xff, 0xff, 0xff]); // negative text length
-        bad(4, opcode::QUERY, &[]);
+        bad(ProtocolVersion::V4, opcode::QUERY, &q);
+        bad(
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &[0, 0, 0, 2, 0xff, 0xfe, 0, 6, 0],
+        ); // invalid UTF-8
+        bad(
+            ProtocolVersion::V4,
+            opcode::QUERY,
+            &[0xff, 0xff, 0xff, 0xff],
+        ); // negative text length
+        bad(ProtocolVersion::V4, opcode::QUERY, &[]);
     }
 
     #[test]
     fn execute_prepare_register() {
         let mut e = vec![0, 2, 0xab, 0xcd, 0, 6, 0x01, 0, 1, 0, 0, 0, 1, 7];
-        ok(4, opcode::EXECUTE, &e);
+        ok(ProtocolVersion::V4, opcode::EXECUTE, &e);
         e.push(0);
-        bad(4, opcode::EXECUTE, &e);
-        bad(4, opcode::EXECUTE, &[0, 0, 0, 6, 0]); // empty id
+        bad(ProtocolVersion::V4, opcode::EXECUTE, &e);
+        bad(ProtocolVersion::V4, opcode::EXECUTE, &[0, 0, 0, 6, 0]); // empty id
         let mut p = BytesMut::new();
         p.put_long_string("SELECT * FROM t WHERE k = ?");
-        ok(4, opcode::PREPARE, &p);
+        ok(ProtocolVersion::V4, opcode::PREPARE, &p);
         p.put_u8(0);
-        bad(4, opcode::PREPARE, &p);
+        bad(ProtocolVersion::V4, opcode::PREPARE, &p);
         let r = [&[0, 1, 0, 15][..], b"SCHEMA_CHANGE"].concat();
-        bad(4, opcode::REGISTER, &r);
+        bad(ProtocolVersion::V4, opcode::REGISTER, &r);
         let r = [&[0, 1, 0, 13][..], b"SCHEMA_CHANGE"].concat();
-        ok(4, opcode::REGISTER, &r);
-        bad(4, opcode::OPTIONS, &[0]);
+        ok(ProtocolVersion::V4, opcode::REGISTER, &r);
+        bad(ProtocolVersion::V4, opcode::OPTIONS, &[0]);
     }
 
     #[test]
@@ -302,24 +331,24 @@ mod tests {
         b.put_u16(6);
         let entries = b.to_vec();
         let with = |flags: u8, tail: &[u8]| [&entries[..], &[flags], tail].concat();
-        ok(4, opcode::BATCH, &with(0, &[]));
+        ok(ProtocolVersion::V4, opcode::BATCH, &with(0, &[]));
         ok(
-            4,
+            ProtocolVersion::V4,
             opcode::BATCH,
             &with(0x30, &[&[0, 8][..], &7i64.to_be_bytes()].concat()),
         );
-        bad(4, opcode::BATCH, &with(0x40, &[])); // names: unsupported
-        bad(4, opcode::BATCH, &with(0x01, &[]));
-        bad(4, opcode::BATCH, &with(0, &[1]));
-        bad(3, opcode::BATCH, &with(0x20, &[0; 7]));
+        bad(ProtocolVersion::V4, opcode::BATCH, &with(0x40, &[])); // names: unsupported
+        bad(ProtocolVersion::V4, opcode::BATCH, &with(0x01, &[]));
+        bad(ProtocolVersion::V4, opcode::BATCH, &with(0, &[1]));
+        bad(ProtocolVersion::V3, opcode::BATCH, &with(0x20, &[0; 7]));
         let mut wrong_type = with(0, &[]);
         wrong_type[0] = 3;
-        bad(4, opcode::BATCH, &wrong_type);
+        bad(ProtocolVersion::V4, opcode::BATCH, &wrong_type);
         let mut wrong_kind = with(0, &[]);
         wrong_kind[3] = 2;
-        bad(4, opcode::BATCH, &wrong_kind);
+        bad(ProtocolVersion::V4, opcode::BATCH, &wrong_kind);
         for cut in 0..entries.len() {
-            bad(4, opcode::BATCH, &entries[..cut]);
+            bad(ProtocolVersion::V4, opcode::BATCH, &entries[..cut]);
         }
     }
 }

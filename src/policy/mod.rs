@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::frame::messages::{error_code, ErrorInfo};
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Frame};
 use crate::metrics::{metrics, ErrorCode, Metrics};
 
@@ -22,7 +23,7 @@ pub use self::reprepare::unprepared_id;
 /// bodies are written in and the keyspace its unqualified table names resolve against.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Scope<'a> {
-    pub(crate) version: u8,
+    pub(crate) version: ProtocolVersion,
     pub(crate) keyspace: Option<&'a Arc<str>>,
 }
 

@@ -10,6 +10,7 @@ use super::CqlPolicy;
 use crate::frame::messages::{self, error_code, message_body};
 use crate::frame::result::Prepared;
 use crate::frame::types::Reader;
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Frame};
 
 /// Whether an ERROR with `code`, answering a request of opcode `request_op` already retried
@@ -30,13 +31,13 @@ pub(crate) struct Reprepare {
 
 impl Reprepare {
     /// The PREPARE to send, on a connection of the statement's keyspace.
-    pub(crate) fn prepare(&self, version: u8) -> Frame {
+    pub(crate) fn prepare(&self, version: ProtocolVersion) -> Frame {
         messages::prepare(version, 0, &self.statement.query)
     }
 
     /// Whether `reply` to that PREPARE gave the statement its id back: the retried request names
     /// the id, so any other answer leaves it as unprepared as before.
-    pub(crate) fn is_done_by(&self, reply: &Frame, version: u8) -> bool {
+    pub(crate) fn is_done_by(&self, reply: &Frame, version: ProtocolVersion) -> bool {
         reply.opcode() == opcode::RESULT
             && Prepared::parse(&reply.body, version).is_ok_and(|p| p.id == self.id)
     }

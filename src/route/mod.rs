@@ -16,6 +16,7 @@ use crate::frame::messages::{self, consistency, error_code, message_body};
 use crate::frame::request::{parse_execute, parse_prepare, parse_query};
 use crate::frame::result::{kind, result_kind, ColumnSpec, Prepared};
 use crate::frame::validate::validate_request;
+use crate::frame::ProtocolVersion;
 use crate::frame::{Compression, ErrorReply, Frame};
 use crate::handshake;
 use crate::policy::prepared::{PreparedCache, SystemStatement};
@@ -48,7 +49,7 @@ enum Pending {
 
 #[derive(Debug)]
 pub struct Router {
-    version: u8,
+    version: ProtocolVersion,
     client_compression: Compression,
     upstream_compression: Compression,
     node: ProxyNode,
@@ -95,7 +96,7 @@ impl RecentStatements {
 
 impl Router {
     pub fn new(
-        version: u8,
+        version: ProtocolVersion,
         client_compression: Compression,
         upstream_compression: Compression,
         proxy_address: IpAddr,
@@ -151,11 +152,11 @@ impl Router {
 
     pub fn on_client_frame(&mut self, frame: Frame) -> Route {
         let h = frame.header;
-        if h.is_response() || h.protocol_version() != self.version {
+        if h.is_response() || h.version() != Some(self.version) {
             return Route::Close(self.protocol_error(
                 h.stream,
                 &format!(
-                    "Invalid message: version {} {} on a v{} connection",
+                    "Invalid message: version {} {} on a {} connection",
                     h.protocol_version(),
                     if h.is_response() {
                         "response"

@@ -10,10 +10,11 @@ use crate::frame::result::test_bodies::rows_body;
 use crate::frame::result::{metadata_flags, Rows, TYPE_INET};
 use crate::frame::types::WriteExt;
 use crate::frame::Header;
+use crate::frame::ProtocolVersion;
 
 fn router(c: Compression) -> Router {
     Router::new(
-        4,
+        ProtocolVersion::V4,
         c,
         Compression::None,
         "127.0.0.7".parse().unwrap(),
@@ -28,7 +29,10 @@ fn local_result(stream: i16) -> Frame {
         &[vec![Some(&[127, 0, 0, 1])]],
         None,
     );
-    Frame::new(Header::response(4, stream, opcode::RESULT), body)
+    Frame::new(
+        Header::response(ProtocolVersion::V4, stream, opcode::RESULT),
+        body,
+    )
 }
 
 fn rpc_of(f: &Frame) -> Vec<u8> {
@@ -42,7 +46,10 @@ fn execute_frame(stream: i16, id: &[u8]) -> Frame {
     body.put_short_bytes(id);
     body.put_u16(6);
     body.put_u8(0);
-    Frame::new(Header::request(4, stream, opcode::EXECUTE), body.freeze())
+    Frame::new(
+        Header::request(ProtocolVersion::V4, stream, opcode::EXECUTE),
+        body.freeze(),
+    )
 }
 
 #[test]
@@ -91,7 +98,7 @@ fn executes_are_classified_by_the_pools_statements() {
 #[test]
 fn ordinary_queries_pass_untouched() {
     let mut r = router(Compression::None);
-    let q = messages::query(4, 5, "SELECT * FROM ks.t", 6);
+    let q = messages::query(ProtocolVersion::V4, 5, "SELECT * FROM ks.t", 6);
     assert_eq!(r.on_client_frame(q.clone()), Route::Upstream(q));
     let res = local_result(5);
     assert_eq!(r.on_upstream_frame(res.clone()).unwrap(), Some(res));
@@ -100,7 +107,12 @@ fn ordinary_queries_pass_untouched() {
 #[test]
 fn system_local_query_is_rewritten() {
     let mut r = router(Compression::None);
-    r.on_client_frame(messages::query(4, 5, "SELECT * FROM system.local", 1));
+    r.on_client_frame(messages::query(
+        ProtocolVersion::V4,
+        5,
+        "SELECT * FROM system.local",
+        1,
+    ));
     let out = r.on_upstream_frame(local_result(5)).unwrap().unwrap();
     assert_eq!(rpc_of(&out), vec![127, 0, 0, 7]);
 }
@@ -110,7 +122,10 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
     let mut r = router(Compression::None);
     let mut prep = BytesMut::new();
     prep.put_long_string("SELECT rpc_address FROM system.local");
-    let prep = Frame::new(Header::request(4, 2, opcode::PREPARE), prep.freeze());
+    let prep = Frame::new(
+        Header::request(ProtocolVersion::V4, 2, opcode::PREPARE),
+        prep.freeze(),
+    );
     assert!(matches!(r.on_client_frame(prep), Route::Upstream(_)));
     let mut b = BytesMut::new();
     b.put_i32(kind::PREPARED);
@@ -125,7 +140,7 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
     b.put_string("rpc_address");
     b.put_u16(TYPE_INET);
     r.on_upstream_frame(Frame::new(
-        Header::response(4, 2, opcode::RESULT),
+        Header::response(ProtocolVersion::V4, 2, opcode::RESULT),
         b.freeze(),
     ))
     .unwrap();
@@ -135,7 +150,7 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
     ex.put_u16(1);
     ex.put_u8(0x02);
     r.on_client_frame(Frame::new(
-        Header::request(4, 3, opcode::EXECUTE),
+        Header::request(ProtocolVersion::V4, 3, opcode::EXECUTE),
         ex.freeze(),
     ));
     let mut rows = BytesMut::new();
@@ -146,7 +161,7 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
     rows.put_bytes_value(Some(&[127, 9, 9, 9]));
     let out = r
         .on_upstream_frame(Frame::new(
-            Header::response(4, 3, opcode::RESULT),
+            Header::response(ProtocolVersion::V4, 3, opcode::RESULT),
             rows.freeze(),
         ))
         .unwrap()
@@ -161,14 +176,14 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
 fn register_and_options_are_answered_locally() {
     let mut r = router(Compression::None);
     let reg = Frame::new(
-        Header::request(4, 1, opcode::REGISTER),
+        Header::request(ProtocolVersion::V4, 1, opcode::REGISTER),
         Bytes::from_static(&[0, 0]),
     );
     let Route::Client(f) = r.on_client_frame(reg) else {
         panic!()
     };
     assert_eq!(f.opcode(), opcode::READY);
-    let Route::Client(f) = r.on_client_frame(messages::options(4, 2)) else {
+    let Route::Client(f) = r.on_client_frame(messages::options(ProtocolVersion::V4, 2)) else {
         panic!()
     };
     assert_eq!(f.opcode(), opcode::SUPPORTED);
@@ -178,7 +193,7 @@ fn register_and_options_are_answered_locally() {
 fn events_from_upstream_are_dropped() {
     let mut r = router(Compression::None);
     let ev = Frame::new(
-        Header::response(4, -1, opcode::EVENT),
+        Header::response(ProtocolVersion::V4, -1, opcode::EVENT),
         Bytes::from_static(b"x"),
     );
     assert_eq!(r.on_upstream_frame(ev).unwrap(), None);
@@ -188,7 +203,7 @@ fn events_from_upstream_are_dropped() {
 fn client_compression_is_handled_by_the_proxy() {
     let mut r = router(Compression::Lz4);
     let q = compressed(
-        messages::query(4, 5, "SELECT * FROM system.local", 1),
+        messages::query(ProtocolVersion::V4, 5, "SELECT * FROM system.local", 1),
         Compression::Lz4,
     );
     let Route::Upstream(up) = r.on_client_frame(q) else {
@@ -204,14 +219,15 @@ fn client_compression_is_handled_by_the_proxy() {
 #[test]
 fn use_is_split_out_in_pooled_mode() {
     let mut r = router(Compression::None).split_use(true);
-    let Route::Use { keyspace, frame } = r.on_client_frame(messages::query(4, 3, "USE \"Ks\"", 1))
+    let Route::Use { keyspace, frame } =
+        r.on_client_frame(messages::query(ProtocolVersion::V4, 3, "USE \"Ks\"", 1))
     else {
         panic!()
     };
     assert_eq!((keyspace.as_str(), frame.stream()), ("Ks", 3));
     let mut plain = router(Compression::None);
     assert!(matches!(
-        plain.on_client_frame(messages::query(4, 3, "USE ks", 1)),
+        plain.on_client_frame(messages::query(ProtocolVersion::V4, 3, "USE ks", 1)),
         Route::Upstream(_)
     ));
 }
@@ -235,19 +251,25 @@ fn use_spellings_that_are_not_exact_never_go_upstream() {
         "\u{feff}USE ks",
         "use ks; SELECT 1",
     ] {
-        let route = r.on_client_frame(messages::query(4, 5, cql, 1));
+        let route = r.on_client_frame(messages::query(ProtocolVersion::V4, 5, cql, 1));
         assert_eq!(error_code_of(route), error_code::INVALID, "{cql:?}");
     }
-    let Route::Use { keyspace, .. } =
-        r.on_client_frame(messages::query(4, 5, "USE ks -- the orders keyspace", 1))
-    else {
+    let Route::Use { keyspace, .. } = r.on_client_frame(messages::query(
+        ProtocolVersion::V4,
+        5,
+        "USE ks -- the orders keyspace",
+        1,
+    )) else {
         panic!("a comment after an exact USE is fine")
     };
     assert_eq!(keyspace, "ks");
     let prepare = |cql: &str| {
         let mut body = bytes::BytesMut::new();
         body.put_long_string(cql);
-        Frame::new(Header::request(4, 6, opcode::PREPARE), body.freeze())
+        Frame::new(
+            Header::request(ProtocolVersion::V4, 6, opcode::PREPARE),
+            body.freeze(),
+        )
     };
     for cql in ["USE ks", "USE ks extra"] {
         let route = r.on_client_frame(prepare(cql));
@@ -262,7 +284,12 @@ fn use_spellings_that_are_not_exact_never_go_upstream() {
 #[test]
 fn negative_streams_get_a_protocol_error() {
     let mut r = router(Compression::None).split_use(true);
-    let route = r.on_client_frame(messages::query(4, -7, "SELECT * FROM t", 1));
+    let route = r.on_client_frame(messages::query(
+        ProtocolVersion::V4,
+        -7,
+        "SELECT * FROM t",
+        1,
+    ));
     let Route::Client(f) = &route else {
         panic!("{route:?}")
     };
@@ -273,7 +300,7 @@ fn negative_streams_get_a_protocol_error() {
 #[test]
 fn v3_frames_cannot_carry_a_custom_payload() {
     let mut r = Router::new(
-        3,
+        ProtocolVersion::V3,
         Compression::None,
         Compression::None,
         "127.0.0.7".parse().unwrap(),
@@ -281,7 +308,7 @@ fn v3_frames_cannot_carry_a_custom_payload() {
     );
     // A v4-style payload in front of a valid QUERY: v3 has no payloads, so Cassandra would
     // read the payload bytes as the query (or refuse the frame) and close the connection.
-    let query = messages::query(3, 5, "SELECT * FROM t", 1);
+    let query = messages::query(ProtocolVersion::V3, 5, "SELECT * FROM t", 1);
     let mut body = vec![0, 1, 0, 1, b'k', 0, 0, 0, 1, b'v'];
     body.extend_from_slice(&query.body);
     let mut f = Frame::new(query.header, body.into());
@@ -294,9 +321,12 @@ fn v3_frames_cannot_carry_a_custom_payload() {
 #[test]
 fn consistency_guard_raises_writes() {
     let mut r = router(Compression::None).consistency_guard(Some(Arc::new(PreparedCache::new(4))));
-    let Route::Upstream(f) =
-        r.on_client_frame(messages::query(4, 3, "DELETE FROM t WHERE k = 1", 1))
-    else {
+    let Route::Upstream(f) = r.on_client_frame(messages::query(
+        ProtocolVersion::V4,
+        3,
+        "DELETE FROM t WHERE k = 1",
+        1,
+    )) else {
         panic!()
     };
     assert_eq!(
@@ -309,13 +339,13 @@ fn consistency_guard_raises_writes() {
 fn wrong_version_or_direction_closes() {
     let mut r = router(Compression::None);
     assert!(matches!(
-        r.on_client_frame(messages::query(3, 1, "x", 1)),
+        r.on_client_frame(messages::query(ProtocolVersion::V3, 1, "x", 1)),
         Route::Close(_)
     ));
     assert!(matches!(
-        r.on_client_frame(messages::ready(4, 1)),
+        r.on_client_frame(messages::ready(ProtocolVersion::V4, 1)),
         Route::Close(_)
     ));
-    let unknown = Frame::new(Header::request(4, 1, 0x42), Bytes::new());
+    let unknown = Frame::new(Header::request(ProtocolVersion::V4, 1, 0x42), Bytes::new());
     assert!(matches!(r.on_client_frame(unknown), Route::Close(_)));
 }

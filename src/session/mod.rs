@@ -18,6 +18,7 @@ use crate::auth::client::ClientAuth;
 use crate::context::ProxyContext;
 use crate::frame::messages::{self, error_code};
 use crate::frame::ErrorReply;
+use crate::frame::ProtocolVersion;
 use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameError};
 use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
 use crate::metrics::{metrics, Metrics, Outcome, Reason};
@@ -100,7 +101,7 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
             Ok(Some((mut client, accepted, upstream))) => {
                 client.codec_mut().set_max_body(ctx.max_frame_len);
                 tracing::debug!(
-                    version = accepted.version,
+                    version = accepted.version.wire(),
                     user = accepted.user.as_deref(),
                     "client ready"
                 );
@@ -184,7 +185,7 @@ async fn refuse_plaintext(mut socket: TcpStream, first: &[u8]) {
     if !cql_request {
         return;
     }
-    let version = first[0].clamp(3, 4);
+    let version = ProtocolVersion::nearest(first[0]);
     let stream = match first {
         [_, _, hi, lo, ..] => i16::from_be_bytes([*hi, *lo]),
         _ => 0,
@@ -247,10 +248,8 @@ async fn refuse_foreign(client: &mut ClientFramed, protocol: ForeignProtocol) {
 /// The error a client sees for a frame the decoder refused.
 fn decode_error_frame(e: &FrameError) -> Frame {
     let (version, stream) = match e {
-        FrameError::TooLarge { header, .. } => {
-            (header.protocol_version().clamp(3, 4), header.stream)
-        }
-        FrameError::LegacyVersion { .. } | FrameError::Foreign(_) => (4, 0),
+        FrameError::TooLarge { header, .. } => (header.answer_version(), header.stream),
+        FrameError::LegacyVersion { .. } | FrameError::Foreign(_) => (ProtocolVersion::NEWEST, 0),
     };
     ErrorReply::undecodable(e).frame(version, stream)
 }
@@ -283,7 +282,7 @@ async fn refuse_unmapped(
 }
 
 /// What the client sees when the upstream could not be opened.
-pub fn upstream_error_frame(version: u8, stream: i16, e: &UpstreamError) -> Frame {
+pub fn upstream_error_frame(version: ProtocolVersion, stream: i16, e: &UpstreamError) -> Frame {
     e.reply().frame(version, stream)
 }
 

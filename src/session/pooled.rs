@@ -13,6 +13,7 @@ use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed}
 use crate::context::ProxyContext;
 use crate::frame::compression::compressed;
 use crate::frame::header::holds_whole_frame;
+use crate::frame::ProtocolVersion;
 use crate::frame::{Compression, Frame, FrameCodec};
 use crate::handshake::Accepted;
 use crate::metrics::{metrics, Metrics, Reason};
@@ -67,7 +68,7 @@ struct PooledSession<'a> {
     batch: Vec<Frame>,
     /// When the socket read that brought the current request completed.
     read_at: Instant,
-    version: u8,
+    version: ProtocolVersion,
     compression: Compression,
 }
 
@@ -302,7 +303,11 @@ fn not_reading(inbox: &ClientInbox) {
     );
 }
 
-async fn switch_keyspace(pool: &Pool, version: u8, keyspace: &str) -> Result<Arc<Group>, Frame> {
+async fn switch_keyspace(
+    pool: &Pool,
+    version: ProtocolVersion,
+    keyspace: &str,
+) -> Result<Arc<Group>, Frame> {
     pool.group(version, Some(keyspace))
         .await
         .map_err(|e| upstream_error_frame(version, 0, &e))

@@ -139,6 +139,7 @@ impl<C: Candidate> Pinned<C> {
 // The fake connection is single-threaded (Cells); the code under test only needs `Arc`.
 #[allow(clippy::arc_with_non_send_sync)]
 mod tests {
+    use crate::frame::ProtocolVersion;
     use std::net::SocketAddr;
 
     use super::*;
@@ -304,7 +305,7 @@ mod tests {
         let open = |id: u64| {
             let params = OpenParams {
                 id,
-                version: 4,
+                version: ProtocolVersion::V4,
                 keyspace: None,
                 max_streams: 8,
                 max_rate: 0,
@@ -314,7 +315,7 @@ mod tests {
         };
         let group = |keyspace: Option<&str>| {
             Arc::new(Group::new(GroupKey {
-                version: 4,
+                version: ProtocolVersion::V4,
                 keyspace: keyspace.map(Arc::from),
             }))
         };
@@ -337,5 +338,40 @@ mod tests {
         assert_eq!((b.affine(), c.affine()), (0, 1));
         drop(affinity);
         assert_eq!(c.affine(), 0);
+    }
+
+    /// While its group and connection stay as they were, a client stays put even where a
+    /// re-pin would move it: re-pinning on every request would cost a scan and two atomic
+    /// updates each.
+    #[test]
+    fn an_affinity_stays_while_nothing_changed() {
+        let open = |id: u64| {
+            let params = OpenParams {
+                id,
+                version: ProtocolVersion::V4,
+                keyspace: None,
+                max_streams: 8,
+                max_rate: 0,
+            };
+            MuxConn::detached(params, SocketAddr::from(([127, 0, 1, 1], 9142))).0
+        };
+        let shared = Arc::new(Group::new(GroupKey {
+            version: ProtocolVersion::V4,
+            keyspace: None,
+        }));
+        let (a, b) = (open(1), open(2));
+        shared.add(a.clone());
+        shared.add(b.clone());
+        let mut affinity = Affinity::default();
+        let first = affinity.usable(&shared, BUSY_AT, SPILL_AT).cloned();
+        assert!(first.is_some_and(|c| Arc::ptr_eq(&c, &a)));
+        // Two more clients on `a`: a fresh pin would now choose `b`.
+        a.pin();
+        a.pin();
+        for _ in 0..3 {
+            let again = affinity.usable(&shared, BUSY_AT, SPILL_AT).cloned();
+            assert!(again.is_some_and(|c| Arc::ptr_eq(&c, &a)));
+        }
+        assert_eq!((a.affine(), b.affine()), (3, 0));
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::codec::Framed;
 use crate::auth::credentials::CredentialCache;
 use crate::auth::sigv4;
 use crate::frame::messages::{self, ErrorInfo};
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
 use crate::metrics::{metrics, HandshakeOutcome, Metrics};
 
@@ -141,7 +142,7 @@ pub struct UpstreamConnection {
     pub framed: UpstreamFramed,
     /// Which of the endpoint's addresses it reached, counted while the connection lives.
     pub address: super::addresses::AddressLease,
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub compression: Compression,
 }
 
@@ -208,7 +209,7 @@ impl UpstreamTarget {
     /// rotated under a long-lived cache then cost one failed handshake, not an outage.
     pub async fn connect(
         &self,
-        version: u8,
+        version: ProtocolVersion,
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let limit = self.connect_timeout;
@@ -253,7 +254,7 @@ impl UpstreamTarget {
 
     async fn connect_inner(
         &self,
-        version: u8,
+        version: ProtocolVersion,
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
         let (io, addr) = self.dial().await?;
@@ -290,7 +291,7 @@ impl UpstreamTarget {
     async fn handshake(
         &self,
         io: UpstreamIo,
-        version: u8,
+        version: ProtocolVersion,
         compression: Compression,
     ) -> Result<(UpstreamFramed, Compression), UpstreamError> {
         let mut framed = Framed::new(io, FrameCodec::new(self.max_frame_len));
@@ -415,7 +416,7 @@ impl UpstreamTarget {
     async fn authenticate(
         &self,
         framed: &mut UpstreamFramed,
-        version: u8,
+        version: ProtocolVersion,
     ) -> Result<(), UpstreamError> {
         let reply = match &self.auth {
             UpstreamAuth::Plain { username, password } => {

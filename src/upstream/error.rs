@@ -63,10 +63,6 @@ fn names_an_account(text: &str) -> bool {
 }
 
 impl UpstreamError {
-    /// What a client may be told. Credential and IAM failures carry SDK text (role and
-    /// principal ARNs, account ids, HTTP bodies): the client gets a short reason and a
-    /// reference, and the details are logged under that reference. Network and TLS failures
-    /// name only the endpoint and the cause, which the client needs to see.
     /// What a client is told: bad credentials for the proxy's own (drivers then stop retrying
     /// a login that cannot succeed), Keyspaces' own code for a failed USE, else a server error.
     pub fn reply(&self) -> ErrorReply {
@@ -80,6 +76,10 @@ impl UpstreamError {
         ErrorReply::verbatim(code, self.public_message())
     }
 
+    /// What a client may be told. Credential and IAM failures carry SDK text (role and
+    /// principal ARNs, account ids, HTTP bodies): the client gets a short reason and a
+    /// reference, and the details are logged under that reference. Network and TLS failures
+    /// name only the endpoint and the cause, which the client needs to see.
     pub fn public_message(&self) -> String {
         let withheld = |what: &str| {
             let reference = crate::reference::Reference::new();

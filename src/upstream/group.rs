@@ -1,6 +1,7 @@
 //! One group of upstream connections: those of one protocol version and keyspace, with what
 //! the pool needs to grow it (connects under way, failures for back-off) and to pick from it.
 
+use crate::frame::ProtocolVersion;
 use crate::reference::Reference;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +20,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GroupKey {
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub keyspace: Option<Arc<str>>,
 }
 
@@ -401,21 +402,24 @@ mod tests {
 
     fn request() -> Pending {
         let (tx, _) = oneshot::channel();
-        Pending::new(messages::options(4, 0), ReplyTo::Internal(tx))
+        Pending::new(
+            messages::options(ProtocolVersion::V4, 0),
+            ReplyTo::Internal(tx),
+        )
     }
 
     /// The same choices on a group of real connections (with no sockets).
     #[test]
     fn a_group_picks_among_its_connections() {
         let group = Group::new(GroupKey {
-            version: 4,
+            version: ProtocolVersion::V4,
             keyspace: None,
         });
         let addr = |host: u8| SocketAddr::from(([127, 0, 1, host], 9142));
         let open = |id, host| {
             let params = OpenParams {
                 id,
-                version: 4,
+                version: ProtocolVersion::V4,
                 keyspace: None,
                 max_streams: 8,
                 max_rate: 0,

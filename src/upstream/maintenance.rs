@@ -145,7 +145,7 @@ impl Pool {
         for c in conns {
             for p in c.expire(self.settings.request_timeout) {
                 let f = ErrorReply::no_answer_within(self.settings.request_timeout)
-                    .frame(p.request.header.protocol_version(), 0);
+                    .frame(p.request.header.answer_version(), 0);
                 p.reply.deliver(f);
             }
         }

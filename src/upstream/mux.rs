@@ -15,6 +15,7 @@ use crate::frame::header::holds_whole_frame;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
 use crate::frame::types::Reader;
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Compression, Frame, FrameCodec};
 use crate::metrics::metrics;
 use crate::queue::FrameQueue;
@@ -38,7 +39,7 @@ pub trait ConnOwner: Send + Sync + 'static {
 
 pub struct MuxConn {
     pub id: u64,
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub keyspace: Option<Arc<str>>,
     pub created: Instant,
     /// The endpoint address it is connected to.
@@ -75,7 +76,7 @@ impl std::fmt::Debug for MuxConn {
 /// Everything needed to open a connection for a pool.
 pub struct OpenParams {
     pub id: u64,
-    pub version: u8,
+    pub version: ProtocolVersion,
     pub keyspace: Option<Arc<str>>,
     pub max_streams: usize,
     pub max_rate: u32,
@@ -352,7 +353,7 @@ impl MuxConn {
 
 async fn use_keyspace(
     framed: &mut super::connection::UpstreamFramed,
-    version: u8,
+    version: ProtocolVersion,
     keyspace: &str,
 ) -> Result<(), UpstreamError> {
     let quoted = format!("USE \"{}\"", keyspace.replace('"', "\"\""));
@@ -384,7 +385,7 @@ mod tests {
     fn conn(max_streams: usize, keyspace: Option<&str>) -> (Arc<MuxConn>, Arc<FrameQueue>) {
         let params = OpenParams {
             id: 1,
-            version: 4,
+            version: ProtocolVersion::V4,
             keyspace: keyspace.map(Arc::from),
             max_streams,
             max_rate: 0,
@@ -395,7 +396,10 @@ mod tests {
     /// A request the client sent on its stream `stream`.
     fn request(stream: i16) -> Pending {
         let (tx, _) = oneshot::channel();
-        Pending::new(messages::options(4, stream), ReplyTo::Internal(tx))
+        Pending::new(
+            messages::options(ProtocolVersion::V4, stream),
+            ReplyTo::Internal(tx),
+        )
     }
 
     /// The frames the connection handed to its writer.
@@ -497,10 +501,13 @@ mod tests {
 
     #[test]
     fn a_switch_to_another_keyspace_closes_the_connection() {
-        let set = |ks| messages::result_set_keyspace(4, 0, ks);
+        let set = |ks| messages::result_set_keyspace(ProtocolVersion::V4, 0, ks);
         assert!(closes_on(Some("shop"), set("other")));
         assert!(closes_on(None, set("shop")), "a shared connection has none");
         assert!(!closes_on(Some("shop"), set("shop")));
-        assert!(!closes_on(Some("shop"), messages::result_void(4, 0)));
+        assert!(!closes_on(
+            Some("shop"),
+            messages::result_void(ProtocolVersion::V4, 0)
+        ));
     }
 }

@@ -8,6 +8,7 @@ use super::connection::{roundtrip, UpstreamError, UpstreamFramed};
 use crate::frame::compression::decompressed;
 use crate::frame::messages::{self, consistency};
 use crate::frame::result::Rows;
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Compression};
 
 /// A peers answer larger than this is not one.
@@ -16,7 +17,7 @@ const MAX_ANSWER: usize = 1 << 20;
 /// The `peer` addresses the upstream lists; an answer that is not rows of addresses is an error.
 pub(super) async fn read(
     framed: &mut UpstreamFramed,
-    version: u8,
+    version: ProtocolVersion,
     compression: Compression,
 ) -> Result<Vec<IpAddr>, UpstreamError> {
     let query = messages::query(

@@ -21,6 +21,7 @@ use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::streams::{Pending, ReplyTo};
 use crate::frame::messages::message_body;
 use crate::frame::ErrorReply;
+use crate::frame::ProtocolVersion;
 use crate::frame::{opcode, Frame};
 use crate::metrics::metrics;
 use crate::policy::prepared::PreparedCache;
@@ -98,7 +99,7 @@ fn shares_busily(on_conn: usize, mine: usize, grow_at: usize) -> bool {
 /// Why a request could not be sent: the client sees this as a retryable error.
 fn unavailable_frame(p: &Pending, why: &str) -> Frame {
     // Stream 0: delivering the reply gives it the client's stream.
-    ErrorReply::unavailable(why).frame(p.request.header.protocol_version(), 0)
+    ErrorReply::unavailable(why).frame(p.request.header.answer_version(), 0)
 }
 
 pub struct Pool {
@@ -170,7 +171,7 @@ impl Pool {
         }
         let pool = self.arc();
         tokio::spawn(async move {
-            let _ = pool.group(4, None).await;
+            let _ = pool.group(ProtocolVersion::V4, None).await;
         });
     }
 
@@ -207,7 +208,7 @@ impl Pool {
     /// that prevented one (returned at once while the upstream is known to be down).
     pub async fn group(
         &self,
-        version: u8,
+        version: ProtocolVersion,
         keyspace: Option<&str>,
     ) -> Result<Arc<Group>, Arc<UpstreamError>> {
         let key = GroupKey {
@@ -509,7 +510,7 @@ impl ConnOwner for Pool {
                 }
                 _ => {
                     let f =
-                        ErrorReply::connection_lost().frame(p.request.header.protocol_version(), 0);
+                        ErrorReply::connection_lost().frame(p.request.header.answer_version(), 0);
                     p.reply.deliver(f);
                 }
             }

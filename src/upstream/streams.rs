@@ -345,11 +345,15 @@ impl TokenBucket {
 mod tests {
     use super::*;
     use crate::frame::messages;
+    use crate::frame::ProtocolVersion;
 
     fn pending() -> (Pending, oneshot::Receiver<Frame>) {
         let (tx, rx) = oneshot::channel();
         (
-            Pending::new(messages::options(4, 0), ReplyTo::Internal(tx)),
+            Pending::new(
+                messages::options(ProtocolVersion::V4, 0),
+                ReplyTo::Internal(tx),
+            ),
             rx,
         )
     }
@@ -358,7 +362,7 @@ mod tests {
     async fn a_client_that_stops_reading_overflows_its_inbox() {
         let inbox = ClientInbox::new(ClientBuffers::new(100, 1 << 20));
         let big = Frame::new(
-            messages::ready(4, 0).header,
+            messages::ready(ProtocolVersion::V4, 0).header,
             bytes::Bytes::from(vec![0u8; 300]),
         );
         let reply = |s| ReplyTo::Client {
@@ -367,7 +371,7 @@ mod tests {
         };
         reply(1).deliver(big.clone()); // the first one always fits
         assert!(!inbox.is_overflowed());
-        reply(2).deliver(messages::ready(4, 0)); // 300+ bytes already queued: dropped
+        reply(2).deliver(messages::ready(ProtocolVersion::V4, 0)); // 300+ bytes already queued: dropped
         assert!(inbox.is_overflowed());
         inbox.overflowed().await; // resolves at once
         let mut got = Vec::new();
@@ -385,7 +389,7 @@ mod tests {
     fn all_clients_together_stay_within_the_total() {
         let buffers = ClientBuffers::new(1 << 20, 1000);
         let frame = Frame::new(
-            messages::ready(4, 0).header,
+            messages::ready(ProtocolVersion::V4, 0).header,
             bytes::Bytes::from(vec![0u8; 291]),
         ); // 300 bytes with its header
         let inboxes: Vec<_> = (0..4).map(|_| ClientInbox::new(buffers.clone())).collect();
@@ -453,7 +457,7 @@ mod tests {
             inbox: inbox.clone(),
             stream: 77,
         };
-        reply.deliver(messages::ready(4, 3));
+        reply.deliver(messages::ready(ProtocolVersion::V4, 3));
         let mut got = Vec::new();
         inbox.take_all(&mut got);
         assert_eq!(got[0].stream(), 77);

@@ -15,6 +15,7 @@ use keyspaces_proxy::auth::credentials::CredentialCache;
 use keyspaces_proxy::frame::messages::{self, consistency, ErrorInfo};
 use keyspaces_proxy::frame::result::{kind, result_kind};
 use keyspaces_proxy::frame::types::{Reader, WriteExt};
+use keyspaces_proxy::frame::ProtocolVersion;
 use keyspaces_proxy::frame::{opcode, Frame, FrameCodec, Header};
 use keyspaces_proxy::upstream::tls::{client_config, server_name};
 use keyspaces_proxy::upstream::{UpstreamAuth, UpstreamTarget};
@@ -111,7 +112,7 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
             max_frame_len: 1 << 28,
         };
         let up = target
-            .connect(4, Default::default())
+            .connect(ProtocolVersion::V4, Default::default())
             .await
             .map_err(|e| e.to_string())?;
         let parts = up.framed.into_parts();
@@ -124,7 +125,11 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
             .map_err(|e| e.to_string())?;
         tcp.set_nodelay(true).ok();
         let mut f = Framed::new(Box::new(tcp) as Box<dyn Io>, FrameCodec::default());
-        let r = call(&mut f, messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")])).await?;
+        let r = call(
+            &mut f,
+            messages::startup(ProtocolVersion::V4, 0, &[("CQL_VERSION", "3.0.0")]),
+        )
+        .await?;
         if r.opcode() != opcode::READY {
             return Err(format!(
                 "STARTUP answered with {}",
@@ -174,7 +179,12 @@ fn execute_body(id: &[u8], cl: u16, values: &[&[u8]]) -> Bytes {
 /// Creates the schema and row, and returns the request every worker repeats.
 async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
     if let Workload::Local = cli.workload {
-        let f = messages::query(4, 0, "SELECT key FROM system.local", consistency::LOCAL_ONE);
+        let f = messages::query(
+            ProtocolVersion::V4,
+            0,
+            "SELECT key FROM system.local",
+            consistency::LOCAL_ONE,
+        );
         return Ok((opcode::QUERY, f.body));
     }
     let mut c = connect(cli).await?;
@@ -183,12 +193,20 @@ async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
         "CREATE TABLE IF NOT EXISTS load.kv (k int PRIMARY KEY, v blob)",
     ] {
         // Re-runs see "already exists"; that is fine.
-        let _ = call(&mut c, messages::query(4, 0, q, consistency::LOCAL_QUORUM)).await;
+        let _ = call(
+            &mut c,
+            messages::query(ProtocolVersion::V4, 0, q, consistency::LOCAL_QUORUM),
+        )
+        .await;
     }
     let insert = prepared_id(
         &call(
             &mut c,
-            messages::prepare(4, 0, "INSERT INTO load.kv (k, v) VALUES (?, ?)"),
+            messages::prepare(
+                ProtocolVersion::V4,
+                0,
+                "INSERT INTO load.kv (k, v) VALUES (?, ?)",
+            ),
         )
         .await?,
     )?;
@@ -197,7 +215,10 @@ async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
     let write = execute_body(&insert, consistency::LOCAL_QUORUM, &[&key, &value]);
     call(
         &mut c,
-        Frame::new(Header::request(4, 0, opcode::EXECUTE), write.clone()),
+        Frame::new(
+            Header::request(ProtocolVersion::V4, 0, opcode::EXECUTE),
+            write.clone(),
+        ),
     )
     .await?;
     match cli.workload {
@@ -206,7 +227,7 @@ async fn setup(cli: &Cli) -> Result<(u8, Bytes), String> {
             let select = prepared_id(
                 &call(
                     &mut c,
-                    messages::prepare(4, 0, "SELECT v FROM load.kv WHERE k = ?"),
+                    messages::prepare(ProtocolVersion::V4, 0, "SELECT v FROM load.kv WHERE k = ?"),
                 )
                 .await?,
             )?;
@@ -242,7 +263,12 @@ async fn worker(
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let (mut ok, mut errors, mut issued) = (0u64, 0u64, 0u64);
-    let request = |stream: usize| Frame::new(Header::request(4, stream as i16, op), body.clone());
+    let request = |stream: usize| {
+        Frame::new(
+            Header::request(ProtocolVersion::V4, stream as i16, op),
+            body.clone(),
+        )
+    };
     for (s, at) in sent_at.iter_mut().enumerate() {
         *at = Instant::now();
         c.feed(request(s)).await.map_err(|e| e.to_string())?;
