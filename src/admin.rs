@@ -21,7 +21,7 @@ use crate::context::ProxyContext;
 use crate::metrics::{metrics, Address, State};
 use crate::shutdown::Shutdown;
 
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub ctx: Arc<ProxyContext>,
     pub credentials: Option<Arc<CredentialCache>>,
 }
@@ -81,7 +81,7 @@ fn refresh_gauges(state: &AdminState) {
 /// must never wait for Keyspaces (kubelet gives it a second), and without a ready connection
 /// the pool is nudged to open one in the background. Dedicated mode opens a connection per
 /// client, so there is nothing to report but the process (and shutdown).
-pub fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
+pub(crate) fn readiness(ctx: &ProxyContext) -> (bool, serde_json::Value) {
     if ctx.shutdown.has_begun() {
         return (false, json!({"ready": false, "reason": "shutting_down"}));
     }
@@ -135,7 +135,7 @@ async fn handle(
 
 /// Serves the endpoints until `stop` begins (after the proxy's drain: /readyz reports the
 /// shutdown while it lasts).
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Shutdown) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Shutdown) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,

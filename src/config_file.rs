@@ -13,7 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Command};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigFileError {
+pub(crate) enum ConfigFileError {
     #[error("cannot read config file {path}: {reason}")]
     Read { path: String, reason: String },
     #[error("config file {path}: unknown key `{key}`{suggestion}")]
@@ -61,7 +61,7 @@ fn as_arg(key: &str, v: &toml::Value) -> Option<Vec<String>> {
 
 /// Arguments for the entries of `text` whose options were not set on the command line or in
 /// the environment.
-pub fn file_args(
+pub(crate) fn file_args(
     cmd: &Command,
     matches: &ArgMatches,
     text: &str,
@@ -107,7 +107,7 @@ pub fn file_args(
 /// `argv` with the entries of the config file and then of the defaults file inserted right
 /// after the program name. The config file goes first: what it sets then counts as set when
 /// the defaults file is read.
-pub fn merge(
+pub(crate) fn merge(
     cmd: Command,
     mut argv: Vec<OsString>,
 ) -> Result<Vec<OsString>, Box<dyn std::error::Error>> {

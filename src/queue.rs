@@ -75,7 +75,7 @@ impl FrameQueue {
 }
 
 /// Closes the queue when the consumer ends, however it ends (returned, failed or aborted).
-pub struct CloseOnDrop<'a>(pub &'a FrameQueue);
+pub(crate) struct CloseOnDrop<'a>(pub &'a FrameQueue);
 
 impl Drop for CloseOnDrop<'_> {
     fn drop(&mut self) {

@@ -41,7 +41,7 @@ impl Cause {
 }
 
 /// Starts reloading on SIGHUP and on changes to the files `cli` names.
-pub fn spawn(
+pub(crate) fn spawn(
     cli: &Cli,
     argv: Vec<OsString>,
     ctx: Arc<ProxyContext>,

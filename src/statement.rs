@@ -17,11 +17,11 @@ fn first_word(cql: &str) -> &str {
     &t[..end]
 }
 
-pub fn is_select(cql: &str) -> bool {
+pub(crate) fn is_select(cql: &str) -> bool {
     first_word(cql).eq_ignore_ascii_case("select")
 }
 
-pub fn is_write(cql: &str) -> bool {
+pub(crate) fn is_write(cql: &str) -> bool {
     let w = first_word(cql);
     ["insert", "update", "delete", "begin"]
         .iter()
@@ -95,7 +95,7 @@ fn consistency_slot(
 
 /// Returns the frame with its consistency raised to what Keyspaces accepts, or unchanged.
 /// Bodies must be uncompressed.
-pub fn guard_consistency(frame: Frame, prepared: &PreparedCache) -> Frame {
+pub(crate) fn guard_consistency(frame: Frame, prepared: &PreparedCache) -> Frame {
     let Ok(message) = message_body(&frame.header, &frame.body) else {
         return frame;
     };

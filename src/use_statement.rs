@@ -13,7 +13,7 @@ use crate::cql_lexer::{comment_end, skip_trivia, Lexer, CASSANDRA, OTHER_LEXERS}
 
 /// What a statement's text says about `USE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UseStatement {
+pub(crate) enum UseStatement {
     /// The first token is not `USE`.
     NotUse,
     /// `USE keyspace` with an optional `;`: quoted names keep their case, others are
@@ -103,7 +103,7 @@ fn first_word(s: &str, lexer: Lexer, delete_comments: bool) -> String {
     word
 }
 
-pub fn classify_use(cql: &str) -> UseStatement {
+pub(crate) fn classify_use(cql: &str) -> UseStatement {
     let start = skip_trivia(cql, 0, CASSANDRA);
     let end = word_end(cql, start);
     if cql[start..end].eq_ignore_ascii_case("use") {

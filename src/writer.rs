@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::frame::codec::encode_into;
+use crate::frame::codec::{encode_envelope, encode_into};
 use crate::frame::header::HEADER_LEN;
 use crate::frame::Frame;
 use crate::queue::{CloseOnDrop, FrameQueue};
@@ -60,9 +60,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             c.inc_by((HEADER_LEN + frame.body.len()) as u64);
         }
         if frame.body.len() >= DIRECT_WRITE_MIN {
-            let mut header = frame.header;
-            header.length = frame.body.len() as u32;
-            self.batch.extend_from_slice(&header.to_bytes());
+            encode_envelope(frame, &mut self.batch);
             self.w.write_all(&self.batch).await?;
             self.batch.clear();
             self.w.write_all(&frame.body).await?;

@@ -34,7 +34,7 @@ pub struct Resolved {
 }
 
 /// The upstream target, the credentials to keep warm (SigV4) and what resolving them found.
-pub type ResolvedUpstream = (
+pub(super) type ResolvedUpstream = (
     UpstreamTarget,
     Option<Arc<CredentialCache>>,
     UpstreamSummary,

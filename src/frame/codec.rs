@@ -192,10 +192,16 @@ impl Encoder<Frame> for FrameCodec {
 /// Appends a frame's wire form to `dst`, fixing the length field from the body.
 pub fn encode_into(frame: &Frame, dst: &mut BytesMut) {
     dst.reserve(HEADER_LEN + frame.body.len());
+    encode_envelope(frame, dst);
+    dst.put_slice(&frame.body);
+}
+
+/// Appends only the envelope (header, length from the body) of `frame`: a writer sends a large
+/// body from its own buffer right after, instead of copying it.
+pub fn encode_envelope(frame: &Frame, dst: &mut BytesMut) {
     let mut header = frame.header;
     header.length = frame.body.len() as u32;
     header.write(dst);
-    dst.put_slice(&frame.body);
 }
 
 /// The decoder's error: either a protocol violation the session answers, or an I/O error.

@@ -212,7 +212,7 @@ pub(crate) mod test_bodies {
     use crate::frame::types::WriteExt;
 
     /// A ROWS body: global spec `ks.table`, the given (name, type) columns and rows.
-    pub fn rows_body(
+    pub(crate) fn rows_body(
         table: &str,
         columns: &[(&str, u16)],
         rows: &[Vec<Option<&[u8]>>],

@@ -15,14 +15,14 @@ use super::version::ProtocolVersion;
 
 /// Query parameter flags (§4.1.4).
 mod query_flags {
-    pub const VALUES: u8 = 0x01;
-    pub const SKIP_METADATA: u8 = 0x02;
-    pub const PAGE_SIZE: u8 = 0x04;
-    pub const PAGING_STATE: u8 = 0x08;
-    pub const SERIAL_CONSISTENCY: u8 = 0x10;
-    pub const DEFAULT_TIMESTAMP: u8 = 0x20;
-    pub const NAMES_FOR_VALUES: u8 = 0x40;
-    pub const KNOWN: u8 = VALUES
+    pub(super) const VALUES: u8 = 0x01;
+    pub(super) const SKIP_METADATA: u8 = 0x02;
+    pub(super) const PAGE_SIZE: u8 = 0x04;
+    pub(super) const PAGING_STATE: u8 = 0x08;
+    pub(super) const SERIAL_CONSISTENCY: u8 = 0x10;
+    pub(super) const DEFAULT_TIMESTAMP: u8 = 0x20;
+    pub(super) const NAMES_FOR_VALUES: u8 = 0x40;
+    pub(super) const KNOWN: u8 = VALUES
         | SKIP_METADATA
         | PAGE_SIZE
         | PAGING_STATE

@@ -165,7 +165,7 @@ impl Pool {
 
     /// Has the pool try to open its shared group in the background (a /readyz probe found no
     /// ready connection and must not wait for one); nothing if a connection is under way.
-    pub fn warm_in_background(&self) {
+    pub(crate) fn warm_in_background(&self) {
         if self.stats().connecting > 0 {
             return;
         }
@@ -173,10 +173,6 @@ impl Pool {
         tokio::spawn(async move {
             let _ = pool.group(ProtocolVersion::V4, None).await;
         });
-    }
-
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
     }
 
     fn arc(&self) -> Arc<Pool> {
@@ -333,13 +329,13 @@ impl Pool {
 
     /// Sends a request on the least busy connection of `group`, waiting briefly for capacity.
     /// Never hangs: without a usable connection the requester gets an OVERLOADED error.
-    pub async fn dispatch(&self, group: &Arc<Group>, pending: Pending) {
+    pub(crate) async fn dispatch(&self, group: &Arc<Group>, pending: Pending) {
         self.dispatch_from(group, pending, &mut Affinity::default())
             .await
     }
 
     /// As `dispatch`, preferring the connection this client is pinned to (see `Affinity`).
-    pub async fn dispatch_from(
+    pub(crate) async fn dispatch_from(
         &self,
         group: &Arc<Group>,
         pending: Pending,
@@ -352,7 +348,7 @@ impl Pool {
 
     /// The common case of `dispatch_from`, without an `async` frame: the pinned connection
     /// takes the request. Gives it back when another connection, or a wait, is needed.
-    pub fn try_dispatch_pinned(
+    pub(crate) fn try_dispatch_pinned(
         &self,
         group: &Arc<Group>,
         pending: Pending,
@@ -384,7 +380,7 @@ impl Pool {
 
     /// The least busy connection that can take `pending`, waiting briefly for capacity (what
     /// `dispatch_from` does when `try_dispatch_pinned` gave the request back).
-    pub async fn dispatch_waiting(&self, group: &Arc<Group>, mut pending: Pending) {
+    pub(crate) async fn dispatch_waiting(&self, group: &Arc<Group>, mut pending: Pending) {
         // Only computed when no connection can take the request at once.
         let mut deadline = None;
         loop {
