@@ -40,7 +40,10 @@ fn codec(c: &mut Criterion) {
             b.iter_batched(
                 || input.clone(),
                 |mut buf| {
-                    let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+                    let f = FrameCodec::new(keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN)
+                        .decode(&mut buf)
+                        .unwrap()
+                        .unwrap();
                     out.clear();
                     if f.body.len() < 16 * 1024 {
                         encode_into(&f, &mut out);

@@ -44,7 +44,10 @@ fn one_mib_result_is_forwarded_without_copying_its_body() {
     wire.put_bytes(0x42, BODY);
 
     let before = ALLOCATED.load(Ordering::Relaxed);
-    let frame = FrameCodec::default().decode(&mut wire).unwrap().unwrap();
+    let frame = FrameCodec::new(keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN)
+        .decode(&mut wire)
+        .unwrap()
+        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     runtime.block_on(async {
         tx.send(frame).await.unwrap();

@@ -115,12 +115,6 @@ pub struct FrameCodec {
     max_body: usize,
 }
 
-impl Default for FrameCodec {
-    fn default() -> Self {
-        FrameCodec::new(DEFAULT_MAX_FRAME_LEN)
-    }
-}
-
 impl FrameCodec {
     pub fn new(max_body: usize) -> Self {
         FrameCodec { max_body }
@@ -220,7 +214,7 @@ mod tests {
 
     fn decode_hex(hex_frame: &str) -> Result<Option<Frame>, FrameDecodeError> {
         let mut buf = BytesMut::from(&hex::decode(hex_frame).unwrap()[..]);
-        FrameCodec::default().decode(&mut buf)
+        FrameCodec::new(DEFAULT_MAX_FRAME_LEN).decode(&mut buf)
     }
 
     #[test]
@@ -244,7 +238,7 @@ mod tests {
 
     #[test]
     fn waits_for_whole_frame_and_leaves_rest() {
-        let mut codec = FrameCodec::default();
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME_LEN);
         let mut buf = BytesMut::from(&hex::decode("8400000708000000040000000184").unwrap()[..]);
         let f = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!(&f.body[..], &[0, 0, 0, 1]);
@@ -285,7 +279,7 @@ mod tests {
         // A length with the top bit set is a negative [int] on the wire.
         let mut buf = BytesMut::from(&hex::decode("0400000107ffffffff").unwrap()[..]);
         assert!(matches!(
-            FrameCodec::default().decode(&mut buf),
+            FrameCodec::new(DEFAULT_MAX_FRAME_LEN).decode(&mut buf),
             Err(FrameDecodeError::Frame(FrameError::TooLarge { .. }))
         ));
     }
@@ -305,7 +299,7 @@ mod tests {
             let mut buf = BytesMut::from(bytes);
             assert!(
                 matches!(
-                    FrameCodec::default().decode(&mut buf),
+                    FrameCodec::new(DEFAULT_MAX_FRAME_LEN).decode(&mut buf),
                     Err(FrameDecodeError::Frame(FrameError::Foreign(p))) if p == want
                 ),
                 "{bytes:?}"
@@ -318,7 +312,10 @@ mod tests {
         // The Python driver opens with DSE_V2 (0x42, `B`) and downgrades on the error.
         for first in [0x41u8, 0x42, 0xc2] {
             let mut buf = BytesMut::from(&[first, 0, 0, 0, 5, 0, 0, 0, 0][..]);
-            let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+            let f = FrameCodec::new(DEFAULT_MAX_FRAME_LEN)
+                .decode(&mut buf)
+                .unwrap()
+                .unwrap();
             assert_eq!(f.header.protocol_version(), first & 0x7f);
         }
     }
@@ -339,7 +336,10 @@ mod tests {
         buf.put_slice(&[0x84, 0, 0, 1, 8, 0, 0, 0x10, 0]);
         buf.put_bytes(7, 4096);
         let base = buf.as_ptr() as usize;
-        let f = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+        let f = FrameCodec::new(DEFAULT_MAX_FRAME_LEN)
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap();
         assert_eq!(f.body.as_ptr() as usize, base + HEADER_LEN);
     }
 }

@@ -116,7 +116,10 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
             .await
             .map_err(|e| e.to_string())?;
         let parts = up.framed.into_parts();
-        let mut f = Framed::new(Box::new(parts.io) as Box<dyn Io>, FrameCodec::default());
+        let mut f = Framed::new(
+            Box::new(parts.io) as Box<dyn Io>,
+            FrameCodec::new(keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN),
+        );
         f.read_buffer_mut().extend_from_slice(&parts.read_buf);
         Ok(f)
     } else {
@@ -124,7 +127,10 @@ async fn connect(cli: &Cli) -> Result<Conn, String> {
             .await
             .map_err(|e| e.to_string())?;
         tcp.set_nodelay(true).ok();
-        let mut f = Framed::new(Box::new(tcp) as Box<dyn Io>, FrameCodec::default());
+        let mut f = Framed::new(
+            Box::new(tcp) as Box<dyn Io>,
+            FrameCodec::new(keyspaces_proxy::frame::codec::DEFAULT_MAX_FRAME_LEN),
+        );
         let r = call(
             &mut f,
             messages::startup(ProtocolVersion::V4, 0, &[("CQL_VERSION", "3.0.0")]),
