@@ -145,7 +145,6 @@ mod tests {
     use super::*;
     use crate::upstream::group::fake::FakeConn;
     use crate::upstream::group::GroupKey;
-    use crate::upstream::mux::OpenParams;
 
     const BUSY_AT: usize = 256;
     const SPILL_AT: usize = 512;
@@ -302,17 +301,7 @@ mod tests {
     /// changes and a move to another group.
     #[test]
     fn an_affinity_follows_its_groups() {
-        let open = |id: u64| {
-            let params = OpenParams {
-                id,
-                version: ProtocolVersion::V4,
-                keyspace: None,
-                max_streams: 8,
-                max_rate: 0,
-            };
-            let addr = SocketAddr::from(([127, 0, 1, 1], 9142));
-            MuxConn::detached(params, addr).0
-        };
+        let open = |id: u64| MuxConn::idle_for_tests(id, SocketAddr::from(([127, 0, 1, 1], 9142)));
         let group = |keyspace: Option<&str>| {
             Arc::new(Group::new(GroupKey {
                 version: ProtocolVersion::V4,
@@ -345,16 +334,7 @@ mod tests {
     /// updates each.
     #[test]
     fn an_affinity_stays_while_nothing_changed() {
-        let open = |id: u64| {
-            let params = OpenParams {
-                id,
-                version: ProtocolVersion::V4,
-                keyspace: None,
-                max_streams: 8,
-                max_rate: 0,
-            };
-            MuxConn::detached(params, SocketAddr::from(([127, 0, 1, 1], 9142))).0
-        };
+        let open = |id: u64| MuxConn::idle_for_tests(id, SocketAddr::from(([127, 0, 1, 1], 9142)));
         let shared = Arc::new(Group::new(GroupKey {
             version: ProtocolVersion::V4,
             keyspace: None,

@@ -321,7 +321,6 @@ mod tests {
     use super::fake::FakeConn;
     use super::*;
     use crate::frame::messages;
-    use crate::upstream::mux::OpenParams;
     use crate::upstream::streams::{Pending, ReplyTo};
 
     /// Ready connections with these requests in flight, to 127.0.1.1, .2, ...
@@ -416,16 +415,7 @@ mod tests {
             keyspace: None,
         });
         let addr = |host: u8| SocketAddr::from(([127, 0, 1, host], 9142));
-        let open = |id, host| {
-            let params = OpenParams {
-                id,
-                version: ProtocolVersion::V4,
-                keyspace: None,
-                max_streams: 8,
-                max_rate: 0,
-            };
-            MuxConn::detached(params, addr(host)).0
-        };
+        let open = |id, host| MuxConn::idle_for_tests(id, addr(host));
         let (a, b) = (open(1, 1), open(2, 2));
         group.add(a.clone());
         group.add(b.clone());

@@ -190,6 +190,20 @@ impl MuxConn {
         (Arc::new(conn), queue)
     }
 
+    /// A detached, ready v4 connection with no keyspace, 8 stream ids and no rate budget, to
+    /// `addr`: what the pool's choosing tests need.
+    #[cfg(test)]
+    pub(super) fn idle_for_tests(id: u64, addr: std::net::SocketAddr) -> Arc<MuxConn> {
+        let params = OpenParams {
+            id,
+            version: crate::frame::ProtocolVersion::V4,
+            keyspace: None,
+            max_streams: 8,
+            max_rate: 0,
+        };
+        MuxConn::detached(params, addr).0
+    }
+
     /// The socket has closed: no more requests, and the address counts it no more.
     fn mark_dead(&self) {
         self.state.store(ConnState::Dead as u8, Ordering::Release);
