@@ -185,6 +185,17 @@ impl ClientHandshake {
                 opcode::AUTH_RESPONSE,
             ) => {
                 let (v, compression) = (*v, *compression);
+                if version != v {
+                    // Cassandra's words: a connection speaks the version its STARTUP chose.
+                    return Step::Close(protocol_error(
+                        v,
+                        h.stream,
+                        &format!(
+                            "Invalid message version. Got {version} but previous messages on \
+                             this connection had version {v}"
+                        ),
+                    ));
+                }
                 self.on_credentials(frame, v, compression)
             }
             (State::AwaitStartup, op) => Step::Reply(protocol_error(
@@ -407,6 +418,31 @@ mod tests {
         assert_eq!(a.success.opcode(), opcode::READY);
         assert_eq!(a.success.stream(), 9);
         assert_eq!(a.success.header.version, 0x83);
+    }
+
+    /// A connection speaks the version its STARTUP chose: credentials in another are refused,
+    /// not checked and accepted for a session in the first.
+    #[test]
+    fn credentials_in_another_version_are_refused() {
+        let users = UserStore::parse("app:pw").unwrap();
+        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
+            ClientAuth::Password(users),
+        )));
+        assert!(matches!(
+            hs.on_frame(&startup(ProtocolVersion::V4)),
+            Step::Reply(_)
+        ));
+        let v3 =
+            messages::auth_response(ProtocolVersion::V3, 2, &messages::plain_token("app", "pw"));
+        let step = hs.on_frame(&v3);
+        assert!(matches!(step, Step::Close(_)), "{step:?}");
+        let e = error_of(&step);
+        assert_eq!(e.code, error_code::PROTOCOL_ERROR);
+        assert_eq!(
+            e.message,
+            "Invalid message version. Got v3 but previous messages on this connection had \
+             version v4"
+        );
     }
 
     #[test]

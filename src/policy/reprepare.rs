@@ -36,10 +36,12 @@ impl Reprepare {
     }
 
     /// Whether `reply` to that PREPARE gave the statement its id back: the retried request names
-    /// the id, so any other answer leaves it as unprepared as before.
+    /// the id, so any other answer leaves it as unprepared as before. Warnings and custom
+    /// payloads before the result (v4) are skipped, as for any answer.
     pub(crate) fn is_done_by(&self, reply: &Frame, version: ProtocolVersion) -> bool {
         reply.opcode() == opcode::RESULT
-            && Prepared::parse(&reply.body, version).is_ok_and(|p| p.id == self.id)
+            && message_body(&reply.header, &reply.body)
+                .is_ok_and(|body| Prepared::parse(body, version).is_ok_and(|p| p.id == self.id))
     }
 }
 

@@ -171,6 +171,15 @@ fn a_reprepare_sends_the_learnt_query_and_checks_the_id() {
     assert!(reprepare.is_done_by(&prepared_answer(0, b"id1"), ProtocolVersion::V4));
     assert!(!reprepare.is_done_by(&prepared_answer(0, b"other"), ProtocolVersion::V4));
     assert!(!reprepare.is_done_by(&unprepared_answer(0, b"id1"), ProtocolVersion::V4));
+    // A warning in front of the result (v4) does not hide the id.
+    let plain = prepared_answer(0, b"id1");
+    let mut warned = BytesMut::new();
+    warned.put_string_list(&["a warning"]);
+    warned.extend_from_slice(&plain.body);
+    let mut header = plain.header;
+    header.flags |= crate::frame::flags::WARNING;
+    let warned = Frame::new(header, warned.freeze());
+    assert!(reprepare.is_done_by(&warned, ProtocolVersion::V4));
 }
 
 #[test]
