@@ -420,10 +420,8 @@ mod tests {
         assert_eq!(a.success.header.version, 0x83);
     }
 
-    /// A connection speaks the version its STARTUP chose: credentials in another are refused,
-    /// not checked and accepted for a session in the first.
-    #[test]
-    fn credentials_in_another_version_are_refused() {
+    /// A password handshake that has had its v4 STARTUP and waits for credentials.
+    fn awaiting_password() -> ClientHandshake {
         let users = UserStore::parse("app:pw").unwrap();
         let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
             ClientAuth::Password(users),
@@ -432,6 +430,14 @@ mod tests {
             hs.on_frame(&startup(ProtocolVersion::V4)),
             Step::Reply(_)
         ));
+        hs
+    }
+
+    /// A connection speaks the version its STARTUP chose: credentials in another are refused,
+    /// not checked and accepted for a session in the first.
+    #[test]
+    fn credentials_in_another_version_are_refused() {
+        let mut hs = awaiting_password();
         let v3 =
             messages::auth_response(ProtocolVersion::V3, 2, &messages::plain_token("app", "pw"));
         let step = hs.on_frame(&v3);
@@ -573,14 +579,7 @@ mod tests {
 
     #[test]
     fn oversized_secrets_are_refused_before_any_check() {
-        let users = UserStore::parse("app:pw").unwrap();
-        let mut hs = ClientHandshake::new(Arc::new(Logins::without_sessions(
-            ClientAuth::Password(users),
-        )));
-        assert!(matches!(
-            hs.on_frame(&startup(ProtocolVersion::V4)),
-            Step::Reply(_)
-        ));
+        let mut hs = awaiting_password();
         let long = "x".repeat(1025);
         let step = hs.on_frame(&messages::auth_response(
             ProtocolVersion::V4,

@@ -103,11 +103,13 @@ impl ErrorReply {
         }
     }
 
-    pub fn code(&self) -> i32 {
+    #[cfg(test)]
+    fn code(&self) -> i32 {
         self.code
     }
 
-    pub fn message(&self) -> &str {
+    #[cfg(test)]
+    fn message(&self) -> &str {
         &self.message
     }
 

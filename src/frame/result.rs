@@ -211,6 +211,25 @@ pub(crate) mod test_bodies {
     use super::*;
     use crate::frame::types::WriteExt;
 
+    /// A v4 PREPARED body for `id`: no bind variables, one result column,
+    /// `system.local.rpc_address`.
+    pub(crate) fn prepared_rpc_address_body(id: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i32(kind::PREPARED);
+        b.put_short_bytes(id);
+        // Bind variables: flags, count, partition key count.
+        b.put_i32(0);
+        b.put_i32(0);
+        b.put_i32(0);
+        b.put_i32(metadata_flags::GLOBAL_TABLES_SPEC);
+        b.put_i32(1);
+        b.put_string("system");
+        b.put_string("local");
+        b.put_string("rpc_address");
+        b.put_u16(TYPE_INET);
+        b.freeze()
+    }
+
     /// A ROWS body: global spec `ks.table`, the given (name, type) columns and rows.
     pub(crate) fn rows_body(
         table: &str,

@@ -5,7 +5,7 @@ use super::prepared::PreparedStatement;
 use super::*;
 use crate::frame::messages::{self, consistency, error_code, message_body};
 use crate::frame::request::parse_prepare;
-use crate::frame::result::{kind, metadata_flags, TYPE_INET};
+use crate::frame::result::test_bodies::prepared_rpc_address_body;
 use crate::frame::types::WriteExt;
 use crate::frame::Header;
 use crate::frame::ProtocolVersion;
@@ -13,22 +13,9 @@ use crate::topology::SystemTable;
 
 /// A v4 PREPARED answer for `id`: no bind variables, one result column of `system.local`.
 fn prepared_answer(stream: i16, id: &[u8]) -> Frame {
-    let mut b = BytesMut::new();
-    b.put_i32(kind::PREPARED);
-    b.put_short_bytes(id);
-    // Bind variables: flags, count, partition key count.
-    b.put_i32(0);
-    b.put_i32(0);
-    b.put_i32(0);
-    b.put_i32(metadata_flags::GLOBAL_TABLES_SPEC);
-    b.put_i32(1);
-    b.put_string("system");
-    b.put_string("local");
-    b.put_string("rpc_address");
-    b.put_u16(TYPE_INET);
     Frame::new(
         Header::response(ProtocolVersion::V4, stream, opcode::RESULT),
-        b.freeze(),
+        prepared_rpc_address_body(id),
     )
 }
 

@@ -6,7 +6,7 @@ use super::*;
 fn is_compressed(frame: &Frame) -> bool {
     frame.header.has_flag(crate::frame::flags::COMPRESSION)
 }
-use crate::frame::result::test_bodies::rows_body;
+use crate::frame::result::test_bodies::{prepared_rpc_address_body, rows_body};
 use crate::frame::result::{metadata_flags, Rows, TYPE_INET};
 use crate::frame::types::WriteExt;
 use crate::frame::Header;
@@ -127,21 +127,9 @@ fn prepared_system_local_with_skip_metadata_is_rewritten() {
         prep.freeze(),
     );
     assert!(matches!(r.on_client_frame(prep), Route::Upstream(_)));
-    let mut b = BytesMut::new();
-    b.put_i32(kind::PREPARED);
-    b.put_short_bytes(b"id1");
-    b.put_i32(0);
-    b.put_i32(0);
-    b.put_i32(0);
-    b.put_i32(metadata_flags::GLOBAL_TABLES_SPEC);
-    b.put_i32(1);
-    b.put_string("system");
-    b.put_string("local");
-    b.put_string("rpc_address");
-    b.put_u16(TYPE_INET);
     r.on_upstream_frame(Frame::new(
         Header::response(ProtocolVersion::V4, 2, opcode::RESULT),
-        b.freeze(),
+        prepared_rpc_address_body(b"id1"),
     ))
     .unwrap();
 

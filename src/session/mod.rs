@@ -23,7 +23,7 @@ use crate::frame::{ForeignProtocol, Frame, FrameCodec, FrameDecodeError, FrameEr
 use crate::handshake::{Accepted, ClientHandshake, Step, MAX_HANDSHAKE_FRAME};
 use crate::metrics::{metrics, Metrics, Outcome, Reason};
 use crate::upstream::pool::{Group, Pool};
-use crate::upstream::{UpstreamConnection, UpstreamError};
+use crate::upstream::UpstreamConnection;
 use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 
 pub mod admission;
@@ -281,11 +281,6 @@ async fn refuse_unmapped(
     client.send(reply).await
 }
 
-/// What the client sees when the upstream could not be opened.
-pub fn upstream_error_frame(version: ProtocolVersion, stream: i16, e: &UpstreamError) -> Frame {
-    e.reply().frame(version, stream)
-}
-
 async fn handshake(
     ctx: &ProxyContext,
     client: &mut ClientFramed,
@@ -400,8 +395,7 @@ async fn handshake(
                             },
                         );
                         tracing::warn!(error = %e, "upstream connection failed");
-                        let reply =
-                            upstream_error_frame(accepted.version, accepted.success.stream(), &e);
+                        let reply = e.reply().frame(accepted.version, accepted.success.stream());
                         client.send(reply).await?;
                         Ok(None)
                     }

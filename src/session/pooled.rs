@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::client_stream::{ClientReader, ClientWriter};
-use super::{next_client_frame, split_client, upstream_error_frame, ClientFramed};
+use super::{next_client_frame, split_client, ClientFramed};
 use crate::context::ProxyContext;
 use crate::frame::compression::compressed;
 use crate::frame::header::holds_whole_frame;
@@ -310,5 +310,5 @@ async fn switch_keyspace(
 ) -> Result<Arc<Group>, Frame> {
     pool.group(version, Some(keyspace))
         .await
-        .map_err(|e| upstream_error_frame(version, 0, &e))
+        .map_err(|e| e.reply().frame(version, 0))
 }
