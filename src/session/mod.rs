@@ -29,6 +29,7 @@ use crate::writer::{write_frames_counted, QUEUE_DEPTH};
 pub mod admission;
 mod client_stream;
 mod dedicated;
+mod head_start;
 mod login;
 mod pooled;
 

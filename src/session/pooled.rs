@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::client_stream::{ClientReader, ClientWriter};
+use super::head_start::HeadStart;
 use super::{next_client_frame, split_client, ClientFramed};
 use crate::context::ProxyContext;
 use crate::frame::compression::compressed;
@@ -60,6 +61,7 @@ struct PooledSession<'a> {
     /// The connections of the client's current keyspace (`USE` changes it).
     group: Arc<Group>,
     affinity: Affinity,
+    head_start: HeadStart,
     /// Requests sent upstream and not answered yet.
     in_flight: usize,
     /// Shutdown has begun: nothing more is read, and the session ends once `in_flight` is 0.
@@ -104,6 +106,7 @@ impl<'a> PooledSession<'a> {
             pool,
             group,
             affinity: Affinity::default(),
+            head_start: HeadStart::default(),
             in_flight: 0,
             draining: false,
             batch: Vec::new(),
@@ -186,6 +189,12 @@ impl<'a> PooledSession<'a> {
                 // Most requests go out here, without building the waiting future.
                 if let Err(p) = pool.try_dispatch_pinned(group, pending, &mut self.affinity) {
                     pool.dispatch_waiting(group, p).await;
+                }
+                if self
+                    .head_start
+                    .after_routing(buffered, self.read_at, || group.in_flight())
+                {
+                    tokio::task::yield_now().await;
                 }
                 return Flow::Continue;
             }

@@ -69,6 +69,11 @@ impl Group {
         self.conns.load().iter().filter(|c| c.is_ready()).count()
     }
 
+    /// Requests in flight on all of the group's connections.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.conns.load().iter().map(|c| c.in_flight()).sum()
+    }
+
     /// Whether more clients are pinned to the group's ready connections than there are of them
     /// (some must share).
     pub(super) fn clients_outnumber_connections(&self) -> bool {
