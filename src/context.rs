@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::auth::attempts::LoginFailures;
 use crate::auth::client::Logins;
 use crate::session::admission::HandshakeSlots;
+use crate::session::LastRead;
 use crate::shutdown::Shutdown;
 use crate::upstream::identity_pools::IdentityPools;
 use crate::upstream::pool::Pool;
@@ -50,4 +51,7 @@ pub struct ProxyContext {
     /// Begun when the proxy starts shutting down: sessions stop reading new requests and close
     /// once their in-flight requests are answered.
     pub shutdown: Shutdown,
+    /// Which client read requests last: whether a client's burst is alone on the server
+    /// (`session::head_start`).
+    pub last_read: LastRead,
 }

@@ -328,6 +328,7 @@ impl Cli {
                 pool,
                 consistency_guard: self.consistency_guard,
                 shutdown: crate::shutdown::Shutdown::new(),
+                last_read: Default::default(),
                 upstream,
                 logins: arc_swap::ArcSwap::from_pointee(Logins::new(
                     client_auth,

@@ -30,6 +30,7 @@ pub mod admission;
 mod client_stream;
 mod dedicated;
 mod head_start;
+pub use head_start::LastRead;
 mod login;
 mod pooled;
 

@@ -106,7 +106,7 @@ impl<'a> PooledSession<'a> {
             pool,
             group,
             affinity: Affinity::default(),
-            head_start: HeadStart::default(),
+            head_start: HeadStart::new(&ctx.last_read),
             in_flight: 0,
             draining: false,
             batch: Vec::new(),
@@ -179,6 +179,7 @@ impl<'a> PooledSession<'a> {
     async fn on_request(&mut self, request: Frame, buffered: bool) -> Flow {
         if !buffered {
             self.read_at = Instant::now();
+            self.head_start.read(&self.ctx.last_read, self.read_at);
         }
         let answer = match self.router.on_client_frame(request) {
             Route::Upstream(f) => {
@@ -190,10 +191,8 @@ impl<'a> PooledSession<'a> {
                 if let Err(p) = pool.try_dispatch_pinned(group, pending, &mut self.affinity) {
                     pool.dispatch_waiting(group, p).await;
                 }
-                if self
-                    .head_start
-                    .after_routing(buffered, self.read_at, || group.in_flight())
-                {
+                let mine = self.in_flight;
+                if self.head_start.after_routing(mine, || group.in_flight()) {
                     tokio::task::yield_now().await;
                 }
                 return Flow::Continue;

@@ -149,6 +149,7 @@ pub fn context(emu: &Emulator, opts: ProxyOptions) -> ProxyContext {
         pool: pool.clone(),
         consistency_guard: opts.consistency_guard,
         shutdown: keyspaces_proxy::shutdown::Shutdown::new(),
+        last_read: Default::default(),
         logins: arc_swap::ArcSwap::from_pointee(keyspaces_proxy::auth::client::Logins::new(
             opts.client_auth,
             keyspaces_proxy::auth::sessions::SessionCache::new(opts.session_ttl, 1000),
