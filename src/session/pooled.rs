@@ -191,8 +191,10 @@ impl<'a> PooledSession<'a> {
                 if let Err(p) = pool.try_dispatch_pinned(group, pending, &mut self.affinity) {
                     pool.dispatch_waiting(group, p).await;
                 }
-                let mine = self.in_flight;
-                if self.head_start.after_routing(mine, || group.in_flight()) {
+                if self
+                    .head_start
+                    .after_routing(self.in_flight, || group.in_flight())
+                {
                     tokio::task::yield_now().await;
                 }
                 return Flow::Continue;
