@@ -3,8 +3,8 @@
 //! The decoder reads the nine header bytes and hands the body on as a `Bytes` view of the read
 //! buffer (`split_to(..).freeze()`), so a 1 MiB result crosses the proxy without a body copy.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, FramedRead};
 
 use super::header::{Header, HEADER_LEN};
 
@@ -163,8 +163,11 @@ impl Decoder for FrameCodec {
             src.reserve((total - src.len()).min(1 << 20));
             return Ok(None);
         }
-        let mut frame = src.split_to(total);
-        let body = frame.split_off(HEADER_LEN).freeze();
+        // The header is parsed already: skipping it and splitting off the body shares the
+        // buffer once per frame (two splits and a drop of the header part cost three refcount
+        // updates, a visible share of the profile).
+        src.advance(HEADER_LEN);
+        let body = src.split_to(length).freeze();
         // A connection that carries traffic reads in large chunks; one that sits idle after its
         // handshake keeps the small buffer it started with.
         if src.capacity() - src.len() < READ_CHUNK / 4 {
@@ -181,6 +184,17 @@ impl Encoder<Frame> for FrameCodec {
         encode_into(&frame, dst);
         Ok(())
     }
+}
+
+/// The next frame when the read buffer already holds all of it, decoded without polling the
+/// reader: the frames one socket read brought are taken apart in one go, not one trip through
+/// the caller's `select!` each (those trips were a tenth of the proxy's CPU under load). `None`
+/// when no whole frame is buffered: the reader must read.
+pub fn next_buffered<R>(
+    reader: &mut FramedRead<R, FrameCodec>,
+) -> Option<Result<Frame, FrameDecodeError>> {
+    let mut codec = reader.decoder().clone();
+    codec.decode(reader.read_buffer_mut()).transpose()
 }
 
 /// Appends a frame's wire form to `dst`, fixing the length field from the body.
@@ -244,6 +258,37 @@ mod tests {
         assert_eq!(&f.body[..], &[0, 0, 0, 1]);
         assert_eq!(&buf[..], &[0x84]);
         assert!(codec.decode(&mut buf).unwrap().is_none());
+    }
+
+    /// What one read brought is taken frame by frame without reading again; a frame cut short
+    /// stays in the buffer for the reader, and so does a bad one's error.
+    #[tokio::test]
+    async fn buffered_frames_are_taken_without_reading_and_a_partial_one_is_left() {
+        use futures_util::StreamExt;
+        let frames = "840000070800000004000000018400000808000000040000000284000009";
+        let bytes = hex::decode(frames).unwrap();
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut tx, &bytes)
+            .await
+            .unwrap();
+        let mut reader = FramedRead::new(rx, FrameCodec::new(DEFAULT_MAX_FRAME_LEN));
+        assert!(next_buffered(&mut reader).is_none(), "nothing read yet");
+        let first = reader.next().await.unwrap().unwrap();
+        assert_eq!(first.stream(), 7);
+        let second = next_buffered(&mut reader).unwrap().unwrap();
+        assert_eq!((second.stream(), &second.body[..]), (8, &[0, 0, 0, 2][..]));
+        assert!(
+            next_buffered(&mut reader).is_none(),
+            "the third is cut short"
+        );
+        assert_eq!(reader.read_buffer().len(), 4, "and stays for the next read");
+        let bad = hex::decode("8400000a080000000400000003").unwrap();
+        let mut reader = FramedRead::new(tokio::io::empty(), FrameCodec::new(2));
+        reader.read_buffer_mut().extend_from_slice(&bad);
+        assert!(matches!(
+            next_buffered(&mut reader),
+            Some(Err(FrameDecodeError::Frame(FrameError::TooLarge { .. })))
+        ));
     }
 
     #[test]

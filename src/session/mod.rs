@@ -431,7 +431,18 @@ fn split_client(
 async fn next_client_frame(
     frames: &mut FramedRead<ClientReader, FrameCodec>,
 ) -> Result<Frame, Option<Frame>> {
-    match frames.next().await {
+    client_frame(frames.next().await)
+}
+
+/// As `next_client_frame` for a frame the read buffer already holds whole; `None` otherwise.
+fn buffered_client_frame(
+    frames: &mut FramedRead<ClientReader, FrameCodec>,
+) -> Option<Result<Frame, Option<Frame>>> {
+    crate::frame::codec::next_buffered(frames).map(|next| client_frame(Some(next)))
+}
+
+fn client_frame(next: Option<Result<Frame, FrameDecodeError>>) -> Result<Frame, Option<Frame>> {
+    match next {
         None => Err(None),
         Some(Ok(f)) => {
             metrics().request(f.opcode(), f.body.len() + crate::frame::header::HEADER_LEN);

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{UpstreamError, UpstreamTarget};
 use super::streams::{Pending, StreamTable, TokenBucket};
-use crate::frame::header::holds_whole_frame;
+use crate::frame::codec::next_buffered;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
 use crate::frame::types::Reader;
@@ -118,16 +118,20 @@ impl MuxConn {
             tokio::pin!(cancelled);
             let mut received = Instant::now();
             loop {
-                // Frames already whole in the buffer came with the same read: one clock reading
-                // serves them all (it was a visible share of the profile, read per frame).
-                let buffered = holds_whole_frame(reader.read_buffer());
-                let next = tokio::select! {
-                    next = reader.next() => next,
-                    _ = &mut cancelled => break,
+                // Frames already whole in the buffer came with the same read: they are taken
+                // without a `select!` turn each, and one clock reading serves them all (read per
+                // frame, it was a visible share of the profile).
+                let next = match next_buffered(&mut reader) {
+                    Some(next) => Some(next),
+                    None => {
+                        let next = tokio::select! {
+                            next = reader.next() => next,
+                            _ = &mut cancelled => break,
+                        };
+                        received = Instant::now();
+                        next
+                    }
                 };
-                if !buffered {
-                    received = Instant::now();
-                }
                 match next {
                     Some(Ok(frame)) => owner.on_response(&me, frame, received),
                     Some(Err(e)) => {
