@@ -263,6 +263,7 @@ impl<'a> PooledSession<'a> {
         while !self.batch.is_empty() {
             for frame in self.batch.drain(..) {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                inbox.written(&frame);
                 match self.router.on_upstream_frame(frame) {
                     // Small answers are only copied into the batch: no write, nothing to wait on.
                     Ok(Some(f)) if self.out.buffer(&f) => {}
