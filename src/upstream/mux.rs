@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use futures_util::StreamExt;
+use tokio::io::AsyncRead;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -113,37 +114,7 @@ impl MuxConn {
         let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
-            // Polled across frames: a fresh one per frame would register a waiter each time.
-            let cancelled = me.cancel.clone().cancelled_owned();
-            tokio::pin!(cancelled);
-            let mut received = Instant::now();
-            loop {
-                // Frames already whole in the buffer came with the same read: they are taken
-                // without a `select!` turn each, and one clock reading serves them all (read per
-                // frame, it was a visible share of the profile).
-                let next = match next_buffered(&mut reader) {
-                    Some(next) => Some(next),
-                    None => {
-                        let next = tokio::select! {
-                            next = reader.next() => next,
-                            _ = &mut cancelled => break,
-                        };
-                        received = Instant::now();
-                        next
-                    }
-                };
-                match next {
-                    Some(Ok(frame)) => owner.on_response(&me, frame, received),
-                    Some(Err(e)) => {
-                        tracing::warn!(conn = me.id, error = %e, "upstream read failed");
-                        break;
-                    }
-                    None => {
-                        tracing::info!(conn = me.id, "upstream closed the connection");
-                        break;
-                    }
-                }
-            }
+            relay_answers(&me, &mut reader, owner.as_ref()).await;
             me.mark_dead();
             writer.abort();
             let in_flight = me.drain_table();
@@ -369,6 +340,51 @@ impl MuxConn {
     }
 }
 
+/// Hands every frame the upstream sends to `owner` until the connection fails, closes, or is
+/// closed by us (`MuxConn::close`).
+async fn relay_answers<R: AsyncRead + Unpin>(
+    me: &Arc<MuxConn>,
+    reader: &mut FramedRead<R, FrameCodec>,
+    owner: &dyn ConnOwner,
+) {
+    // Polled across frames: a fresh one per frame would register a waiter each time.
+    let cancelled = me.cancel.clone().cancelled_owned();
+    tokio::pin!(cancelled);
+    let mut received = Instant::now();
+    loop {
+        // An answer that closed the connection (it switched the keyspace) ends it here: the
+        // frames that came after it in the same read are not relayed.
+        if me.cancel.is_cancelled() {
+            break;
+        }
+        // Frames already whole in the buffer came with the same read: they are taken without a
+        // `select!` turn each, and one clock reading serves them all (read per frame, it was a
+        // visible share of the profile).
+        let next = match next_buffered(reader) {
+            Some(next) => Some(next),
+            None => {
+                let next = tokio::select! {
+                    next = reader.next() => next,
+                    _ = &mut cancelled => break,
+                };
+                received = Instant::now();
+                next
+            }
+        };
+        match next {
+            Some(Ok(frame)) => owner.on_response(me, frame, received),
+            Some(Err(e)) => {
+                tracing::warn!(conn = me.id, error = %e, "upstream read failed");
+                break;
+            }
+            None => {
+                tracing::info!(conn = me.id, "upstream closed the connection");
+                break;
+            }
+        }
+    }
+}
+
 async fn use_keyspace(
     framed: &mut super::connection::UpstreamFramed,
     version: ProtocolVersion,
@@ -508,6 +524,45 @@ mod tests {
         assert!(!c.has_free_stream(), "its id waits for the late answer");
         assert!(c.take(0).is_none(), "the late answer goes nowhere");
         assert!(c.has_free_stream());
+    }
+
+    /// Records the streams it is handed and, as the pool does, closes a connection whose
+    /// keyspace an answer switched.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<i16>>);
+
+    impl ConnOwner for Recorder {
+        fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame, _: Instant) {
+            conn.close_if_keyspace_switched(&frame.body);
+            self.0.lock().unwrap().push(frame.stream());
+        }
+        fn on_closed(&self, _: &Arc<MuxConn>, _: Vec<Pending>) {}
+    }
+
+    #[tokio::test]
+    async fn answers_after_a_keyspace_switch_in_the_same_read_are_not_relayed() {
+        use tokio::io::AsyncWriteExt;
+        let (c, _queue) = conn(4, Some("shop"));
+        let v4 = ProtocolVersion::V4;
+        let mut bytes = Vec::new();
+        for f in [
+            messages::result_void(v4, 0),
+            messages::result_set_keyspace(v4, 1, "other"),
+            messages::result_void(v4, 2),
+        ] {
+            bytes.extend_from_slice(&f.to_bytes());
+        }
+        let (mut upstream, rx) = tokio::io::duplex(1 << 16);
+        upstream.write_all(&bytes).await.unwrap();
+        let mut reader = FramedRead::new(rx, FrameCodec::new(1 << 20));
+        let owner = Recorder::default();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            relay_answers(&c, &mut reader, &owner),
+        )
+        .await
+        .expect("ends at the switch");
+        assert_eq!(*owner.0.lock().unwrap(), [0, 1], "nothing after the switch");
     }
 
     /// Whether a connection opened for `opened_for` closes on the RESULT `result`.

@@ -91,7 +91,8 @@ impl ClientInbox {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             self.buffers.used.fetch_sub(len, Ordering::AcqRel);
             if !self.overflowed.swap(true, Ordering::AcqRel) {
-                self.wake.notify_one();
+                // Every waiter: the session's loop and a write it is blocked in each wait.
+                self.wake.notify_waiters();
             }
             return;
         }
@@ -115,10 +116,16 @@ impl ClientInbox {
         self.overflowed.load(Ordering::Acquire)
     }
 
-    /// Resolves once a response had to be dropped because the client was not reading.
+    /// Resolves once a response had to be dropped because the client was not reading. Any
+    /// number may wait at once (`notify_waiters` stores no permit: each registers before it
+    /// looks at the flag, so an overflow in between is not missed).
     pub async fn overflowed(&self) {
-        while !self.is_overflowed() {
-            self.wake.notified().await;
+        loop {
+            let notified = self.wake.notified();
+            if self.is_overflowed() {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -380,6 +387,37 @@ mod tests {
         assert_eq!(got[0].stream(), 1);
         inbox.written(&got[0]);
         assert_eq!(inbox.queued_bytes(), 0);
+    }
+
+    /// The session waits for an overflow in its loop and, while blocked writing to the client,
+    /// in that write too: both must wake (with one woken, a session stuck writing to a client
+    /// that reads nothing was never cut).
+    #[test]
+    fn every_waiter_sees_the_overflow() {
+        use std::future::Future;
+        let inbox = ClientInbox::new(ClientBuffers::new(100, 1 << 20));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let (loop_wait, write_wait) = (inbox.overflowed(), inbox.overflowed());
+        tokio::pin!(loop_wait, write_wait);
+        assert!(loop_wait.as_mut().poll(&mut cx).is_pending());
+        assert!(write_wait.as_mut().poll(&mut cx).is_pending());
+        let big = Frame::new(
+            messages::ready(ProtocolVersion::V4, 0).header,
+            bytes::Bytes::from(vec![0u8; 300]),
+        );
+        for stream in [1, 2] {
+            ReplyTo::Client {
+                inbox: inbox.clone(),
+                stream,
+            }
+            .deliver(big.clone());
+        }
+        assert!(inbox.is_overflowed());
+        assert!(loop_wait.as_mut().poll(&mut cx).is_ready());
+        assert!(write_wait.as_mut().poll(&mut cx).is_ready(), "both woken");
+        let later = inbox.overflowed();
+        tokio::pin!(later);
+        assert!(later.poll(&mut cx).is_ready(), "and any later one");
     }
 
     /// Many slow readers, each within its own limit, cannot pin more than the total: once all
