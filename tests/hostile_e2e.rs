@@ -430,6 +430,46 @@ async fn reading_stops_at_max_client_in_flight() {
     others_fine(addr, &mut bystander, "pipelining past the limit").await;
 }
 
+/// A bad frame behind good ones in the same write costs only itself: the requests before it
+/// are answered, each on its own stream, then the bad one gets its ERROR and the connection
+/// closes.
+#[tokio::test]
+async fn a_bad_frame_behind_good_ones_costs_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy(&emu, ProxyOptions::for_emulator(&emu)).await;
+    let upstream_read = |stream| {
+        let cql = "SELECT keyspace_name FROM system_schema.keyspaces";
+        messages::query(4, stream, cql, consistency::ONE)
+    };
+    for (case, bad) in [
+        ("unknown opcode", raw_frame(0x77, 99, 0, b"")),
+        ("length -1", header(0, 99, opcode::QUERY, u32::MAX)),
+    ] {
+        let mut c = Client::ready(addr).await;
+        let mut bytes = Vec::new();
+        for stream in 1..=10 {
+            bytes.extend_from_slice(&upstream_read(stream).to_bytes());
+        }
+        bytes.extend_from_slice(&bad);
+        c.send_raw(&bytes).await;
+        let mut answered = Vec::new();
+        loop {
+            match outcome(&mut c).await {
+                Outcome::Other(f) => answered.push(f.stream()),
+                Outcome::Error(e) => {
+                    assert_eq!(e.code, error_code::PROTOCOL_ERROR, "{case}: {e:?}");
+                    break;
+                }
+                Outcome::Closed => panic!("{case}: closed before the ERROR"),
+            }
+        }
+        answered.sort();
+        assert_eq!(answered, (1..=10).collect::<Vec<_>>(), "{case}");
+        closes(&mut c, case).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_is_closed_at_its_buffer_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -560,6 +600,21 @@ async fn slow_handshakes_are_cut_at_the_deadline() {
     others_fine(addr, &mut bystander, "slow handshakes").await;
 }
 
+/// A ready client, once the proxy has a connection slot for it.
+async fn ready_once_a_slot_is_free(addr: SocketAddr) -> Client {
+    for _ in 0..100 {
+        let mut c = Client::connect(addr).await;
+        c.send(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        if let Outcome::Other(f) = outcome(&mut c).await {
+            assert_eq!(f.opcode(), opcode::READY);
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no connection slot came free");
+}
+
 #[tokio::test]
 async fn resets_and_the_connection_limit_leave_others_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -600,10 +655,12 @@ async fn resets_and_the_connection_limit_leave_others_alone() {
     }
     assert_eq!(pool.stats().streams_in_use, 0);
 
-    // The limit: the bystander plus five more; the seventh is closed on accept.
+    // The limit: the bystander plus five more; the seventh is closed on accept. A reset
+    // client's session holds its slot until the proxy has read the reset or failed to answer it,
+    // which may come after its last request left the pool.
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(Client::ready(addr).await);
+        held.push(ready_once_a_slot_is_free(addr).await);
     }
     let mut extra = Client::connect(addr).await;
     extra.send(messages::options(4, 0)).await;

@@ -67,8 +67,11 @@ struct PooledSession<'a> {
     head_start: HeadStart,
     /// Requests sent upstream and not answered yet.
     in_flight: usize,
-    /// Shutdown has begun: nothing more is read, and the session ends once `in_flight` is 0.
+    /// Shutdown has begun, or the client sent something that ends its connection: nothing more
+    /// is read, and the session ends once `in_flight` is 0.
     draining: bool,
+    /// Why the connection ends, written after the answers to what the client sent before it.
+    farewell: Option<Frame>,
     /// Reused across batches: taking the inbox swaps vectors, allocating nothing.
     batch: Vec<Frame>,
     /// When the socket read that brought the current request completed.
@@ -112,6 +115,7 @@ impl<'a> PooledSession<'a> {
             head_start: HeadStart::new(&ctx.last_read),
             in_flight: 0,
             draining: false,
+            farewell: None,
             batch: Vec::new(),
             read_at: Instant::now(),
             version: accepted.version,
@@ -147,7 +151,7 @@ impl<'a> PooledSession<'a> {
                 _ = &mut overflow => self.on_overflow(),
                 next = next_client_frame(&mut self.frames), if may_read => match next {
                     Ok(request) => self.on_requests(request, buffered).await,
-                    Err(why) => self.close(why).await,
+                    Err(why) => self.close(why),
                 },
                 _ = &mut arrived => {
                     arrived.set(inbox.arrived());
@@ -189,7 +193,7 @@ impl<'a> PooledSession<'a> {
             flow = match buffered_client_frame(&mut self.frames) {
                 None => break,
                 Some(Ok(request)) => self.on_request(request, true).await,
-                Some(Err(why)) => self.close(why).await,
+                Some(Err(why)) => self.close(why),
             };
         }
         flow
@@ -235,7 +239,7 @@ impl<'a> PooledSession<'a> {
                 }
             }
             Route::Client(f) => f,
-            Route::Close(f) => return self.close(Some(f)).await,
+            Route::Close(f) => return self.close(Some(f)),
         };
         let inbox = self.inbox;
         if !wrote(inbox, self.out.push(&answer)).await || !wrote(inbox, self.out.flush()).await {
@@ -294,16 +298,26 @@ impl<'a> PooledSession<'a> {
         Flow::Continue
     }
 
-    /// Tells the client why the session ends, when there is something to tell.
-    async fn close(&mut self, why: Option<Frame>) -> Flow {
-        if let Some(f) = why {
-            let _ = self.out.push(&f).await;
-            let _ = self.out.flush().await;
+    /// Ends the session, telling the client why when there is something to tell: after the
+    /// answers to the requests it sent before (they are on their way upstream), so a bad frame
+    /// costs the client only itself. A client that has gone (`None`) is not waited for.
+    fn close(&mut self, why: Option<Frame>) -> Flow {
+        let Some(f) = why else {
+            return Flow::Close;
+        };
+        self.farewell = Some(f);
+        if self.in_flight > 0 {
+            self.draining = true;
+            return Flow::Continue;
         }
         Flow::Close
     }
 
     async fn finish(mut self) {
+        let inbox = self.inbox;
+        if let Some(f) = self.farewell.take() {
+            let _ = wrote(inbox, self.out.push(&f)).await && wrote(inbox, self.out.flush()).await;
+        }
         let _ = self.out.shutdown().await;
     }
 }
