@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cql;
+pub mod hostile;
 
 use std::net::SocketAddr;
 use std::path::Path;
