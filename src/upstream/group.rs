@@ -92,6 +92,22 @@ impl Group {
             .clone()
     }
 
+    /// Records a failed connection attempt begun at `started`. Attempts under way together fail
+    /// together (one cut, one outage): only the first of them lengthens the back-off, so that a
+    /// brief loss that caught four connects mid-handshake costs one step, not four.
+    pub(super) fn record_failure(
+        &self,
+        started: Instant,
+        err: Arc<UpstreamError>,
+        reference: Reference,
+    ) {
+        let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        if escalates(started, last.as_ref().map(|(at, _, _)| *at)) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        *last = Some((Instant::now(), err, reference));
+    }
+
     /// The delay before the next connection attempt after `failures` in a row, with jitter.
     pub(super) fn backoff(&self) -> Duration {
         let n = self.failures.load(Ordering::Relaxed);
@@ -242,6 +258,12 @@ fn least_in_flight<C: Candidate>(conns: &[Arc<C>]) -> Option<usize> {
         .min()
 }
 
+/// Whether an attempt begun at `started` failing is one more failure in a row: it is unless an
+/// attempt that failed after it began (`previous`) has already counted the same outage.
+fn escalates(started: Instant, previous: Option<Instant>) -> bool {
+    previous.is_none_or(|at| at < started)
+}
+
 /// A connection as plain values, for tests of choosing: what `Candidate` reads, set by hand.
 #[cfg(test)]
 pub(super) mod fake {
@@ -344,6 +366,27 @@ mod tests {
 
     fn pick_any(conns: &[Arc<FakeConn>]) -> Option<usize> {
         picked(conns, least_busy(conns, |_| true))
+    }
+
+    fn failed(group: &Group, started: Instant) {
+        group.record_failure(started, Arc::new(UpstreamError::Closed), Reference::new());
+    }
+
+    #[test]
+    fn attempts_that_fail_together_lengthen_the_back_off_once() {
+        let group = Group::new(GroupKey {
+            version: ProtocolVersion::V4,
+            keyspace: None,
+        });
+        let together = Instant::now();
+        for _ in 0..4 {
+            failed(&group, together);
+        }
+        assert_eq!(group.failures.load(Ordering::Relaxed), 1);
+        // The next attempt, begun after that outage was counted, is a second failure in a row.
+        failed(&group, Instant::now());
+        assert_eq!(group.failures.load(Ordering::Relaxed), 2);
+        assert!(group.backoff() <= BACKOFF_BASE * 4);
     }
 
     #[test]

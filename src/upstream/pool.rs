@@ -259,6 +259,7 @@ impl Pool {
             max_rate: self.settings.max_rate_per_connection,
         };
         let owner: Arc<dyn ConnOwner> = self.arc();
+        let started = Instant::now();
         let result = MuxConn::open(&self.target, params, owner).await;
         group.connecting.fetch_sub(1, Ordering::AcqRel);
         match result {
@@ -272,9 +273,7 @@ impl Pool {
                 let e = Arc::new(e);
                 let reference = crate::reference::Reference::new();
                 tracing::warn!(%reference, error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
-                group.failures.fetch_add(1, Ordering::Relaxed);
-                *group.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), e.clone(), reference));
+                group.record_failure(started, e.clone(), reference);
                 group.changed.notify_waiters();
                 Err(e)
             }
