@@ -226,7 +226,9 @@ impl Pool {
                 return Err(err);
             }
         }
-        match self.connect_into(&group).await {
+        // Boxed: the first connection of a group is rare, and its handshake future would
+        // otherwise be part of every session task, idle or not (tests/footprint.rs).
+        match Box::pin(self.connect_into(&group)).await {
             Ok(()) => Ok(group),
             Err(e) => {
                 if group.ready_count() > 0 {
