@@ -803,6 +803,36 @@ async fn busy_clients_sharing_connections_get_one_each() {
     );
 }
 
+/// Many clients with a few requests in flight each, sharing two connections 128 deep: each
+/// waits behind the others' requests, so the pool grows until they are spread out — and stops
+/// once the connections are no deeper on average than sharing costs nothing at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelining_clients_sharing_deep_connections_spread_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let addr = proxy_without_rate_limit(&emu, PoolSettings::default()).await;
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        clients.push(Client::ready(addr).await);
+    }
+    let loads: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(
+                async move { error_codes(&pipeline(&mut c, &local_query(), 3_000, 8).await) },
+            )
+        })
+        .collect();
+    for load in loads {
+        assert_eq!(load.await.unwrap(), Vec::<i32>::new());
+    }
+    let authenticated = events_of(&emu.events.snapshot(), "auth").count();
+    assert!(
+        (3..=6).contains(&authenticated),
+        "{authenticated} upstream connections for 32 clients of 8 each"
+    );
+}
+
 /// One busy client among many light ones (one request at a time each): nobody waits behind
 /// anybody, so the pool stays as it is — light clients re-pinning beside the busy one must
 /// not grow it a connection at a time.

@@ -21,9 +21,6 @@ use super::mux::MuxConn;
 pub struct Affinity {
     group: Weak<Group>,
     pinned: Pinned<MuxConn>,
-    /// Requests the client has in flight (its session keeps this current): whether it is busy
-    /// enough for sharing a connection to cost it.
-    pub client_in_flight: usize,
 }
 
 impl Affinity {

@@ -80,6 +80,11 @@ impl Group {
         clients_outnumber(self.conns.load().as_slice())
     }
 
+    /// Whether the group's ready connections carry more than `depth` requests each on average.
+    pub(super) fn deeper_on_average_than(&self, depth: usize) -> bool {
+        deeper_on_average(self.conns.load().as_slice(), depth)
+    }
+
     /// Requests in flight on the least busy ready connection, if there is one.
     pub(super) fn least_in_flight(&self) -> Option<usize> {
         least_in_flight(self.conns.load().as_slice())
@@ -249,6 +254,12 @@ fn clients_outnumber<C: Candidate>(conns: &[Arc<C>]) -> bool {
     clients > n
 }
 
+fn deeper_on_average<C: Candidate>(conns: &[Arc<C>], depth: usize) -> bool {
+    let ready = conns.iter().filter(|c| c.is_ready());
+    let (n, in_flight) = ready.fold((0, 0), |(n, sum), c| (n + 1, sum + c.in_flight()));
+    n > 0 && in_flight > n * depth
+}
+
 /// Requests in flight on the least busy ready connection, if there is one.
 fn least_in_flight<C: Candidate>(conns: &[Arc<C>]) -> Option<usize> {
     conns
@@ -366,6 +377,20 @@ mod tests {
 
     fn pick_any(conns: &[Arc<FakeConn>]) -> Option<usize> {
         picked(conns, least_busy(conns, |_| true))
+    }
+
+    #[test]
+    fn a_group_is_deep_on_average_only_when_its_load_is() {
+        // 32 clients of 8 each on two connections: every client waits behind 120 others.
+        assert!(deeper_on_average(&with_depths(&[128, 128]), 64));
+        // One busy client (100) and twenty light ones (one each): only its own is deep.
+        assert!(!deeper_on_average(&with_depths(&[110, 10]), 64));
+        assert!(!deeper_on_average(&with_depths(&[64, 64, 64, 64]), 64));
+        assert!(!deeper_on_average(&with_depths(&[]), 64));
+        // Connections not ready carry nothing new.
+        let conns = with_depths(&[200, 10]);
+        conns[0].ready.set(false);
+        assert!(!deeper_on_average(&conns, 64));
     }
 
     fn failed(group: &Group, started: Instant) {

@@ -87,15 +87,6 @@ pub(super) fn shared_grow_at(grow_at: usize) -> usize {
     (grow_at / 4).max(1)
 }
 
-/// Whether a client with `mine` requests in flight, on a connection carrying `on_conn`, shares
-/// it with others busy enough that their bursts queue behind each other: both it and the rest
-/// carry at least half the shared depth. Light clients beside one busy client never count —
-/// else they would grow the pool around it, a connection per couple of them.
-fn shares_busily(on_conn: usize, mine: usize, grow_at: usize) -> bool {
-    let half = shared_grow_at(grow_at) / 2;
-    on_conn > shared_grow_at(grow_at) && mine >= half && on_conn.saturating_sub(mine) >= half
-}
-
 /// Why a request could not be sent: the client sees this as a retryable error.
 fn unavailable_frame(p: &Pending, why: &str) -> Frame {
     // Stream 0: delivering the reply gives it the client's stream.
@@ -358,7 +349,6 @@ impl Pool {
         let grow_at = self.settings.grow_at_in_flight;
         // Deep enough for two clients' bursts to share a connection without splitting them.
         let spill_at = grow_at.saturating_mul(2);
-        let mine = affinity.client_in_flight;
         let Some(conn) = affinity.usable(group, grow_at, spill_at) else {
             return Err(pending);
         };
@@ -366,14 +356,18 @@ impl Pool {
         let in_flight = conn.in_flight();
         if in_flight > grow_at {
             self.grow_if_deep(group, group.least_in_flight());
-        } else if shares_busily(in_flight, mine, grow_at)
+        } else if in_flight > shared_grow_at(grow_at)
             && conn.affine() >= 2
             && group.connecting.load(Ordering::Acquire) == 0
             && group.clients_outnumber_connections()
+            && group.deeper_on_average_than(shared_grow_at(grow_at))
         {
-            // Busy clients sharing a connection while they outnumber the connections: one more
-            // lets them spread out (they are re-pinned when the group changes), as each would
-            // have its own going direct.
+            // Clients sharing connections that are deep on average, while they outnumber the
+            // connections: each waits behind the others' requests, where going direct it would
+            // have had a connection of its own. One more spreads them out (they are re-pinned
+            // when the group changes). The average, not this connection's depth, decides: one
+            // busy client among light ones deepens only its own connection, and the light ones
+            // pinned beside it must not grow the pool a connection at a time.
             self.grow(group);
         }
         conn.send(pending)
@@ -512,21 +506,5 @@ impl ConnOwner for Pool {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shares_busily;
-
-    #[test]
-    fn only_busy_clients_sharing_a_connection_grow_the_pool() {
-        // Two clients with 64 each: both queue behind the other.
-        assert!(shares_busily(128, 64, 256));
-        // One busy client beside light ones: neither it nor they are held up by the other.
-        assert!(!shares_busily(101, 100, 256));
-        assert!(!shares_busily(101, 1, 256));
-        // Shallow, however shared.
-        assert!(!shares_busily(60, 30, 256));
     }
 }
