@@ -32,6 +32,8 @@ pub struct Group {
     pub(super) generation: AtomicU64,
     pub(super) connecting: AtomicUsize,
     pub(super) failures: AtomicU32,
+    /// When the last failure that lengthened the back-off (counted in `failures`) happened.
+    escalated_at: Mutex<Option<Instant>>,
     /// The last failed connection attempt: when, why, and the reference it was logged under.
     pub(super) last_failure: Mutex<Option<(Instant, Arc<UpstreamError>, Reference)>>,
     pub(super) changed: Notify,
@@ -55,6 +57,7 @@ impl Group {
             generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
+            escalated_at: Mutex::new(None),
             last_failure: Mutex::new(None),
             changed: Notify::new(),
             last_used: Mutex::new(Instant::now()),
@@ -75,14 +78,9 @@ impl Group {
     }
 
     /// Whether more clients are pinned to the group's ready connections than there are of them
-    /// (some must share).
-    pub(super) fn clients_outnumber_connections(&self) -> bool {
-        clients_outnumber(self.conns.load().as_slice())
-    }
-
-    /// Whether the group's ready connections carry more than `depth` requests each on average.
-    pub(super) fn deeper_on_average_than(&self, depth: usize) -> bool {
-        deeper_on_average(self.conns.load().as_slice(), depth)
+    /// (some must share), and the connections carry more than `depth` requests each on average.
+    pub(super) fn crowded(&self, depth: usize) -> bool {
+        crowded(self.conns.load().as_slice(), depth)
     }
 
     /// Requests in flight on the least busy ready connection, if there is one.
@@ -97,20 +95,33 @@ impl Group {
             .clone()
     }
 
-    /// Records a failed connection attempt begun at `started`. Attempts under way together fail
-    /// together (one cut, one outage): only the first of them lengthens the back-off, so that a
-    /// brief loss that caught four connects mid-handshake costs one step, not four.
+    /// Records a connection attempt begun at `started` that failed at `now`. Attempts under way
+    /// together fail together (one cut, one outage): only the first of them lengthens the
+    /// back-off, so that a brief loss that caught four connects mid-handshake costs one step,
+    /// not four. An attempt begun after that step was taken is the next failure in a row.
     pub(super) fn record_failure(
         &self,
         started: Instant,
+        now: Instant,
         err: Arc<UpstreamError>,
         reference: Reference,
     ) {
-        let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
-        if escalates(started, last.as_ref().map(|(at, _, _)| *at)) {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut escalated_at = self.escalated_at.lock().unwrap_or_else(|e| e.into_inner());
+            if escalates(started, *escalated_at) {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                *escalated_at = Some(now);
+            }
         }
-        *last = Some((Instant::now(), err, reference));
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, err, reference));
+    }
+
+    /// A connection attempt succeeded: the next failure starts the back-off afresh, whenever
+    /// the attempt that fails began.
+    pub(super) fn record_success(&self) {
+        let mut escalated_at = self.escalated_at.lock().unwrap_or_else(|e| e.into_inner());
+        *escalated_at = None;
+        self.failures.store(0, Ordering::Relaxed);
     }
 
     /// The delay before the next connection attempt after `failures` in a row, with jitter.
@@ -247,17 +258,15 @@ fn least_busy<C: Candidate>(conns: &[Arc<C>], allowed: impl Fn(&C) -> bool) -> O
         .cloned()
 }
 
-/// Whether more clients are pinned to the ready connections than there are of them.
-fn clients_outnumber<C: Candidate>(conns: &[Arc<C>]) -> bool {
+/// Whether more clients are pinned to the ready connections than there are of them, and those
+/// carry more than `depth` requests each on average (in one pass: this runs per request while
+/// a shared connection is deep).
+fn crowded<C: Candidate>(conns: &[Arc<C>], depth: usize) -> bool {
     let ready = conns.iter().filter(|c| c.is_ready());
-    let (n, clients) = ready.fold((0, 0), |(n, k), c| (n + 1, k + c.affine()));
-    clients > n
-}
-
-fn deeper_on_average<C: Candidate>(conns: &[Arc<C>], depth: usize) -> bool {
-    let ready = conns.iter().filter(|c| c.is_ready());
-    let (n, in_flight) = ready.fold((0, 0), |(n, sum), c| (n + 1, sum + c.in_flight()));
-    n > 0 && in_flight > n * depth
+    let (n, clients, in_flight) = ready.fold((0, 0, 0), |(n, k, sum), c| {
+        (n + 1, k + c.affine(), sum + c.in_flight())
+    });
+    clients > n && in_flight > n * depth
 }
 
 /// Requests in flight on the least busy ready connection, if there is one.
@@ -269,10 +278,10 @@ fn least_in_flight<C: Candidate>(conns: &[Arc<C>]) -> Option<usize> {
         .min()
 }
 
-/// Whether an attempt begun at `started` failing is one more failure in a row: it is unless an
-/// attempt that failed after it began (`previous`) has already counted the same outage.
-fn escalates(started: Instant, previous: Option<Instant>) -> bool {
-    previous.is_none_or(|at| at < started)
+/// Whether an attempt begun at `started` failing is one more failure in a row: it is unless a
+/// failure after it began (`escalated_at`, the last one counted) already counted the outage.
+fn escalates(started: Instant, escalated_at: Option<Instant>) -> bool {
+    escalated_at.is_none_or(|at| at < started)
 }
 
 /// A connection as plain values, for tests of choosing: what `Candidate` reads, set by hand.
@@ -379,39 +388,80 @@ mod tests {
         picked(conns, least_busy(conns, |_| true))
     }
 
-    #[test]
-    fn a_group_is_deep_on_average_only_when_its_load_is() {
-        // 32 clients of 8 each on two connections: every client waits behind 120 others.
-        assert!(deeper_on_average(&with_depths(&[128, 128]), 64));
-        // One busy client (100) and twenty light ones (one each): only its own is deep.
-        assert!(!deeper_on_average(&with_depths(&[110, 10]), 64));
-        assert!(!deeper_on_average(&with_depths(&[64, 64, 64, 64]), 64));
-        assert!(!deeper_on_average(&with_depths(&[]), 64));
-        // Connections not ready carry nothing new.
-        let conns = with_depths(&[200, 10]);
-        conns[0].ready.set(false);
-        assert!(!deeper_on_average(&conns, 64));
+    /// Connections this deep, with `clients` pinned to each.
+    fn shared(depths: &[usize], clients: usize) -> Vec<Arc<FakeConn>> {
+        let conns = with_depths(depths);
+        conns.iter().for_each(|c| c.affine.set(clients));
+        conns
     }
 
-    fn failed(group: &Group, started: Instant) {
-        group.record_failure(started, Arc::new(UpstreamError::Closed), Reference::new());
+    #[test]
+    fn a_group_is_crowded_only_when_its_load_is_deep_on_average() {
+        // 32 clients of 8 each on two connections: every client waits behind 120 others.
+        assert!(crowded(&shared(&[128, 128], 16), 64));
+        // One busy client (100) and twenty light ones (one each).
+        assert!(!crowded(&shared(&[110, 10], 10), 64));
+        assert!(!crowded(&shared(&[64, 64, 64, 64], 8), 64));
+        assert!(!crowded(&shared(&[], 0), 64));
+        // Deep, but each client has its own.
+        assert!(!crowded(&shared(&[200, 200], 1), 64));
+        // Connections not ready carry nothing new.
+        let conns = shared(&[200, 10], 10);
+        conns[0].ready.set(false);
+        assert!(!crowded(&conns, 64));
+    }
+
+    fn group() -> Group {
+        Group::new(GroupKey {
+            version: ProtocolVersion::V4,
+            keyspace: None,
+        })
+    }
+
+    /// An attempt begun at `t0 + started` ms that failed at `t0 + failed` ms.
+    fn failed(group: &Group, t0: Instant, started: u64, failed: u64) {
+        let ms = Duration::from_millis;
+        let e = Arc::new(UpstreamError::Closed);
+        group.record_failure(t0 + ms(started), t0 + ms(failed), e, Reference::new());
+    }
+
+    fn failures(group: &Group) -> u32 {
+        group.failures.load(Ordering::Relaxed)
     }
 
     #[test]
     fn attempts_that_fail_together_lengthen_the_back_off_once() {
-        let group = Group::new(GroupKey {
-            version: ProtocolVersion::V4,
-            keyspace: None,
-        });
-        let together = Instant::now();
-        for _ in 0..4 {
-            failed(&group, together);
+        let (group, t0) = (group(), Instant::now());
+        for i in 0..4 {
+            failed(&group, t0, 0, 100 + i);
         }
-        assert_eq!(group.failures.load(Ordering::Relaxed), 1);
+        assert_eq!(failures(&group), 1);
         // The next attempt, begun after that outage was counted, is a second failure in a row.
-        failed(&group, Instant::now());
-        assert_eq!(group.failures.load(Ordering::Relaxed), 2);
+        failed(&group, t0, 200, 300);
+        assert_eq!(failures(&group), 2);
         assert!(group.backoff() <= BACKOFF_BASE * 4);
+    }
+
+    #[test]
+    fn attempts_overlapping_in_a_chain_still_lengthen_the_back_off() {
+        // Slow connects started half a second apart, each failing after two and a half: one
+        // that failed uncounted does not hide the ones begun after the last counted failure.
+        let (group, t0) = (group(), Instant::now());
+        for i in 0..10 {
+            failed(&group, t0, 500 * i, 500 * i + 2500);
+        }
+        assert!(failures(&group) >= 2, "{}", failures(&group));
+    }
+
+    #[test]
+    fn after_a_success_the_next_failure_counts_whenever_it_began() {
+        let (group, t0) = (group(), Instant::now());
+        failed(&group, t0, 0, 100);
+        group.record_success();
+        assert_eq!(failures(&group), 0);
+        // Begun before the failure above, failing after the success.
+        failed(&group, t0, 50, 300);
+        assert_eq!(failures(&group), 1);
     }
 
     #[test]
@@ -467,9 +517,9 @@ mod tests {
         // Two ready connections: three clients outnumber them, two do not.
         conns[0].affine.set(2);
         conns[1].affine.set(5);
-        assert!(!clients_outnumber(&conns));
+        assert!(!crowded(&conns, 0));
         conns[2].affine.set(1);
-        assert!(clients_outnumber(&conns));
+        assert!(crowded(&conns, 0));
     }
 
     fn request() -> Pending {

@@ -258,7 +258,7 @@ impl Pool {
         match result {
             Ok(conn) => {
                 tracing::debug!(conn = conn.id, keyspace = ?group.key.keyspace, "upstream connection ready");
-                group.failures.store(0, Ordering::Relaxed);
+                group.record_success();
                 group.add(conn);
                 Ok(())
             }
@@ -266,7 +266,7 @@ impl Pool {
                 let e = Arc::new(e);
                 let reference = crate::reference::Reference::new();
                 tracing::warn!(%reference, error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
-                group.record_failure(started, e.clone(), reference);
+                group.record_failure(started, Instant::now(), e.clone(), reference);
                 group.changed.notify_waiters();
                 Err(e)
             }
@@ -281,21 +281,29 @@ impl Pool {
     /// As `grow`, running `then` once the new connection is ready (not if none was started or
     /// it failed).
     pub(super) fn grow_then(&self, group: &Arc<Group>, then: impl FnOnce() + Send + 'static) {
-        if let Some((at, _, _)) = group.last_failure() {
-            if group.failures.load(Ordering::Relaxed) > 0 && at.elapsed() < group.backoff() {
-                return;
+        let open = group.conns.load().len();
+        let room = |connecting: usize| {
+            open + connecting < self.settings.max_connections
+                && connecting < MAX_CONCURRENT_CONNECTS
+        };
+        // Checked first without a lock: at the pool's limit this runs on many requests.
+        if !room(group.connecting.load(Ordering::Acquire)) {
+            return;
+        }
+        if group.failures.load(Ordering::Relaxed) > 0 {
+            if let Some((at, _, _)) = group.last_failure() {
+                if at.elapsed() < group.backoff() {
+                    return;
+                }
             }
         }
         // The slot is taken here, not in the spawned task: callers on the same thread would
         // otherwise all see zero connections under way and each start one.
-        let open = group.conns.load().len();
         let reserved =
             group
                 .connecting
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |connecting| {
-                    (open + connecting < self.settings.max_connections
-                        && connecting < MAX_CONCURRENT_CONNECTS)
-                        .then_some(connecting + 1)
+                    room(connecting).then_some(connecting + 1)
                 });
         if reserved.is_err() {
             return;
@@ -359,15 +367,15 @@ impl Pool {
         } else if in_flight > shared_grow_at(grow_at)
             && conn.affine() >= 2
             && group.connecting.load(Ordering::Acquire) == 0
-            && group.clients_outnumber_connections()
-            && group.deeper_on_average_than(shared_grow_at(grow_at))
+            && group.crowded(shared_grow_at(grow_at))
         {
             // Clients sharing connections that are deep on average, while they outnumber the
             // connections: each waits behind the others' requests, where going direct it would
             // have had a connection of its own. One more spreads them out (they are re-pinned
-            // when the group changes). The average, not this connection's depth, decides: one
-            // busy client among light ones deepens only its own connection, and the light ones
-            // pinned beside it must not grow the pool a connection at a time.
+            // when the group changes). The average, not this connection's depth, decides, so
+            // growth stops at the group's total depth over the shared depth (or the pool's
+            // limit): light clients pinned beside one busy client see a deep connection on
+            // every request, and must not grow the pool a connection at a time.
             self.grow(group);
         }
         conn.send(pending)
