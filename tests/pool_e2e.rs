@@ -833,9 +833,9 @@ async fn many_pipelining_clients_sharing_deep_connections_spread_out() {
     );
 }
 
-/// One busy client among many light ones (one request at a time each): nobody waits behind
-/// anybody, so the pool stays as it is — light clients re-pinning beside the busy one must
-/// not grow it a connection at a time.
+/// One busy client (400 in flight) among many light ones (one request at a time each): the
+/// pool stays as it is — light clients re-pinning beside the busy one must not grow it a
+/// connection at a time, nor to the busy client's depth over the shared depth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn light_clients_beside_a_busy_one_do_not_grow_the_pool() {
     let dir = tempfile::tempdir().unwrap();
@@ -854,7 +854,7 @@ async fn light_clients_beside_a_busy_one_do_not_grow_the_pool() {
     }
     let mut busy = Client::ready(addr).await;
     assert_eq!(
-        error_codes(&pipeline(&mut busy, &local_query(), 30_000, 100).await),
+        error_codes(&pipeline(&mut busy, &local_query(), 30_000, 400).await),
         Vec::<i32>::new()
     );
     stop.send(true).unwrap();

@@ -209,6 +209,7 @@ impl<'a> PooledSession<'a> {
         let answer = match self.router.on_client_frame(request) {
             Route::Upstream(f) => {
                 self.in_flight += 1;
+                self.affinity.client_in_flight = self.in_flight;
                 let pending = self.pending(f);
                 let (pool, group) = (&self.pool, &self.group);
                 // Most requests go out here, without building the waiting future.

@@ -21,6 +21,9 @@ use super::mux::MuxConn;
 pub struct Affinity {
     group: Weak<Group>,
     pinned: Pinned<MuxConn>,
+    /// Requests the client has in flight (its session keeps this current): whether it waits
+    /// behind others on a shared connection or is the one they wait behind.
+    pub client_in_flight: usize,
 }
 
 impl Affinity {

@@ -87,6 +87,18 @@ pub(super) fn shared_grow_at(grow_at: usize) -> usize {
     (grow_at / 4).max(1)
 }
 
+/// Whether a client with `mine` requests in flight, on a connection carrying `on_conn` for
+/// `clients` pinned clients, waits behind the others there: the connection is past the shared
+/// depth, the others carry at least half of it, and the client is no lighter than half the
+/// connection's average client. A light client beside one busy client is far below that
+/// average, and the busy client has nobody deep to wait behind: neither grows the pool, which
+/// would otherwise grow around the busy client to its depth over the shared depth.
+fn waits_behind_others(on_conn: usize, mine: usize, clients: usize, shared: usize) -> bool {
+    on_conn > shared
+        && on_conn.saturating_sub(mine) >= shared / 2
+        && mine.saturating_mul(clients).saturating_mul(2) >= on_conn
+}
+
 /// Why a request could not be sent: the client sees this as a retryable error.
 fn unavailable_frame(p: &Pending, why: &str) -> Frame {
     // Stream 0: delivering the reply gives it the client's stream.
@@ -357,6 +369,7 @@ impl Pool {
         let grow_at = self.settings.grow_at_in_flight;
         // Deep enough for two clients' bursts to share a connection without splitting them.
         let spill_at = grow_at.saturating_mul(2);
+        let mine = affinity.client_in_flight;
         let Some(conn) = affinity.usable(group, grow_at, spill_at) else {
             return Err(pending);
         };
@@ -364,7 +377,7 @@ impl Pool {
         let in_flight = conn.in_flight();
         if in_flight > grow_at {
             self.grow_if_deep(group, group.least_in_flight());
-        } else if in_flight > shared_grow_at(grow_at)
+        } else if waits_behind_others(in_flight, mine, conn.affine(), shared_grow_at(grow_at))
             && conn.affine() >= 2
             && group.connecting.load(Ordering::Acquire) == 0
             && group.crowded(shared_grow_at(grow_at))
@@ -372,10 +385,8 @@ impl Pool {
             // Clients sharing connections that are deep on average, while they outnumber the
             // connections: each waits behind the others' requests, where going direct it would
             // have had a connection of its own. One more spreads them out (they are re-pinned
-            // when the group changes). The average, not this connection's depth, decides, so
-            // growth stops at the group's total depth over the shared depth (or the pool's
-            // limit): light clients pinned beside one busy client see a deep connection on
-            // every request, and must not grow the pool a connection at a time.
+            // when the group changes). Growth stops once the connections are no deeper on
+            // average than the shared depth, or at the pool's limit.
             self.grow(group);
         }
         conn.send(pending)
@@ -514,5 +525,25 @@ impl ConnOwner for Pool {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::waits_behind_others;
+
+    #[test]
+    fn only_clients_waiting_behind_others_like_them_grow_the_pool() {
+        // Two clients of 64 on one connection; sixteen of 8; sixty-four of 2.
+        assert!(waits_behind_others(128, 64, 2, 64));
+        assert!(waits_behind_others(128, 8, 16, 64));
+        assert!(waits_behind_others(128, 2, 64, 64));
+        // One busy client (2000) beside twenty light ones (one or two each): the busy one
+        // waits behind nobody, the light ones are far below the connection's average client.
+        assert!(!waits_behind_others(2020, 2000, 21, 64));
+        assert!(!waits_behind_others(2020, 1, 21, 64));
+        assert!(!waits_behind_others(2040, 2, 21, 64));
+        // Shallow, however shared.
+        assert!(!waits_behind_others(60, 30, 2, 64));
     }
 }
