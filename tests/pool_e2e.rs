@@ -803,6 +803,42 @@ async fn busy_clients_sharing_connections_get_one_each() {
     );
 }
 
+/// Clients that arrive while the group has no ready connection (here after every upstream
+/// connection was cut, against an upstream slow to handshake) share the connects under way
+/// instead of each opening its own: the pool stays within its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_arriving_with_no_connection_ready_share_the_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let settings = PoolSettings {
+        min_connections: 1,
+        max_connections: 2,
+        ..PoolSettings::default()
+    };
+    let addr = proxy_without_rate_limit(&emu, settings).await;
+    let mut first = Client::ready(addr).await;
+    assert_eq!(first.call(local_query()).await.opcode(), opcode::RESULT);
+    let before = events_of(&emu.events.snapshot(), "auth").count();
+    emu.faults.set_handshake_delay(Duration::from_millis(500));
+    emu.faults.disconnect_all();
+    let arrivals: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::ready(addr).await;
+                c.call(local_query()).await.opcode()
+            })
+        })
+        .collect();
+    for a in arrivals {
+        assert_eq!(a.await.unwrap(), opcode::RESULT);
+    }
+    let opened = events_of(&emu.events.snapshot(), "auth").count() - before;
+    assert!(
+        opened <= 2,
+        "{opened} upstream connections opened for 20 arriving clients"
+    );
+}
+
 /// Many clients with a few requests in flight each, sharing two connections 128 deep: each
 /// waits behind the others' requests, so the pool grows until they are spread out — and stops
 /// once the connections are no deeper on average than sharing costs nothing at.

@@ -66,6 +66,8 @@ impl Default for PoolSettings {
 }
 
 const MAX_CONCURRENT_CONNECTS: usize = 4;
+/// How often a client waiting for a group's first connection looks again.
+const FIRST_CONNECTION_POLL: Duration = Duration::from_millis(100);
 /// How often a read is sent again when connections die under it: a load balancer going away
 /// takes all its connections, not one.
 const MAX_READ_RETRIES: u8 = 2;
@@ -229,13 +231,68 @@ impl Pool {
                 return Err(err);
             }
         }
-        // Boxed: the first connection of a group is rare, and its handshake future would
+        // Boxed: the first connection of a group is rare, and its handshake and waits would
         // otherwise be part of every session task, idle or not (tests/footprint.rs).
-        match Box::pin(self.connect_into(&group)).await {
-            Ok(()) => Ok(group),
+        Box::pin(self.first_connection(group)).await
+    }
+
+    /// Opens a connection into `group`, which has none ready, or waits for one under way:
+    /// clients arriving together share at most `MAX_CONCURRENT_CONNECTS` attempts, within
+    /// `--pool-max-connections`, rather than each opening its own (against a slow or
+    /// black-holed upstream, one per client).
+    async fn first_connection(&self, group: Arc<Group>) -> Result<Arc<Group>, Arc<UpstreamError>> {
+        let limit = MAX_CONCURRENT_CONNECTS.min(self.settings.max_connections.max(1));
+        let deadline = Instant::now() + self.target.connect_timeout;
+        loop {
+            if group.ready_count() > 0 {
+                return Ok(group);
+            }
+            let reserved = group
+                .connecting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    (c < limit).then_some(c + 1)
+                })
+                .is_ok();
+            if reserved {
+                return self.opened(&group, self.open_counted(&group).await);
+            }
+            let changed = group.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if group.ready_count() > 0 {
+                return Ok(group.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Arc::new(UpstreamError::Timeout(
+                    self.target.connect_timeout,
+                )));
+            }
+            // Woken when an attempt ends; polled as well, so that nothing hangs on a wake-up
+            // that came before `enable`.
+            let _ =
+                tokio::time::timeout((deadline - now).min(FIRST_CONNECTION_POLL), changed).await;
+            if group.ready_count() == 0 && group.connecting.load(Ordering::Acquire) == 0 {
+                if let Some((at, e, _)) = group.last_failure() {
+                    if at.elapsed() < FIRST_CONNECTION_POLL * 2 {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What `group` returns once its own connection attempt has ended.
+    fn opened(
+        &self,
+        group: &Arc<Group>,
+        result: Result<(), Arc<UpstreamError>>,
+    ) -> Result<Arc<Group>, Arc<UpstreamError>> {
+        match result {
+            Ok(()) => Ok(group.clone()),
             Err(e) => {
                 if group.ready_count() > 0 {
-                    return Ok(group);
+                    return Ok(group.clone());
                 }
                 if group.key.keyspace.is_some() && group.conns.load().is_empty() {
                     self.groups
@@ -246,12 +303,6 @@ impl Pool {
                 Err(e)
             }
         }
-    }
-
-    /// Opens one connection into `group`.
-    async fn connect_into(&self, group: &Arc<Group>) -> Result<(), Arc<UpstreamError>> {
-        group.connecting.fetch_add(1, Ordering::AcqRel);
-        self.open_counted(group).await
     }
 
     /// Opens one connection whose slot in `group.connecting` the caller has already taken.
