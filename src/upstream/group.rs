@@ -95,6 +95,16 @@ impl Group {
             .clone()
     }
 
+    /// Takes a slot in `connecting` for a connection attempt if `room` allows one beside those
+    /// under way; the attempt gives it back when it ends (`Pool::open_counted`).
+    pub(super) fn reserve_connect(&self, room: impl Fn(usize) -> bool) -> bool {
+        self.connecting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |connecting| {
+                room(connecting).then_some(connecting + 1)
+            })
+            .is_ok()
+    }
+
     /// Records a connection attempt begun at `started` that failed at `now`. Attempts under way
     /// together fail together (one cut, one outage): only the first of them lengthens the
     /// back-off, so that a brief loss that caught four connects mid-handshake costs one step,

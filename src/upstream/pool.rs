@@ -242,18 +242,13 @@ impl Pool {
     /// black-holed upstream, one per client).
     async fn first_connection(&self, group: Arc<Group>) -> Result<Arc<Group>, Arc<UpstreamError>> {
         let limit = MAX_CONCURRENT_CONNECTS.min(self.settings.max_connections.max(1));
-        let deadline = Instant::now() + self.target.connect_timeout;
+        let since = Instant::now();
+        let deadline = since + self.target.connect_timeout;
         loop {
             if group.ready_count() > 0 {
                 return Ok(group);
             }
-            let reserved = group
-                .connecting
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                    (c < limit).then_some(c + 1)
-                })
-                .is_ok();
-            if reserved {
+            if group.reserve_connect(|connecting| connecting < limit) {
                 return self.opened(&group, self.open_counted(&group).await);
             }
             let changed = group.changed.notified();
@@ -272,9 +267,11 @@ impl Pool {
             // that came before `enable`.
             let _ =
                 tokio::time::timeout((deadline - now).min(FIRST_CONNECTION_POLL), changed).await;
+            // Every attempt under way has ended without a connection: one that failed while
+            // this client waited is its answer (else it tries itself on the next turn).
             if group.ready_count() == 0 && group.connecting.load(Ordering::Acquire) == 0 {
                 if let Some((at, e, _)) = group.last_failure() {
-                    if at.elapsed() < FIRST_CONNECTION_POLL * 2 {
+                    if at >= since {
                         return Err(e);
                     }
                 }
@@ -362,13 +359,7 @@ impl Pool {
         }
         // The slot is taken here, not in the spawned task: callers on the same thread would
         // otherwise all see zero connections under way and each start one.
-        let reserved =
-            group
-                .connecting
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |connecting| {
-                    room(connecting).then_some(connecting + 1)
-                });
-        if reserved.is_err() {
+        if !group.reserve_connect(room) {
             return;
         }
         let (pool, group) = (self.arc(), group.clone());
