@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use super::connection::UpstreamError;
 use super::mux::MuxConn;
 
-pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -32,8 +32,8 @@ pub struct Group {
     pub(super) generation: AtomicU64,
     pub(super) connecting: AtomicUsize,
     pub(super) failures: AtomicU32,
-    /// When the last failure that lengthened the back-off (counted in `failures`) happened.
-    escalated_at: Mutex<Option<Instant>>,
+    /// The back-off `failures` calls for, drawn once per counted failure.
+    backoff: Mutex<Backoff>,
     /// The last failed connection attempt: when, why, and the reference it was logged under.
     pub(super) last_failure: Mutex<Option<(Instant, Arc<UpstreamError>, Reference)>>,
     pub(super) changed: Notify,
@@ -57,7 +57,7 @@ impl Group {
             generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
-            escalated_at: Mutex::new(None),
+            backoff: Mutex::new(Backoff::default()),
             last_failure: Mutex::new(None),
             changed: Notify::new(),
             last_used: Mutex::new(Instant::now()),
@@ -117,10 +117,13 @@ impl Group {
         reference: Reference,
     ) {
         {
-            let mut escalated_at = self.escalated_at.lock().unwrap_or_else(|e| e.into_inner());
-            if escalates(started, *escalated_at) {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                *escalated_at = Some(now);
+            let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+            if escalates(started, backoff.escalated_at) {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                *backoff = Backoff {
+                    escalated_at: Some(now),
+                    delay: jittered(n),
+                };
             }
         }
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, err, reference));
@@ -129,21 +132,28 @@ impl Group {
     /// A connection attempt succeeded: the next failure starts the back-off afresh, whenever
     /// the attempt that fails began.
     pub(super) fn record_success(&self) {
-        let mut escalated_at = self.escalated_at.lock().unwrap_or_else(|e| e.into_inner());
-        *escalated_at = None;
+        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        *backoff = Backoff::default();
         self.failures.store(0, Ordering::Relaxed);
     }
 
-    /// The delay before the next connection attempt after `failures` in a row, with jitter.
+    /// The delay before the next connection attempt after `failures` in a row.
     pub(super) fn backoff(&self) -> Duration {
-        let n = self.failures.load(Ordering::Relaxed);
-        if n == 0 {
+        if self.failures.load(Ordering::Relaxed) == 0 {
             return Duration::ZERO;
         }
-        let exp = BACKOFF_BASE
-            .saturating_mul(1u32 << n.min(10))
-            .min(BACKOFF_MAX);
-        exp.mul_f64(rand::rng().random_range(0.5..1.0))
+        self.backoff.lock().unwrap_or_else(|e| e.into_inner()).delay
+    }
+
+    /// Whether a connection attempt at `now` would come within the back-off after the last
+    /// failure. Checked without a lock while nothing has failed.
+    pub(super) fn backing_off(&self, now: Instant) -> bool {
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let delay = self.backoff();
+        self.last_failure()
+            .is_some_and(|(at, _, _)| now.saturating_duration_since(at) < delay)
     }
 
     /// The least busy ready connection with a free stream id and rate budget.
@@ -286,6 +296,24 @@ fn least_in_flight<C: Candidate>(conns: &[Arc<C>]) -> Option<usize> {
         .filter(|c| c.is_ready())
         .map(|c| c.in_flight())
         .min()
+}
+
+/// Where a group's back-off stands. The jitter is drawn once per counted failure: drawn again
+/// on every check, the soonest of many draws wins and the cap acts as half of itself.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// When the last failure that lengthened the back-off (counted in `failures`) happened.
+    escalated_at: Option<Instant>,
+    delay: Duration,
+}
+
+/// The back-off after `n` failures in a row: doubling from `BACKOFF_BASE` up to `BACKOFF_MAX`,
+/// then between half and all of that, so that groups cut together do not retry together.
+fn jittered(n: u32) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1u32 << n.min(10))
+        .min(BACKOFF_MAX);
+    exp.mul_f64(rand::rng().random_range(0.5..1.0))
 }
 
 /// Whether an attempt begun at `started` failing is one more failure in a row: it is unless a
@@ -461,6 +489,25 @@ mod tests {
             failed(&group, t0, 500 * i, 500 * i + 2500);
         }
         assert!(failures(&group) >= 2, "{}", failures(&group));
+    }
+
+    #[test]
+    fn the_back_off_is_drawn_once_per_failure_and_reaches_its_cap() {
+        let (group, t0) = (group(), Instant::now());
+        for i in 0..12 {
+            failed(&group, t0, 100 * i, 100 * i + 50);
+        }
+        let delay = group.backoff();
+        assert!(
+            delay >= BACKOFF_MAX / 2 && delay <= BACKOFF_MAX,
+            "{delay:?}"
+        );
+        for _ in 0..100 {
+            assert_eq!(group.backoff(), delay);
+        }
+        let (failed_at, _, _) = group.last_failure().expect("a failure");
+        assert!(group.backing_off(failed_at + delay - Duration::from_millis(1)));
+        assert!(!group.backing_off(failed_at + delay));
     }
 
     #[test]

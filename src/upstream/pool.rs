@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use super::affinity::Affinity;
 use super::connection::{UpstreamError, UpstreamTarget};
-use super::group::BACKOFF_BASE;
 pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
 use super::streams::{Pending, ReplyTo};
@@ -224,10 +223,8 @@ impl Pool {
         if group.ready_count() > 0 {
             return Ok(group);
         }
-        if let Some((at, err, _)) = group.last_failure() {
-            if group.failures.load(Ordering::Relaxed) > 0
-                && at.elapsed() < group.backoff().max(BACKOFF_BASE)
-            {
+        if group.backing_off(Instant::now()) {
+            if let Some((_, err, _)) = group.last_failure() {
                 return Err(err);
             }
         }
@@ -350,12 +347,8 @@ impl Pool {
         if !room(group.connecting.load(Ordering::Acquire)) {
             return;
         }
-        if group.failures.load(Ordering::Relaxed) > 0 {
-            if let Some((at, _, _)) = group.last_failure() {
-                if at.elapsed() < group.backoff() {
-                    return;
-                }
-            }
+        if group.backing_off(Instant::now()) {
+            return;
         }
         // The slot is taken here, not in the spawned task: callers on the same thread would
         // otherwise all see zero connections under way and each start one.
