@@ -33,6 +33,8 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("upstream closed the connection during the handshake")]
     Closed,
+    #[error("upstream closed the connection before answering anything")]
+    ClosedUnanswered,
 }
 
 /// Whether upstream text names an AWS account: an ARN (any case), a 12-digit account id on its
@@ -130,6 +132,7 @@ impl UpstreamError {
                 | UpstreamError::Timeout(_)
                 | UpstreamError::Protocol(_)
                 | UpstreamError::Closed
+                | UpstreamError::ClosedUnanswered
         )
     }
 
@@ -142,6 +145,7 @@ impl UpstreamError {
             UpstreamError::Refused(_) | UpstreamError::UseFailed(_) => "refused",
             UpstreamError::Credentials(_) => "credentials_error",
             UpstreamError::Protocol(_) | UpstreamError::Closed => "protocol_error",
+            UpstreamError::ClosedUnanswered => "closed_unanswered",
         }
     }
 }

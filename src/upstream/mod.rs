@@ -3,12 +3,14 @@
 
 pub mod addresses;
 pub mod affinity;
+mod answers;
 pub mod connection;
 mod error;
 pub mod group;
 pub mod identity_pools;
 mod maintenance;
 pub mod mux;
+mod owner;
 mod peers;
 pub mod pool;
 mod retry;

@@ -11,13 +11,14 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{UpstreamError, UpstreamTarget};
+pub use super::owner::{Closure, ConnOwner};
 use super::streams::{Pending, StreamTable, TokenBucket};
 use crate::frame::codec::next_buffered;
 use crate::frame::messages::{self, consistency, ErrorInfo};
 use crate::frame::result::{kind, result_kind};
 use crate::frame::types::Reader;
 use crate::frame::ProtocolVersion;
-use crate::frame::{opcode, Compression, Frame, FrameCodec};
+use crate::frame::{opcode, Compression, FrameCodec};
 use crate::metrics::metrics;
 use crate::queue::FrameQueue;
 use crate::writer::write_queued;
@@ -29,13 +30,6 @@ pub enum ConnState {
     /// Takes no new requests; closes once the last one is answered.
     Draining = 1,
     Dead = 2,
-}
-
-/// What a connection reports to whoever owns it.
-pub trait ConnOwner: Send + Sync + 'static {
-    /// `received` is when the read that brought `frame` completed.
-    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame, received: Instant);
-    fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>);
 }
 
 pub struct MuxConn {
@@ -114,11 +108,11 @@ impl MuxConn {
         let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
-            relay_answers(&me, &mut reader, owner.as_ref()).await;
+            let how = relay_answers(&me, &mut reader, owner.as_ref()).await;
             me.mark_dead();
             writer.abort();
             let in_flight = me.drain_table();
-            owner.on_closed(&me, in_flight);
+            owner.on_closed(&me, in_flight, how);
         });
         Ok(conn)
     }
@@ -346,7 +340,11 @@ async fn relay_answers<R: AsyncRead + Unpin>(
     me: &Arc<MuxConn>,
     reader: &mut FramedRead<R, FrameCodec>,
     owner: &dyn ConnOwner,
-) {
+) -> Closure {
+    let mut how = Closure {
+        by_upstream: false,
+        answered: false,
+    };
     // Polled across frames: a fresh one per frame would register a waiter each time.
     let cancelled = me.cancel.clone().cancelled_owned();
     tokio::pin!(cancelled);
@@ -355,7 +353,7 @@ async fn relay_answers<R: AsyncRead + Unpin>(
         // An answer that closed the connection (it switched the keyspace) ends it here: the
         // frames that came after it in the same read are not relayed.
         if me.cancel.is_cancelled() {
-            break;
+            return how;
         }
         // Frames already whole in the buffer came with the same read: they are taken without a
         // `select!` turn each, and one clock reading serves them all (read per frame, it was a
@@ -365,21 +363,29 @@ async fn relay_answers<R: AsyncRead + Unpin>(
             None => {
                 let next = tokio::select! {
                     next = reader.next() => next,
-                    _ = &mut cancelled => break,
+                    _ = &mut cancelled => return how,
                 };
                 received = Instant::now();
                 next
             }
         };
         match next {
-            Some(Ok(frame)) => owner.on_response(me, frame, received),
+            Some(Ok(frame)) => {
+                if !how.answered {
+                    how.answered = true;
+                    owner.on_first_answer(me);
+                }
+                owner.on_response(me, frame, received)
+            }
             Some(Err(e)) => {
                 tracing::warn!(conn = me.id, error = %e, "upstream read failed");
-                break;
+                how.by_upstream = true;
+                return how;
             }
             None => {
                 tracing::info!(conn = me.id, "upstream closed the connection");
-                break;
+                how.by_upstream = true;
+                return how;
             }
         }
     }
@@ -408,6 +414,8 @@ async fn use_keyspace(
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+
+    use crate::frame::Frame;
     use std::time::Duration;
 
     use tokio::sync::oneshot;
@@ -536,7 +544,8 @@ mod tests {
             conn.close_if_keyspace_switched(&frame.body);
             self.0.lock().unwrap().push(frame.stream());
         }
-        fn on_closed(&self, _: &Arc<MuxConn>, _: Vec<Pending>) {}
+        fn on_first_answer(&self, _: &Arc<MuxConn>) {}
+        fn on_closed(&self, _: &Arc<MuxConn>, _: Vec<Pending>, _: Closure) {}
     }
 
     #[tokio::test]

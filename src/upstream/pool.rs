@@ -17,14 +17,12 @@ use super::affinity::Affinity;
 use super::connection::{UpstreamError, UpstreamTarget};
 pub use super::group::{Group, GroupKey};
 use super::mux::{ConnOwner, MuxConn, OpenParams};
-use super::streams::{Pending, ReplyTo};
-use crate::frame::messages::message_body;
+use super::streams::Pending;
 use crate::frame::ErrorReply;
+use crate::frame::Frame;
 use crate::frame::ProtocolVersion;
-use crate::frame::{opcode, Frame};
-use crate::metrics::metrics;
 use crate::policy::prepared::PreparedCache;
-use crate::policy::{Answer, CqlPolicy, Scope};
+use crate::policy::CqlPolicy;
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -69,7 +67,7 @@ const MAX_CONCURRENT_CONNECTS: usize = 4;
 const FIRST_CONNECTION_POLL: Duration = Duration::from_millis(100);
 /// How often a read is sent again when connections die under it: a load balancer going away
 /// takes all its connections, not one.
-const MAX_READ_RETRIES: u8 = 2;
+pub(super) const MAX_READ_RETRIES: u8 = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -179,7 +177,7 @@ impl Pool {
         });
     }
 
-    fn arc(&self) -> Arc<Pool> {
+    pub(super) fn arc(&self) -> Arc<Pool> {
         // `me` is set at construction and the pool is only reachable through an Arc.
         self.me.upgrade().expect("pool is alive while used")
     }
@@ -315,7 +313,9 @@ impl Pool {
         match result {
             Ok(conn) => {
                 tracing::debug!(conn = conn.id, keyspace = ?group.key.keyspace, "upstream connection ready");
-                group.record_success();
+                // The back-off is cleared by the connection's first answer, not here: an
+                // upstream that authenticates and then drops every connection would otherwise
+                // get a reconnect per request (`on_closed`).
                 group.add(conn);
                 Ok(())
             }
@@ -479,86 +479,6 @@ impl Pool {
                 .clamp(Duration::from_micros(200), Duration::from_millis(5));
             let changed = group.changed.notified();
             let _ = tokio::time::timeout(wait, changed).await;
-        }
-    }
-}
-
-impl ConnOwner for Pool {
-    fn on_response(&self, conn: &Arc<MuxConn>, frame: Frame, received: Instant) {
-        if frame.stream() < 0 {
-            return; // events: never relayed
-        }
-        let Some(pending) = conn.take(frame.stream()) else {
-            return;
-        };
-        if pending.reply.client_stream().is_some() {
-            metrics().request_done(
-                pending.request.opcode(),
-                received.saturating_duration_since(pending.sent_at),
-            );
-        }
-        // Tracing ids, warnings and custom payloads come before the message proper (v4 §2.2).
-        let body = message_body(&frame.header, &frame.body).unwrap_or_default();
-        if frame.opcode() == opcode::RESULT {
-            conn.close_if_keyspace_switched(body);
-        }
-        let scope = Scope {
-            version: conn.version,
-            keyspace: conn.keyspace.as_ref(),
-        };
-        let answer = self
-            .policy
-            .on_answer(&pending.request, pending.attempt, &frame, body, scope);
-        match answer {
-            Answer::Relay => pending.reply.deliver(frame),
-            Answer::Reprepare => {
-                let (pool, conn) = (self.arc(), conn.clone());
-                tokio::spawn(async move { pool.reprepare_and_retry(conn, pending, frame).await });
-            }
-        }
-    }
-
-    fn on_closed(&self, conn: &Arc<MuxConn>, in_flight: Vec<Pending>) {
-        let key = GroupKey {
-            version: conn.version,
-            keyspace: conn.keyspace.clone(),
-        };
-        let group = self
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some(g) = &group {
-            g.remove_dead_and_drained();
-            g.changed.notify_waiters();
-        }
-        for mut p in in_flight {
-            if matches!(p.reply, ReplyTo::Internal(_)) {
-                continue;
-            }
-            match &group {
-                Some(g)
-                    if p.attempt < MAX_READ_RETRIES && self.policy.is_retry_safe(&p.request) =>
-                {
-                    p.attempt += 1;
-                    p.sent_at = Instant::now();
-                    let p = match g.pick_elsewhere(conn.address.addr) {
-                        Some(other) => match other.send(p) {
-                            Ok(()) => continue,
-                            Err(p) => p,
-                        },
-                        None => p,
-                    };
-                    let (pool, g) = (self.arc(), g.clone());
-                    tokio::spawn(async move { pool.dispatch(&g, p).await });
-                }
-                _ => {
-                    let f =
-                        ErrorReply::connection_lost().frame(p.request.header.answer_version(), 0);
-                    p.reply.deliver(f);
-                }
-            }
         }
     }
 }
