@@ -156,6 +156,15 @@ impl Group {
             .is_some_and(|(at, _, _)| now.saturating_duration_since(at) < delay)
     }
 
+    /// The error to answer with at `now` if the group has no ready connection and is backing
+    /// off: the upstream is known to be down.
+    pub(super) fn down(&self, now: Instant) -> Option<Arc<UpstreamError>> {
+        if self.ready_count() > 0 || !self.backing_off(now) {
+            return None;
+        }
+        self.last_failure().map(|(_, e, _)| e)
+    }
+
     /// The least busy ready connection with a free stream id and rate budget.
     pub(super) fn pick(&self) -> Option<Arc<MuxConn>> {
         self.pick_where(|_| true)

@@ -192,6 +192,32 @@ impl Pool {
         }
     }
 
+    /// For a keyspace group, its version's group without a keyspace (which the pool keeps
+    /// warm, and whose back-off stands for the upstream's).
+    fn base_of(&self, group: &Group) -> Option<Arc<Group>> {
+        group.key.keyspace.as_ref()?;
+        let key = GroupKey {
+            version: group.key.version,
+            keyspace: None,
+        };
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
+    /// Drops a keyspace group that has no connection from the map: a keyspace that does not
+    /// exist, or a `USE` during an outage, leaves nothing behind.
+    fn forget_if_empty(&self, group: &Group) {
+        if group.key.keyspace.is_some() && group.conns.load().is_empty() {
+            self.groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&group.key);
+        }
+    }
+
     fn get_or_create(&self, key: GroupKey) -> (Arc<Group>, bool) {
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(g) = groups.get(&key) {
@@ -221,10 +247,16 @@ impl Pool {
         if group.ready_count() > 0 {
             return Ok(group);
         }
-        if group.backing_off(Instant::now()) {
-            if let Some((_, err, _)) = group.last_failure() {
-                return Err(err);
-            }
+        let now = Instant::now();
+        if let Some(err) = group.down(now) {
+            return Err(err);
+        }
+        // A keyspace group dials the same upstream as its version's own group: while that one
+        // has no connection and backs off, so does this one (else each `USE` during an outage
+        // would open a connection attempt of its own).
+        if let Some(err) = self.base_of(&group).and_then(|base| base.down(now)) {
+            self.forget_if_empty(&group);
+            return Err(err);
         }
         // Boxed: the first connection of a group is rare, and its handshake and waits would
         // otherwise be part of every session task, idle or not (tests/footprint.rs).
@@ -286,12 +318,7 @@ impl Pool {
                 if group.ready_count() > 0 {
                     return Ok(group.clone());
                 }
-                if group.key.keyspace.is_some() && group.conns.load().is_empty() {
-                    self.groups
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&group.key);
-                }
+                self.forget_if_empty(group);
                 Err(e)
             }
         }
@@ -323,7 +350,15 @@ impl Pool {
                 let e = Arc::new(e);
                 let reference = crate::reference::Reference::new();
                 tracing::warn!(%reference, error = %e, keyspace = ?group.key.keyspace, "upstream connection failed");
-                group.record_failure(started, Instant::now(), e.clone(), reference);
+                let now = Instant::now();
+                group.record_failure(started, now, e.clone(), reference);
+                // Only a missing keyspace is the keyspace group's own failure; the rest say
+                // the upstream is down, and lengthen the back-off every group consults.
+                if !matches!(*e, UpstreamError::UseFailed(_)) {
+                    if let Some(base) = self.base_of(group) {
+                        base.record_failure(started, now, e.clone(), reference);
+                    }
+                }
                 group.changed.notify_waiters();
                 Err(e)
             }
