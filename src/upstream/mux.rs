@@ -1,7 +1,7 @@
 //! One multiplexed, authenticated upstream connection shared by many clients: requests from
 //! anyone get a free upstream stream id; responses are routed back by it.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -55,6 +55,8 @@ pub struct MuxConn {
     /// Client sessions whose requests prefer this connection (see `upstream::affinity`).
     affine: AtomicUsize,
     cancel: CancellationToken,
+    /// Set with `cancel`: read once per answer, where the token's own check takes a lock.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for MuxConn {
@@ -142,6 +144,7 @@ impl MuxConn {
             sent: AtomicU64::new(0),
             affine: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -218,6 +221,7 @@ impl MuxConn {
     }
 
     pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
         self.cancel.cancel();
     }
 
@@ -352,7 +356,7 @@ async fn relay_answers<R: AsyncRead + Unpin>(
     loop {
         // An answer that closed the connection (it switched the keyspace) ends it here: the
         // frames that came after it in the same read are not relayed.
-        if me.cancel.is_cancelled() {
+        if me.closing.load(Ordering::Acquire) {
             return how;
         }
         // Frames already whole in the buffer came with the same read: they are taken without a
