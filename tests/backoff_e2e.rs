@@ -1,10 +1,12 @@
 //! How the pool backs off an upstream that is down in ways our emulator is not by default:
 //! one that authenticates and then drops every connection, and clients that keep switching
-//! keyspaces while it is unreachable. Attempts stay few, and the pool comes back by itself.
+//! keyspaces while it is unreachable. Attempts stay few, and the pool comes back by itself —
+//! and a healthy upstream that closes idle connections, or an outage seen through keyspace
+//! connections, does not leave clients refused behind a back-off nobody needs.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::cql::messages;
 use common::cql::{consistency, opcode, Frame};
@@ -147,4 +149,86 @@ async fn use_during_an_outage_opens_no_connection_of_its_own() {
         "USE works again once Keyspaces is back"
     );
     assert!(comes_back(&mut c, local).await);
+}
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closes_are_not_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(PoolSettings {
+        min_connections: 2,
+        ..small_pool()
+    });
+    let (addr, pool) = proxy_with_pool(&emu, opts).await;
+    let pool = pool.expect("pooled");
+    let _first = Client::ready(addr).await;
+    // A server that closes idle connections (a load balancer's idle timeout, a connection
+    // lifetime): the warm connections, never asked anything, are cut again and again.
+    for _ in 0..6 {
+        wait_until("the pool is warm", || pool.stats().ready == 2).await;
+        emu.faults.disconnect_all();
+        wait_until("the proxy saw the cut", || pool.stats().ready < 2).await;
+    }
+    // Counted as failures, six cuts would hold the pool in a back-off of seconds, refusing
+    // new clients; the upstream is healthy, so a new client gets in.
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    assert_eq!(r.opcode(), opcode::READY, "{:?}", r);
+    assert_eq!(c.call(local(1)).await.opcode(), opcode::RESULT);
+}
+
+#[tokio::test]
+async fn clients_without_a_keyspace_come_back_with_the_first_keyspace_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(small_pool());
+    let addr = proxy(&emu, opts).await;
+    let mut in_keyspace = Client::ready(addr).await;
+    in_keyspace
+        .run_ok(
+            "CREATE KEYSPACE IF NOT EXISTS bk WITH replication = {'class': 'SingleRegionStrategy'}",
+        )
+        .await;
+    in_keyspace.run_ok("USE bk").await;
+    let mut plain = Client::ready(addr).await;
+    assert_eq!(plain.call(local(1)).await.opcode(), opcode::RESULT);
+
+    // An outage both clients keep asking through: the keyspace connection's failed attempts
+    // lengthen the shared back-off as well as their own.
+    emu.faults.set_refuse_connections(true);
+    emu.faults.disconnect_all();
+    let outage = Instant::now();
+    let mut stream = 2;
+    while outage.elapsed() < Duration::from_secs(3) {
+        in_keyspace.call(local(stream)).await;
+        plain.call(local(stream)).await;
+        stream += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Once the keyspace client is answered the upstream is known to work: the client without
+    // a keyspace is answered from its next request on, not refused for the rest of a back-off.
+    emu.faults.set_refuse_connections(false);
+    let (mut keyspace_back, mut refused_after) = (false, 0);
+    for _ in 0..600 {
+        stream += 1;
+        keyspace_back |= in_keyspace.call(local(stream)).await.opcode() == opcode::RESULT;
+        let plain_back = plain.call(local(stream)).await.opcode() == opcode::RESULT;
+        if keyspace_back && plain_back {
+            break;
+        }
+        if keyspace_back {
+            refused_after += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(keyspace_back, "the keyspace client never came back");
+    assert_eq!(
+        refused_after, 0,
+        "requests without a keyspace refused after the keyspace client was answered"
+    );
 }

@@ -66,8 +66,20 @@ impl ConnOwner for Pool {
         }
     }
 
+    /// The upstream works: every group of the connection's protocol version may connect again
+    /// at once. Keyspace groups' failures lengthen their version's back-off (`Pool::group`), so
+    /// after an outage the first of them to get through must clear it for the others too, or
+    /// clients without a keyspace would be refused for the rest of a back-off nobody needs.
     fn on_first_answer(&self, conn: &Arc<MuxConn>) {
-        if let Some(g) = self.group_of(conn) {
+        let groups: Vec<Arc<Group>> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|g| g.key.version == conn.version)
+            .cloned()
+            .collect();
+        for g in groups {
             g.record_success();
         }
     }

@@ -132,6 +132,9 @@ impl Group {
     /// A connection attempt succeeded: the next failure starts the back-off afresh, whenever
     /// the attempt that fails began.
     pub(super) fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
         *backoff = Backoff::default();
         self.failures.store(0, Ordering::Relaxed);

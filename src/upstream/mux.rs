@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use tokio::io::AsyncRead;
@@ -110,7 +110,9 @@ impl MuxConn {
         let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
-            let how = relay_answers(&me, &mut reader, owner.as_ref()).await;
+            let mut how = relay_answers(&me, &mut reader, owner.as_ref()).await;
+            how.asked = me.sent() > 0;
+            how.lived = me.created.elapsed();
             me.mark_dead();
             writer.abort();
             let in_flight = me.drain_table();
@@ -347,7 +349,9 @@ async fn relay_answers<R: AsyncRead + Unpin>(
 ) -> Closure {
     let mut how = Closure {
         by_upstream: false,
+        asked: false,
         answered: false,
+        lived: Duration::ZERO,
     };
     // Polled across frames: a fresh one per frame would register a waiter each time.
     let cancelled = me.cancel.clone().cancelled_owned();
