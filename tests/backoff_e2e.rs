@@ -100,6 +100,57 @@ async fn an_upstream_that_drops_connections_after_the_handshake_is_backed_off() 
 }
 
 #[tokio::test]
+async fn an_upstream_that_drops_connections_from_the_start_is_backed_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    // Dropped at the first request after authentication: on a fresh proxy that is its own
+    // read of system.peers while connecting, before any client request.
+    emu.faults.set_close_after(1);
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(small_pool());
+    let addr = proxy(&emu, opts).await;
+    let started = std::time::Instant::now();
+    const CLIENTS: usize = 100;
+    let mut ready = 0;
+    for i in 0..CLIENTS {
+        let mut c = Client::connect(addr).await;
+        let r = c
+            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        if r.opcode() == opcode::READY {
+            ready += 1;
+            let r = c.call(local(1 + i as i16)).await;
+            assert_eq!(r.opcode(), opcode::ERROR);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = handshakes(&emu);
+    println!(
+        "{opened} handshakes for {CLIENTS} clients ({ready} let in) in {:?}",
+        started.elapsed()
+    );
+    // A connection that died reading system.peers handed on as ready: hundreds a second.
+    assert!(opened <= 12, "{opened} handshakes for {CLIENTS} clients");
+
+    // Back within the longest back-off, for new clients as for requests.
+    emu.faults.set_close_after(0);
+    let mut admitted = None;
+    for _ in 0..300 {
+        let mut c = Client::connect(addr).await;
+        let r = c
+            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+            .await;
+        if r.opcode() == opcode::READY {
+            admitted = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = admitted.expect("a new client is let in once the upstream works");
+    assert!(comes_back(&mut c, local).await, "the proxy did not recover");
+}
+
+#[tokio::test]
 async fn use_during_an_outage_opens_no_connection_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;

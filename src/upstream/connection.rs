@@ -17,6 +17,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
+use super::peers::Peers;
 use crate::auth::credentials::CredentialCache;
 use crate::auth::sigv4;
 use crate::frame::messages::{self, ErrorInfo};
@@ -275,8 +276,15 @@ impl UpstreamTarget {
         let now = std::time::Instant::now();
         if matches!(self.auth, UpstreamAuth::SigV4 { .. }) && self.addresses.wants_peers(now) {
             match super::peers::read(&mut framed, version, compression).await {
-                Ok(peers) => self.addresses.learned_peers(&peers, addr.ip(), now),
-                Err(e) => tracing::debug!(error = %e, "cannot read system.peers"),
+                Ok(Peers::Listed(peers)) => self.addresses.learned_peers(&peers, addr.ip(), now),
+                Ok(Peers::NotListed(e)) => tracing::debug!(error = %e, "cannot read system.peers"),
+                Err(e) => {
+                    // Dropped at its first question: a failed connect, and the address's fault
+                    // (handed on as ready, it would fail whoever it served first).
+                    drop(address);
+                    self.addresses.dial_failed(addr, std::time::Instant::now());
+                    return Err(e);
+                }
             }
         }
         Ok(UpstreamConnection {

@@ -14,12 +14,21 @@ use crate::frame::{opcode, Compression};
 /// A peers answer larger than this is not one.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// The `peer` addresses the upstream lists; an answer that is not rows of addresses is an error.
+/// What the upstream's answer about its peers was.
+#[derive(Debug)]
+pub(super) enum Peers {
+    Listed(Vec<IpAddr>),
+    /// An answer that is not rows of addresses (an error, a server without the table).
+    NotListed(UpstreamError),
+}
+
+/// The `peer` addresses the upstream lists. An error is the connection's own (closed or broken
+/// during the read): it must not go on to serve anyone.
 pub(super) async fn read(
     framed: &mut UpstreamFramed,
     version: ProtocolVersion,
     compression: Compression,
-) -> Result<Vec<IpAddr>, UpstreamError> {
+) -> Result<Peers, UpstreamError> {
     let query = messages::query(
         version,
         0,
@@ -27,6 +36,17 @@ pub(super) async fn read(
         consistency::ONE,
     );
     let reply = roundtrip(framed, query).await?;
+    Ok(match listed(reply, compression) {
+        Ok(peers) => Peers::Listed(peers),
+        Err(e) => Peers::NotListed(e),
+    })
+}
+
+/// The addresses in an answer to the peers query.
+fn listed(
+    reply: crate::frame::Frame,
+    compression: Compression,
+) -> Result<Vec<IpAddr>, UpstreamError> {
     // Answers come compressed once an algorithm was negotiated; the query itself need not be.
     let reply = decompressed(reply, compression, MAX_ANSWER)
         .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
