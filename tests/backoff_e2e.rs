@@ -22,14 +22,20 @@ fn use_keyspace(stream: i16, keyspace: &str) -> Frame {
     messages::query(4, stream, &format!("USE {keyspace}"), consistency::ONE)
 }
 
-fn small_pool() -> PoolSettings {
-    PoolSettings {
-        min_connections: 1,
-        max_connections: 2,
-        max_rate_per_connection: 0,
-        request_timeout: Duration::from_millis(400),
-        ..PoolSettings::default()
-    }
+/// A proxy with a small pool (see `small_pool`) in front of `emu`.
+async fn small_proxy(emu: &Emulator) -> std::net::SocketAddr {
+    let mut opts = ProxyOptions::for_emulator(emu);
+    opts.pool = Some(small_pool());
+    proxy(emu, opts).await
+}
+
+/// A new client's answer to STARTUP: READY, or the error that refused it.
+async fn admission(addr: std::net::SocketAddr) -> (Client, Frame) {
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
+        .await;
+    (c, r)
 }
 
 /// Connections the emulator has accepted (refused ones included).
@@ -66,9 +72,7 @@ fn handshakes(emu: &Emulator) -> usize {
 async fn an_upstream_that_drops_connections_after_the_handshake_is_backed_off() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(small_pool());
-    let addr = proxy(&emu, opts).await;
+    let addr = small_proxy(&emu).await;
     let mut c = Client::ready(addr).await;
     assert_eq!(c.call(local(1)).await.opcode(), opcode::RESULT);
 
@@ -106,17 +110,12 @@ async fn an_upstream_that_drops_connections_from_the_start_is_backed_off() {
     // Dropped at the first request after authentication: on a fresh proxy that is its own
     // read of system.peers while connecting, before any client request.
     emu.faults.set_close_after(1);
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(small_pool());
-    let addr = proxy(&emu, opts).await;
+    let addr = small_proxy(&emu).await;
     let started = std::time::Instant::now();
     const CLIENTS: usize = 100;
     let mut ready = 0;
     for i in 0..CLIENTS {
-        let mut c = Client::connect(addr).await;
-        let r = c
-            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-            .await;
+        let (mut c, r) = admission(addr).await;
         if r.opcode() == opcode::READY {
             ready += 1;
             let r = c.call(local(1 + i as i16)).await;
@@ -136,10 +135,7 @@ async fn an_upstream_that_drops_connections_from_the_start_is_backed_off() {
     emu.faults.set_close_after(0);
     let mut admitted = None;
     for _ in 0..300 {
-        let mut c = Client::connect(addr).await;
-        let r = c
-            .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-            .await;
+        let (c, r) = admission(addr).await;
         if r.opcode() == opcode::READY {
             admitted = Some(c);
             break;
@@ -154,9 +150,7 @@ async fn an_upstream_that_drops_connections_from_the_start_is_backed_off() {
 async fn use_during_an_outage_opens_no_connection_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(small_pool());
-    let addr = proxy(&emu, opts).await;
+    let addr = small_proxy(&emu).await;
     let mut c = Client::ready(addr).await;
     c.run_ok(
         "CREATE KEYSPACE IF NOT EXISTS bk WITH replication = {'class': 'SingleRegionStrategy'}",
@@ -223,10 +217,7 @@ async fn idle_connections_the_upstream_closes_are_not_failures() {
     }
     // Counted as failures, six cuts would hold the pool in a back-off of seconds, refusing
     // new clients; the upstream is healthy, so a new client gets in.
-    let mut c = Client::connect(addr).await;
-    let r = c
-        .call(messages::startup(4, 0, &[("CQL_VERSION", "3.0.0")]))
-        .await;
+    let (mut c, r) = admission(addr).await;
     assert_eq!(r.opcode(), opcode::READY, "{:?}", r);
     assert_eq!(c.call(local(1)).await.opcode(), opcode::RESULT);
 }
@@ -235,9 +226,7 @@ async fn idle_connections_the_upstream_closes_are_not_failures() {
 async fn clients_without_a_keyspace_come_back_with_the_first_keyspace_connection() {
     let dir = tempfile::tempdir().unwrap();
     let emu = emulator(dir.path(), |_| {}).await;
-    let mut opts = ProxyOptions::for_emulator(&emu);
-    opts.pool = Some(small_pool());
-    let addr = proxy(&emu, opts).await;
+    let addr = small_proxy(&emu).await;
     let mut in_keyspace = Client::ready(addr).await;
     in_keyspace
         .run_ok(

@@ -182,16 +182,6 @@ async fn failing_or_hanging_credential_providers_give_errors_not_hangs() {
     }
 }
 
-fn small_pool() -> PoolSettings {
-    PoolSettings {
-        min_connections: 1,
-        max_connections: 2,
-        max_rate_per_connection: 0,
-        request_timeout: Duration::from_millis(400),
-        ..PoolSettings::default()
-    }
-}
-
 /// Retries `local` until the proxy answers with rows again.
 async fn recovers(c: &mut Client) {
     for _ in 0..100 {

@@ -105,6 +105,18 @@ impl ProxyOptions {
     }
 }
 
+/// A pool of one to two connections with a short request timeout, for fault tests that count
+/// connections and want answers soon.
+pub fn small_pool() -> PoolSettings {
+    PoolSettings {
+        min_connections: 1,
+        max_connections: 2,
+        max_rate_per_connection: 0,
+        request_timeout: Duration::from_millis(400),
+        ..PoolSettings::default()
+    }
+}
+
 /// Starts a proxy in this runtime in front of `emu`; returns its address.
 pub async fn proxy(emu: &Emulator, opts: ProxyOptions) -> SocketAddr {
     proxy_with_pool(emu, opts).await.0
