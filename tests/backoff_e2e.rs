@@ -272,3 +272,54 @@ async fn clients_without_a_keyspace_come_back_with_the_first_keyspace_connection
         "requests without a keyspace refused after the keyspace client was answered"
     );
 }
+
+#[tokio::test]
+async fn a_use_during_an_outage_leaves_the_keyspace_to_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut opts = ProxyOptions::for_emulator(&emu);
+    opts.pool = Some(small_pool());
+    let (addr, pool) = proxy_with_pool(&emu, opts).await;
+    let pool = pool.expect("pooled");
+    let mut held = Client::ready(addr).await;
+    held.run_ok(
+        "CREATE KEYSPACE IF NOT EXISTS bk WITH replication = {'class': 'SingleRegionStrategy'}",
+    )
+    .await;
+    held.run_ok("USE bk").await;
+    let mut other = Client::ready(addr).await;
+
+    emu.faults.set_refuse_connections(true);
+    emu.faults.disconnect_all();
+    let mut stream = 1;
+    while held.call(local(stream)).await.opcode() != opcode::ERROR {
+        stream += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another client switching to the same keyspace meanwhile, inside and outside the
+    // back-off: its failures must not take the keyspace's group from the session holding it,
+    // or the two would end up on two groups (two sets of connections) for one keyspace.
+    for i in 0..10 {
+        let r = other.call(use_keyspace(100 + i, "bk")).await;
+        assert_eq!(r.opcode(), opcode::ERROR);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let lifted = emu.events.snapshot().len();
+    emu.faults.set_refuse_connections(false);
+    assert!(comes_back(&mut held, local).await);
+    assert!(comes_back(&mut other, |s| use_keyspace(s, "bk")).await);
+    assert!(comes_back(&mut other, local).await);
+    wait_until("no connect under way", || pool.stats().connecting == 0).await;
+    // Connections for bk are the ones a USE of bk reaches (the proxy opens them with one).
+    let opened_for_bk: std::collections::HashSet<u64> = emu.events.snapshot()[lifted..]
+        .iter()
+        .filter(|e| e["event"] == "request" && e["cql"] == "USE \"bk\"")
+        .filter_map(|e| e["conn"].as_u64())
+        .collect();
+    assert_eq!(
+        opened_for_bk.len(),
+        1,
+        "connections opened for bk after the outage"
+    );
+}

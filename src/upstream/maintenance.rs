@@ -94,10 +94,7 @@ impl Pool {
                 .elapsed()
                 > self.settings.shrink_window;
             if idle {
-                self.groups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&group.key);
+                self.forget_if_empty(group);
                 return false;
             }
         }

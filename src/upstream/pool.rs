@@ -208,13 +208,18 @@ impl Pool {
     }
 
     /// Drops a keyspace group that has no connection from the map: a keyspace that does not
-    /// exist, or a `USE` during an outage, leaves nothing behind.
-    fn forget_if_empty(&self, group: &Group) {
-        if group.key.keyspace.is_some() && group.conns.load().is_empty() {
-            self.groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&group.key);
+    /// exist, or a `USE` during an outage, leaves nothing behind. Only this group: another
+    /// for the same keyspace may have taken its place meanwhile.
+    pub(super) fn forget_if_empty(&self, group: &Group) {
+        if group.key.keyspace.is_none() || !group.conns.load().is_empty() {
+            return;
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups
+            .get(&group.key)
+            .is_some_and(|g| std::ptr::eq(g.as_ref(), group))
+        {
+            groups.remove(&group.key);
         }
     }
 
@@ -255,19 +260,27 @@ impl Pool {
         // has no connection and backs off, so does this one (else each `USE` during an outage
         // would open a connection attempt of its own).
         if let Some(err) = self.base_of(&group).and_then(|base| base.down(now)) {
-            self.forget_if_empty(&group);
+            // Sessions in the keyspace keep a group they hold; one made for this USE goes.
+            if created {
+                self.forget_if_empty(&group);
+            }
             return Err(err);
         }
         // Boxed: the first connection of a group is rare, and its handshake and waits would
         // otherwise be part of every session task, idle or not (tests/footprint.rs).
-        Box::pin(self.first_connection(group)).await
+        Box::pin(self.first_connection(group, created)).await
     }
 
     /// Opens a connection into `group`, which has none ready, or waits for one under way:
     /// clients arriving together share at most `MAX_CONCURRENT_CONNECTS` attempts, within
     /// `--pool-max-connections`, rather than each opening its own (against a slow or
-    /// black-holed upstream, one per client).
-    async fn first_connection(&self, group: Arc<Group>) -> Result<Arc<Group>, Arc<UpstreamError>> {
+    /// black-holed upstream, one per client). A keyspace group this call `created` is forgotten
+    /// again when its connection fails; one that sessions already hold stays theirs.
+    async fn first_connection(
+        &self,
+        group: Arc<Group>,
+        created: bool,
+    ) -> Result<Arc<Group>, Arc<UpstreamError>> {
         let limit = MAX_CONCURRENT_CONNECTS.min(self.settings.max_connections.max(1));
         let since = Instant::now();
         let deadline = since + self.target.connect_timeout;
@@ -276,7 +289,7 @@ impl Pool {
                 return Ok(group);
             }
             if group.reserve_connect(|connecting| connecting < limit) {
-                return self.opened(&group, self.open_counted(&group).await);
+                return self.opened(&group, created, self.open_counted(&group).await);
             }
             let changed = group.changed.notified();
             tokio::pin!(changed);
@@ -310,6 +323,7 @@ impl Pool {
     fn opened(
         &self,
         group: &Arc<Group>,
+        created: bool,
         result: Result<(), Arc<UpstreamError>>,
     ) -> Result<Arc<Group>, Arc<UpstreamError>> {
         match result {
@@ -318,7 +332,9 @@ impl Pool {
                 if group.ready_count() > 0 {
                     return Ok(group.clone());
                 }
-                self.forget_if_empty(group);
+                if created {
+                    self.forget_if_empty(group);
+                }
                 Err(e)
             }
         }
