@@ -35,6 +35,8 @@ struct Entry {
     in_dns: bool,
     in_peers: bool,
     failures: u32,
+    /// When the last failure that lengthened the back-off (counted in `failures`) happened.
+    escalated_at: Option<Instant>,
     retry_at: Option<Instant>,
     /// Connections open to it now (see `AddressLease`).
     open: usize,
@@ -179,27 +181,32 @@ impl AddressBook {
         s.entries.iter().min_by_key(|e| e.retry_at).map(|e| e.addr)
     }
 
-    /// A connection to `addr` failed (TCP, TLS or the CQL handshake): counted per address,
-    /// and the address sits out.
-    pub fn dial_failed(&self, addr: SocketAddr, now: Instant) {
+    /// A connection to `addr` begun at `started` failed at `now` (TCP, TLS or the CQL
+    /// handshake): counted per address, and the address sits out.
+    pub fn dial_failed(&self, addr: SocketAddr, started: Instant, now: Instant) {
         metrics()
             .upstream_address_failures
             .get_or_create(&Address {
                 address: addr.to_string(),
             })
             .inc();
-        self.failed(addr, now);
+        self.failed(addr, started, now);
     }
 
-    /// `addr` refused a connection or failed its handshake: it sits out, longer each time.
-    pub fn failed(&self, addr: SocketAddr, now: Instant) {
+    /// `addr` refused a connection or failed its handshake: it sits out, longer each time —
+    /// but attempts under way together fail together (one cut), and only the first of them
+    /// lengthens the back-off, as for a group's (`Group::record_failure`).
+    pub fn failed(&self, addr: SocketAddr, started: Instant, now: Instant) {
         if let Some(e) = self.lock().entry(addr) {
             e.reachable = false;
-            e.failures = e.failures.saturating_add(1);
+            if e.escalated_at.is_none_or(|at| at < started) {
+                e.failures = e.failures.saturating_add(1);
+                e.escalated_at = Some(now);
+            }
             let backoff = FIRST_BACKOFF
                 .saturating_mul(1 << e.failures.saturating_sub(1).min(6))
                 .min(MAX_BACKOFF);
-            e.retry_at = Some(now + backoff);
+            e.retry_at = Some(e.retry_at.map_or(now + backoff, |t| t.max(now + backoff)));
         }
     }
 
@@ -208,6 +215,7 @@ impl AddressBook {
     pub fn lease(self: &Arc<Self>, addr: SocketAddr) -> AddressLease {
         if let Some(e) = self.lock().entry(addr) {
             e.failures = 0;
+            e.escalated_at = None;
             e.retry_at = None;
             e.open += 1;
             e.reachable = true;
@@ -234,10 +242,10 @@ impl AddressBook {
         due
     }
 
-    /// A probe of `addr` connected (`ok`) or not.
-    pub fn probed(&self, addr: SocketAddr, ok: bool, now: Instant) {
+    /// A probe of `addr` begun at `started` connected (`ok`) or not.
+    pub fn probed(&self, addr: SocketAddr, ok: bool, started: Instant, now: Instant) {
         if !ok {
-            return self.failed(addr, now);
+            return self.failed(addr, started, now);
         }
         if let Some(e) = self.lock().entry(addr) {
             e.reachable = true;
@@ -385,6 +393,7 @@ fn add(entries: &mut Vec<Entry>, found: &[SocketAddr], mark: impl Fn(&mut Entry)
                 in_dns: false,
                 in_peers: false,
                 failures: 0,
+                escalated_at: None,
                 retry_at: None,
                 open: 0,
                 reachable: false,
@@ -413,15 +422,16 @@ mod tests {
             picks,
             [addr(1), addr(2), addr(3), addr(1), addr(2), addr(3)]
         );
-        book.failed(addr(2), t0);
+        book.failed(addr(2), t0, t0);
         let picks: Vec<_> = (0..4).map(|_| book.choose(t0).unwrap()).collect();
         assert!(!picks.contains(&addr(2)), "{picks:?}");
         assert_eq!(book.counts(t0), (3, 2));
         // Back after its back-off, and for good after a success.
         let later = t0 + FIRST_BACKOFF;
         assert!((0..3).any(|_| book.choose(later) == Some(addr(2))));
-        book.failed(addr(2), later);
-        book.failed(addr(2), later);
+        book.failed(addr(2), later, later);
+        let again = later + Duration::from_millis(1);
+        book.failed(addr(2), again, again);
         assert_eq!(
             book.counts(later + FIRST_BACKOFF * 2).1,
             2,
@@ -439,7 +449,7 @@ mod tests {
         book.resolved(vec![addr(1), addr(2)], t0);
         book.learned_peers(&[addr(2).ip(), addr(3).ip()], addr(1).ip(), t0);
         assert_eq!(book.counts(t0).0, 3, "addr 2 once");
-        book.failed(addr(1), t0);
+        book.failed(addr(1), t0, t0);
         book.resolved(vec![addr(1)], t0);
         assert_eq!(
             book.counts(t0),
@@ -455,10 +465,33 @@ mod tests {
         let book = AddressBook::new("cassandra.example:9142");
         let t0 = Instant::now();
         book.resolved(vec![addr(1), addr(2)], t0);
-        book.failed(addr(1), t0);
-        book.failed(addr(1), t0);
-        book.failed(addr(2), t0);
+        book.failed(addr(1), t0, t0);
+        let again = t0 + Duration::from_millis(1);
+        book.failed(addr(1), again, again);
+        book.failed(addr(2), t0, t0);
         assert_eq!(book.choose(t0), Some(addr(2)));
+    }
+
+    #[test]
+    fn dials_that_fail_together_lengthen_an_addresss_back_off_once() {
+        let book = AddressBook::new("cassandra.example:9142");
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        book.resolved(vec![addr(1), addr(2)], t0);
+        // Four connects on their way to addr 1 when it was cut: one failure, one second out.
+        for i in 0..4 {
+            book.failed(addr(1), t0, t0 + ms(10 + i));
+        }
+        assert!(book.choose(t0 + FIRST_BACKOFF + ms(20)).is_some());
+        assert_eq!(
+            book.counts(t0 + FIRST_BACKOFF + ms(20)).1,
+            2,
+            "back after one step, not four"
+        );
+        // The next dial, begun after that failure was counted, is a second one in a row.
+        book.failed(addr(1), t0 + ms(100), t0 + ms(200));
+        assert_eq!(book.counts(t0 + FIRST_BACKOFF + ms(300)).1, 1);
+        assert_eq!(book.counts(t0 + FIRST_BACKOFF * 2 + ms(300)).1, 2);
     }
 
     #[test]
@@ -471,7 +504,7 @@ mod tests {
             .collect();
         assert!(book.connections().iter().all(|(_, n)| *n == 2));
         // addr 2 goes away and its connections with it; while it is out the others take all.
-        book.failed(addr(2), t0);
+        book.failed(addr(2), t0, t0);
         leases.retain(|l| l.addr != addr(2));
         for _ in 0..2 {
             leases.push(book.lease(book.choose(t0).unwrap()));
@@ -490,7 +523,7 @@ mod tests {
             book.probes_due(later, FIRST_BACKOFF).is_empty(),
             "one probe at a time"
         );
-        book.probed(addr(2), true, later);
+        book.probed(addr(2), true, later, later);
         assert_eq!(book.settled(later).len(), 3);
         drop(leases);
         assert!(book.connections().iter().all(|(_, n)| *n == 0));
@@ -581,7 +614,7 @@ mod tests {
         let due = book.probes_due(t0, FIRST_BACKOFF);
         assert_eq!(due.len(), 8);
         for a in &due {
-            book.probed(*a, *a == addr(5), t0);
+            book.probed(*a, *a == addr(5), t0, t0);
         }
         assert_eq!(book.settled(t0), [addr(1), addr(5)]);
         assert_eq!(

@@ -94,7 +94,9 @@ impl ConnOwner for Pool {
                 tracing::warn!(%reference, conn = conn.id, address = %conn.address.addr, error = %e, "upstream connection failed");
                 let now = Instant::now();
                 g.record_failure(conn.created, now, e, reference);
-                self.target.addresses.dial_failed(conn.address.addr, now);
+                self.target
+                    .addresses
+                    .dial_failed(conn.address.addr, conn.created, now);
             }
             g.remove_dead_and_drained();
             g.changed.notify_waiters();

@@ -154,13 +154,16 @@ pub use super::error::UpstreamError;
 struct AddressAttempt<'a> {
     book: &'a super::addresses::AddressBook,
     addr: SocketAddr,
+    /// When the connection's dial began.
+    started: std::time::Instant,
     blamed: bool,
 }
 
 impl Drop for AddressAttempt<'_> {
     fn drop(&mut self) {
         if self.blamed {
-            self.book.dial_failed(self.addr, std::time::Instant::now());
+            self.book
+                .dial_failed(self.addr, self.started, std::time::Instant::now());
         }
     }
 }
@@ -258,12 +261,14 @@ impl UpstreamTarget {
         version: ProtocolVersion,
         compression: Compression,
     ) -> Result<UpstreamConnection, UpstreamError> {
+        let started = std::time::Instant::now();
         let (io, addr) = self.dial().await?;
         // Stalling or breaking the CQL handshake is the address's fault as much as refusing
         // TCP: so is being cut off by the connect timeout (this future dropped).
         let mut attempt = AddressAttempt {
             book: &self.addresses,
             addr,
+            started,
             blamed: true,
         };
         let result = self.handshake(io, version, compression).await;
@@ -282,7 +287,8 @@ impl UpstreamTarget {
                     // Dropped at its first question: a failed connect, and the address's fault
                     // (handed on as ready, it would fail whoever it served first).
                     drop(address);
-                    self.addresses.dial_failed(addr, std::time::Instant::now());
+                    self.addresses
+                        .dial_failed(addr, started, std::time::Instant::now());
                     return Err(e);
                 }
             }
@@ -357,10 +363,12 @@ impl UpstreamTarget {
             if last.as_ref().is_some_and(|(tried, _)| *tried == addr) {
                 break; // nothing else to try
             }
+            let started = std::time::Instant::now();
             match self.dial_one(addr).await {
                 Ok(io) => return Ok((io, addr)),
                 Err(e) => {
-                    self.addresses.dial_failed(addr, std::time::Instant::now());
+                    self.addresses
+                        .dial_failed(addr, started, std::time::Instant::now());
                     tracing::debug!(%addr, error = %e, "upstream address failed; trying the next");
                     last = Some((addr, e));
                 }

@@ -124,7 +124,7 @@ impl Pool {
                     tokio::time::timeout(PROBE_TIMEOUT, connect).await,
                     Ok(Ok(_))
                 );
-                book.probed(addr, ok, Instant::now());
+                book.probed(addr, ok, now, Instant::now());
             });
         }
         let settled = book.settled(now);
