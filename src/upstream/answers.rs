@@ -1,6 +1,8 @@
 //! What the pool does with what its connections report: an answer is relayed (or its
-//! statement re-prepared first), a connection's first answer clears its group's back-off, and
-//! the requests of a lost connection are retried elsewhere when that is safe, else answered.
+//! statement re-prepared first), a connection's first answer clears the back-off of every
+//! group of its version, a connection dropped at its first question counts as a failed
+//! connect, and the requests of a lost connection are retried elsewhere when that is safe,
+//! else answered.
 
 use std::sync::Arc;
 use std::time::Instant;
