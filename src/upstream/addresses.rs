@@ -199,14 +199,14 @@ impl AddressBook {
     pub fn failed(&self, addr: SocketAddr, started: Instant, now: Instant) {
         if let Some(e) = self.lock().entry(addr) {
             e.reachable = false;
-            if e.escalated_at.is_none_or(|at| at < started) {
+            if super::group::escalates(started, e.escalated_at) {
                 e.failures = e.failures.saturating_add(1);
                 e.escalated_at = Some(now);
             }
             let backoff = FIRST_BACKOFF
                 .saturating_mul(1 << e.failures.saturating_sub(1).min(6))
                 .min(MAX_BACKOFF);
-            e.retry_at = Some(e.retry_at.map_or(now + backoff, |t| t.max(now + backoff)));
+            e.retry_at = e.retry_at.max(Some(now + backoff));
         }
     }
 

@@ -330,7 +330,8 @@ fn jittered(n: u32) -> Duration {
 
 /// Whether an attempt begun at `started` failing is one more failure in a row: it is unless a
 /// failure after it began (`escalated_at`, the last one counted) already counted the outage.
-fn escalates(started: Instant, escalated_at: Option<Instant>) -> bool {
+/// The same rule for a group's back-off and an address's (`AddressBook::failed`).
+pub(super) fn escalates(started: Instant, escalated_at: Option<Instant>) -> bool {
     escalated_at.is_none_or(|at| at < started)
 }
 

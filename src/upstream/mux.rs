@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use futures_util::StreamExt;
 use tokio::io::AsyncRead;
@@ -110,9 +110,7 @@ impl MuxConn {
         let writer = tokio::spawn(write_queued(queue, write));
         let me = conn.clone();
         tokio::spawn(async move {
-            let mut how = relay_answers(&me, &mut reader, owner.as_ref()).await;
-            how.asked = me.sent() > 0;
-            how.lived = me.created.elapsed();
+            let how = relay_answers(&me, &mut reader, owner.as_ref()).await;
             me.mark_dead();
             writer.abort();
             let in_flight = me.drain_table();
@@ -347,11 +345,12 @@ async fn relay_answers<R: AsyncRead + Unpin>(
     reader: &mut FramedRead<R, FrameCodec>,
     owner: &dyn ConnOwner,
 ) -> Closure {
-    let mut how = Closure {
-        by_upstream: false,
-        asked: false,
-        answered: false,
-        lived: Duration::ZERO,
+    let mut answered = false;
+    let ended = |by_upstream, answered| Closure {
+        by_upstream,
+        asked: me.sent() > 0,
+        answered,
+        lived: me.created.elapsed(),
     };
     // Polled across frames: a fresh one per frame would register a waiter each time.
     let cancelled = me.cancel.clone().cancelled_owned();
@@ -361,7 +360,7 @@ async fn relay_answers<R: AsyncRead + Unpin>(
         // An answer that closed the connection (it switched the keyspace) ends it here: the
         // frames that came after it in the same read are not relayed.
         if me.closing.load(Ordering::Acquire) {
-            return how;
+            return ended(false, answered);
         }
         // Frames already whole in the buffer came with the same read: they are taken without a
         // `select!` turn each, and one clock reading serves them all (read per frame, it was a
@@ -371,7 +370,7 @@ async fn relay_answers<R: AsyncRead + Unpin>(
             None => {
                 let next = tokio::select! {
                     next = reader.next() => next,
-                    _ = &mut cancelled => return how,
+                    _ = &mut cancelled => return ended(false, answered),
                 };
                 received = Instant::now();
                 next
@@ -379,21 +378,19 @@ async fn relay_answers<R: AsyncRead + Unpin>(
         };
         match next {
             Some(Ok(frame)) => {
-                if !how.answered {
-                    how.answered = true;
+                if !answered {
+                    answered = true;
                     owner.on_first_answer(me);
                 }
                 owner.on_response(me, frame, received)
             }
             Some(Err(e)) => {
                 tracing::warn!(conn = me.id, error = %e, "upstream read failed");
-                how.by_upstream = true;
-                return how;
+                return ended(true, answered);
             }
             None => {
                 tracing::info!(conn = me.id, "upstream closed the connection");
-                how.by_upstream = true;
-                return how;
+                return ended(true, answered);
             }
         }
     }

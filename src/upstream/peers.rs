@@ -9,7 +9,7 @@ use crate::frame::compression::decompressed;
 use crate::frame::messages::{self, consistency};
 use crate::frame::result::Rows;
 use crate::frame::ProtocolVersion;
-use crate::frame::{opcode, Compression};
+use crate::frame::{opcode, Compression, Frame};
 
 /// A peers answer larger than this is not one.
 const MAX_ANSWER: usize = 1 << 20;
@@ -43,10 +43,7 @@ pub(super) async fn read(
 }
 
 /// The addresses in an answer to the peers query.
-fn listed(
-    reply: crate::frame::Frame,
-    compression: Compression,
-) -> Result<Vec<IpAddr>, UpstreamError> {
+fn listed(reply: Frame, compression: Compression) -> Result<Vec<IpAddr>, UpstreamError> {
     // Answers come compressed once an algorithm was negotiated; the query itself need not be.
     let reply = decompressed(reply, compression, MAX_ANSWER)
         .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
